@@ -1,0 +1,515 @@
+"""The DeepSeek-V2/V3 transformer, built from primitives in reading order.
+
+    RMSNorm -> rotary embedding with YaRN -> MLA (multi-head latent attention)
+    -> MLP (dense SwiGLU) -> Gate -> Experts -> MoE (DeepSeekMoE) -> Block -> MTPLayer -> Transformer
+
+Module names are the Hugging Face checkpoint keys (``model.layers.N.self_attn.kv_a_proj_with_mqa``,
+``model.layers.N.mlp.gate.e_score_correction_bias`` ...), so ``model.state_dict()`` reads like a
+DeepSeek checkpoint; the one difference is that routed experts are stacked into 3-D tensors
+(``mlp.experts.gate_proj`` is ``[E, I, D]``), which ``checkpoint.py`` splits per expert on save.
+
+Shapes: B batch, T query tokens, S key tokens, D hidden, H heads, R kv_lora_rank,
+dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim, E routed experts, K experts per token.
+
+The model is single-device and dtype-agnostic: parallelism, quantization, compile and dtype are
+applied from outside (``model.to(torch.bfloat16)``, ``quant.quantize_(model)``, ``torch.compile``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 as the reference does."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ----------------------------------------------------------------------------- rotary / YaRN
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dr/2] and the cos/sin amplitude (YaRN's attention factor).
+
+    YaRN (Peng et al. 2023) keeps high-frequency dimensions as they are (extrapolation),
+    divides low-frequency ones by the factor s (interpolation) and ramps linearly between
+    the dimensions that turn beta_fast and beta_slow times over the original context.
+    """
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if cfg.rope_type != "yarn":
+        return inv_freq, 1.0
+    s = cfg.rope_factor
+    orig = cfg.original_max_position_embeddings or cfg.max_position_embeddings
+
+    def correction_dim(rotations):
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / s * ramp + inv_freq * (1 - ramp)
+
+    def mscale(m):
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    amplitude = mscale(cfg.mscale) / mscale(cfg.mscale_all_dim) if cfg.mscale and cfg.mscale_all_dim \
+        else mscale(1.0)
+    return inv_freq, float(amplitude)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate x [B, T, (H,) dr] by position; cos/sin are [B, T, dr/2].
+
+    DeepSeek checkpoints pair dimensions (x0,x1),(x2,x3)...; we de-interleave to the
+    half-split layout first. q and k get the same permutation, so q·k is unchanged.
+    """
+    if interleaved:
+        x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+    if x.dim() == 4:  # [B, T, H, dr]: broadcast over heads
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv_freq, self.amplitude = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [B, T, dr/2]
+        return (freqs.cos() * self.amplitude).to(dtype), (freqs.sin() * self.amplitude).to(dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 §2.1).
+
+    Keys and values are compressed into one latent c_KV = RMSNorm(W_DKV h) of R dims per
+    token, plus a single rotary key k^R shared by all heads: this (R + dr) vector is all
+    that a KV cache stores. Two ways to attend, same result:
+      expanded  - up-project the latent to per-head keys/values (W_UK, W_UV in kv_b_proj)
+                  and run SDPA; cheapest when many queries share the keys (training, prefill).
+      absorbed  - fold W_UK into the query and W_UV after attention, so attention runs in the
+                  latent space; cost per query grows with R x context, not H x dh x context (decode).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.interleaved = cfg.rope_interleave
+        self.softmax_scale = cfg.softmax_scale
+        H, dqk = cfg.num_attention_heads, cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, H * dqk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * dqk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                            bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """What a cache stores for x [B, T, D]: [c_KV ; rope(k^R)] as [B, T, R + dr]."""
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return torch.cat((self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin, self.interleaved)), dim=-1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None, cache=None, absorb: bool = False) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D].
+
+        mask: bool [B, 1, T, S], True = may attend; None = causal over x alone.
+        cache: an object with ``update(layer_id, latent [B,T,R+dr]) -> [B,S,R+dr]`` holding the
+        latents of earlier tokens (``engine.LatentCache``); the returned S keys are attended.
+        """
+        B, T, _ = x.shape
+        H, dn, dr = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, H, dn + dr).split([dn, dr], dim=-1)  # [B, T, H, dn], [B, T, H, dr]
+        q_pe = apply_rotary(q_pe, cos, sin, self.interleaved)
+        kv = self.latent(x, cos, sin)  # [B, T, R + dr]
+        if cache is not None:
+            kv = cache.update(self.layer_id, kv)  # [B, S, R + dr]
+        if absorb:
+            out = self._attend_absorbed(q_nope, q_pe, kv, mask)
+        else:
+            out = self._attend_expanded(q_nope, q_pe, kv, mask)
+        return self.o_proj(out.flatten(2))  # [B, T, H*dv] -> [B, T, D]
+
+    def _attend_expanded(self, q_nope, q_pe, kv, mask):
+        B, T, H, _ = q_nope.shape
+        S = kv.shape[1]
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, -1).split([self.qk_nope_head_dim, self.v_head_dim], -1)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, H, T, dn+dr]
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)), dim=-1).transpose(1, 2)  # [B, H, S, dn+dr]
+        v = v.transpose(1, 2)  # [B, H, S, dv]
+        causal = mask is None and T > 1
+        if mask is None and T > 1 and S != T:
+            raise ValueError("a causal mask is needed when queries and keys differ in length")
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+        return o.transpose(1, 2)  # [B, T, H, dv]
+
+    def _attend_absorbed(self, q_nope, q_pe, kv, mask):
+        B, T, H, _ = q_nope.shape
+        R = self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, -1, R)  # [H, dn+dv, R]
+        w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UK folded into the query: [B, T, H, R]
+        q = torch.cat((q_lat, q_pe), dim=-1).flatten(1, 2)  # [B, T*H, R+dr]: every head is a query of one MQA
+        scores = torch.bmm(q, kv.transpose(1, 2)).float() * self.softmax_scale  # [B, T*H, S]
+        if mask is not None:
+            scores = scores.view(B, T, H, -1).masked_fill(~mask.transpose(1, 2), float("-inf")).flatten(1, 2)
+        elif T > 1:
+            causal = torch.ones(T, kv.shape[1], dtype=torch.bool, device=kv.device).tril(kv.shape[1] - T)
+            scores = scores.view(B, T, H, -1).masked_fill(~causal[None, :, None], float("-inf")).flatten(1, 2)
+        p = scores.softmax(-1).to(kv.dtype)
+        o_lat = torch.bmm(p, kv[..., :R]).view(B, T, H, R)  # attention output, still in latent space
+        return torch.einsum("bthr,hdr->bthd", o_lat, w_uv)  # W_UV applied after attention: [B, T, H, dv]
+
+
+# ----------------------------------------------------------------------------- feed-forward
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """The router: scores every routed expert and picks K per token.
+
+    scoring  softmax (V2) or sigmoid (V3) of h·e_i, computed in fp32.
+    choice   greedy top-K; group_limited_greedy (V2): keep the topk_group groups with the highest
+             max score; noaux_tc (V3): add the balancing bias b_i, rank groups by the sum of their top-2
+             biased scores. The bias steers the choice only: weights come from unbiased scores.
+    weights  the chosen scores, renormalised when norm_topk_prob, times routed_scaling_factor.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scoring_func, self.topk_method = cfg.scoring_func, cfg.topk_method
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            # Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2): nudged by the trainer, not by gradients.
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> weights [N, K] (fp32), indices [N, K], scores [N, E] (fp32, unbiased)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(-1) if self.scoring_func == "softmax" else logits.sigmoid()
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
+        if self.topk_method != "greedy" and self.n_group > 1:
+            grouped = choice.unflatten(-1, (self.n_group, -1))  # [N, G, E/G]
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_scores = grouped.amax(-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices  # [N, topk_group]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, indices, scores
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts stored stacked: gate_proj/up_proj [E, I, D], down_proj [E, D, I].
+
+    Tokens are sorted by expert and each expert multiplies one contiguous slice: a loop over
+    experts, never over tokens.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        N, K = indices.shape
+        flat = indices.flatten()  # [N*K]
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        token = order // K
+        xs = x[token]  # [N*K, D], grouped by expert
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            h = xs[start:start + n]
+            h = F.silu(h @ self.gate_proj[e].t()) * (h @ self.up_proj[e].t())
+            outs.append(h @ self.down_proj[e].t())
+            start += n
+        ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts every token uses + K of E fine-grained routed experts.
+
+    After each forward, ``load`` holds the tokens each routed expert received (for
+    balancing and the load heatmap); in training, ``scores`` and ``indices`` are kept
+    for the sequence-wise balance loss.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.load: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+        self.indices: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        weights, indices, scores = self.gate(x)
+        y = self.experts(x, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        with torch.no_grad():
+            self.load = torch.bincount(indices.flatten(), minlength=scores.shape[-1])
+        if self.training:
+            self.scores, self.indices = scores.view(*shape[:-1], -1), indices.view(*shape[:-1], -1)
+        return y.view(shape)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+class Block(nn.Module):
+    """Pre-norm residual block: h += MLA(norm(h)); h += FFN(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.self_attn = MLA(cfg, layer_id)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, mask=None, cache=None, absorb=False):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, absorb)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's output norm; its projection is the main model's lm_head (shared)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(Block):
+    """Multi-token prediction module k (DeepSeek-V3 §2.2).
+
+    h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), then one transformer block; the
+    shared head predicts t_{i+k+1}. Embedding and output head are the main model's. Stored at
+    checkpoint layer index num_hidden_layers + k - 1, as DeepSeek-V3 ships it.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h_prev, emb, cos, sin, mask=None, cache=None, absorb=False):
+        h = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
+        return super().forward(h, cos, sin, mask, cache, absorb)
+
+
+class Backbone(nn.Module):
+    """``model.*`` in the checkpoint: embeddings, main layers then MTP layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        n = cfg.num_hidden_layers
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(n)] +
+                                    [MTPLayer(cfg, n + k) for k in range(cfg.num_nextn_predict_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V2/V3 causal LM.
+
+    ``model(input_ids)`` -> logits [B, T, vocab]. ``forward_train`` returns the final hidden
+    states and the MTP logits; ``mtp_draft`` runs the MTP modules for speculative decoding.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    # -- construction
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None):
+        """N(0, initializer_range) for matrices, ones for norms, zeros for balancing biases."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for m in self.modules():
+            if isinstance(m, Gate) and m.e_score_correction_bias is not None \
+                    and m.e_score_correction_bias.device.type != "meta":
+                m.e_score_correction_bias.zero_()
+
+    @property
+    def main_layers(self) -> list[Block]:
+        return list(self.model.layers[:self.config.num_hidden_layers])
+
+    @property
+    def mtp_layers(self) -> list[MTPLayer]:
+        return list(self.model.layers[self.config.num_hidden_layers:])
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    # -- forward
+    def _rope(self, input_ids, positions, dtype):
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        return self.model.rotary_emb(positions, dtype)
+
+    def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None, cache=None, absorb: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> last layer's output [B, T, D], before the final norm."""
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self._rope(input_ids, positions, h.dtype)
+        for layer in self.main_layers:
+            h = layer(h, cos, sin, mask, cache, absorb)
+        return h
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache=None, absorb: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab_size].
+
+        positions [B, T] (default 0..T-1), mask bool [B, 1, T, S] (default causal),
+        cache/absorb: see ``MLA.forward``; the engine drives these.
+        """
+        h = self.forward_hidden(input_ids, positions, mask, cache, absorb)
+        return self.lm_head(self.model.norm(h))
+
+    def forward_train(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """For training: (final normed hidden [B, T, D], [MTP logits [B, T, V] per depth]).
+
+        MTP depth k's logits at position i predict token i+k+1; the last k positions of each
+        row (and positions whose targets cross a document) are for the loss to mask.
+        """
+        h = self.forward_hidden(input_ids, positions, mask)
+        hidden = self.model.norm(h)
+        mtp_logits = []
+        if self.mtp_layers:
+            cos, sin = self._rope(input_ids, positions, h.dtype)
+            h_prev = hidden
+            for k, layer in enumerate(self.mtp_layers, start=1):
+                emb = self.model.embed_tokens(torch.roll(input_ids, -k, dims=1))  # Emb(t_{i+k})
+                h_prev = layer(h_prev, emb, cos, sin, mask)
+                mtp_logits.append(self.lm_head(layer.shared_head.norm(h_prev)))
+        return hidden, mtp_logits
+
+    def mtp_draft(self, h_prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                  depth: int = 1, mask=None, cache=None, absorb: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP module step for drafting: (logits [B, T, V], hidden [B, T, D]).
+
+        h_prev is the main model's normed hidden at position i (or module depth-1's output) and
+        next_ids the token at i+depth; the logits predict the token at i+depth+1.
+        """
+        layer = self.mtp_layers[depth - 1]
+        emb = self.model.embed_tokens(next_ids)
+        cos, sin = self.model.rotary_emb(positions, emb.dtype)
+        h = layer(h_prev, emb, cos, sin, mask, cache, absorb)
+        return self.lm_head(layer.shared_head.norm(h)), h
+
+    # -- sizes
+    def num_params(self, active: bool = False, include_mtp: bool = True) -> int:
+        """Parameter count; active=True counts only the K routed experts a token uses."""
+        cfg = self.config
+        total = 0
+        for name, p in self.named_parameters():
+            layer_idx = _layer_index(name)
+            if not include_mtp and layer_idx is not None and layer_idx >= cfg.num_hidden_layers:
+                continue
+            n = p.numel()
+            if active and ".experts." in name:
+                n = n * cfg.num_experts_per_tok // cfg.n_routed_experts
+            total += n
+        return total
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers":
+        return int(parts[2])
+    return None
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Causal mask that also blocks attention across packed documents.
+
+    doc_ids [B, T] (equal ids = same document) -> bool [B, 1, T, T], True = may attend.
+    """
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
+    return (causal & same).unsqueeze(1)
