@@ -38,6 +38,22 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- FP8 blocks
 
+def fp8_block_quantize(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [M, N] -> (float8_e4m3fn [M, N], weight_scale_inv fp32 [ceil(M/b), ceil(N/b)]).
+
+    Each block x block tile is scaled so its largest magnitude maps to e4m3's max (448);
+    scale_inv is what multiplies the FP8 values back, as in DeepSeek-V3's checkpoints.
+    """
+    M, N = weight.shape
+    pm, pn = -M % block, -N % block
+    w = torch.nn.functional.pad(weight.float(), (0, pn, 0, pm))
+    tiles = w.view((M + pm) // block, block, (N + pn) // block, block)
+    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
+    q = (tiles / scale_inv[:, None, :, None]).view(M + pm, N + pn)[:M, :N]
+    return q.to(torch.float8_e4m3fn), scale_inv
+
+
 def fp8_block_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK,
                          dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """W = W_fp8 * s for each block x block tile; scale_inv [ceil(M/b), ceil(N/b)] (DeepSeek's layout)."""
@@ -100,9 +116,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
         shards[-1][key] = tensors[key]
         size += nbytes
     path = Path(path)
-    with atomic_directory(path) as tmp:
-        for stale in list(tmp.glob("model*.safetensors")) + list(tmp.glob("model.safetensors.index.json")):
-            stale.unlink()
+    with atomic_directory(path, drop=("model*.safetensors", "model.safetensors.index.json")) as tmp:
         meta = {"format": "pt"}
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
@@ -189,6 +203,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
     _init_buffers(model, device)
     _load_tensors(model, files, dtype, allow_unexpected)
     model.eval()

@@ -225,7 +225,12 @@ class ModelConfig:
                 kw[key] = value
             else:
                 extra[key] = value  # architectures, auto_map, transformers_version, ...
-        heads = extra.get("num_key_value_heads")
+        act = extra.pop("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{where}: hidden_act={act!r} is not supported (DeepSeek uses 'silu')")
+        for derived in ("architectures", "auto_map"):  # to_hf() writes its own; never remote code
+            extra.pop(derived, None)
+        heads = extra.pop("num_key_value_heads", None)
         if heads is not None and heads != kw.get("num_attention_heads", heads):
             raise ValueError(f"{where}: num_key_value_heads={heads} differs from num_attention_heads; "
                              "MLA has one latent per token and needs them equal")
@@ -237,7 +242,7 @@ class ModelConfig:
 
     def to_hf(self) -> dict:
         """A config.json dict in the published DeepSeek spelling; transformers loads it."""
-        d = {k: v for k, v in self.extra.items() if k not in ("auto_map",)}  # no remote code
+        d = dict(self.extra)
         arch = "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
         d["architectures"] = [arch]
         for f in fields(self):

@@ -36,11 +36,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (or copy, across filesystems) src's entries that dst lacks."""
+def _link_tree(src: Path, dst: Path, drop: tuple[str, ...]) -> None:
+    """Hard-link (or copy, across filesystems) src's entries that dst lacks, except `drop` globs."""
     for entry in src.iterdir():
         target = dst / entry.name
-        if target.exists() or entry.name.startswith(".") and ".tmp-" in entry.name:
+        if target.exists() or any(entry.match(p) for p in drop):
             continue
         if entry.is_dir():
             shutil.copytree(entry, target, copy_function=_link_or_copy)
@@ -56,11 +56,12 @@ def _link_or_copy(src, dst):
 
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike, keep_existing: bool = True):
+def atomic_directory(path: str | os.PathLike, keep_existing: bool = True, drop: tuple[str, ...] = ()):
     """Yield a temporary folder beside `path`; on success it becomes `path` in one rename.
 
     keep_existing: entries of an existing `path` that the new folder does not contain are
-    carried over (hard links, so the old folder stays whole until the swap).
+    carried over (hard links, so the old folder stays whole until the swap), except those
+    matching a glob in `drop` (files the new folder supersedes, such as old shards).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +72,7 @@ def atomic_directory(path: str | os.PathLike, keep_existing: bool = True):
         yield tmp
         if path.exists():
             if keep_existing:
-                _link_tree(path, tmp)
+                _link_tree(path, tmp, drop)
             old = path.parent / f".{path.name}.old-{tag}"
             os.rename(path, old)
             os.rename(tmp, path)

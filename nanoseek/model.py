@@ -392,9 +392,13 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.reset_parameters()
+
+    def tie_weights(self):
+        """Share embedding and output head when tie_word_embeddings (again after to_empty/meta moves)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # -- construction
     @torch.no_grad()
