@@ -1,0 +1,156 @@
+"""Read training documents from files, or generate them from a built-in task.
+
+    docs = load_documents(["corpus.txt", "chats.jsonl", "more.parquet"])
+    docs = load_data("countdown", n=2000)           # built-in task: plain-text documents
+    docs = load_data("countdown", n=2000, chat=True)  # ... or conversations, for SFT
+
+A document is either a str (plain text) or a conversation: a list of message dicts with role
+(system/user/assistant), content and optional reasoning_content (see nanoseek.tokenizer).
+
+Formats, chosen by file extension:
+  .txt / .md   the whole file is one document (a long file is split into rows later by the
+               packer, which counts it); an empty file is an error.
+  .jsonl       one JSON object per line with a "text" string or a "messages" list; blank lines
+               are skipped.
+  .parquet     a "text" or "messages" column (read with pyarrow); a row may use either.
+A directory stands for the supported files in it, in sorted order. Errors name the file and the
+line (JSONL) or row (Parquet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from nanoseek.data.tasks import TASKS, get_task
+
+Document = str | list[dict]
+TEXT_SUFFIXES = (".txt", ".md")
+SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}: messages[{i}] must be an object, got {type(m).__name__}")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"{where}: messages[{i}] has role {m.get('role')!r}, expected one of {ROLES}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: messages[{i}] needs a string 'content'")
+        if not isinstance(m.get("reasoning_content") or "", str):
+            raise ValueError(f"{where}: messages[{i}] 'reasoning_content' must be a string")
+    # Parquet structs carry every field of the schema, so absent fields arrive as None: drop them.
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
+def _record(row: dict, where: str) -> Document:
+    """A document from one JSONL object or Parquet row: its "text", else its "messages"."""
+    text, messages = row.get("text"), row.get("messages")
+    if text is not None:
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError(f"{where}: 'text' is empty")
+        return text
+    if messages is not None:
+        return _check_messages(messages, where)
+    raise ValueError(f"{where}: has neither a 'text' nor a 'messages' field")
+
+
+def _load_text(path: Path) -> list[Document]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: empty file")
+    return [text]
+
+
+def _load_jsonl(path: Path) -> list[Document]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            docs.append(_record(row, where))
+    if not docs:
+        raise ValueError(f"{path}: empty file (no JSON lines)")
+    return docs
+
+
+def _load_parquet(path: Path) -> list[Document]:
+    import pyarrow.parquet as pq  # imported here: only Parquet users pay for it
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt or non-Parquet file
+        raise ValueError(f"{path}: cannot read as Parquet ({e})") from None
+    columns = [c for c in ("text", "messages") if c in table.column_names]
+    if not columns:
+        raise ValueError(f"{path}: needs a 'text' or 'messages' column, has {table.column_names}")
+    if table.num_rows == 0:
+        raise ValueError(f"{path}: empty file (no rows)")
+    rows = table.select(columns).to_pylist()
+    return [_record(row, f"{path}: row {i}") for i, row in enumerate(rows)]
+
+
+def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix in SUFFIXES and f.is_file())
+            if not found:
+                raise ValueError(f"{p}: directory has no {'/'.join(SUFFIXES)} files")
+            files += found
+        elif not p.exists():
+            raise FileNotFoundError(f"no such file: {p}")
+        else:
+            files.append(p)
+    return files
+
+
+def load_documents(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Document]:
+    """All documents in `paths` (files or directories), in order. See the module docstring."""
+    docs: list[Document] = []
+    for path in _expand(paths):
+        suffix = path.suffix.lower()
+        if suffix in TEXT_SUFFIXES:
+            docs += _load_text(path)
+        elif suffix == ".jsonl":
+            docs += _load_jsonl(path)
+        elif suffix == ".parquet":
+            docs += _load_parquet(path)
+        else:
+            raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
+    return docs
+
+
+def load_data(spec: str | os.PathLike | Sequence[str | os.PathLike], n: int = 1000, split: str = "train",
+              seed: int = 0, chat: bool = False) -> list[Document]:
+    """Documents from a built-in task name (n generated examples of `split`, as plain text, or as
+    conversations when chat=True) or from file paths (what the files hold; n, split, seed and chat
+    do not apply). A comma-separated string is a list of paths."""
+    if isinstance(spec, str) and spec in TASKS:
+        examples = get_task(spec).examples(split, n, seed)
+        return [ex.messages() if chat else ex.text() for ex in examples]
+    if isinstance(spec, str):
+        spec = [s.strip() for s in spec.split(",") if s.strip()]
+        missing = [s for s in spec if not Path(s).exists()]
+        if missing:
+            raise ValueError(f"{missing[0]!r} is neither a built-in task ({', '.join(TASKS)}) nor an existing path")
+    return load_documents(spec)
