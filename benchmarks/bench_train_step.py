@@ -1,0 +1,99 @@
+"""Forward and forward+backward tokens/s: nanoseek vs transformers, same weights, one process.
+
+    .venv/bin/python benchmarks/bench_train_step.py            # batch 8 x 256, fp32 and bf16 autocast
+    .venv/bin/python benchmarks/bench_train_step.py --iters 5
+
+Config (the model-core issue's): hidden 256, 4 layers (first dense), 8 heads, kv_lora_rank 64,
+16 routed experts top-4, 1 shared expert. Both sides compute cross-entropy on the same random
+batch; times are medians over --iters after warm-up, and both models alternate each
+iteration so machine noise hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek import ModelConfig, Transformer, save_pretrained
+
+CONFIG = dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=256, intermediate_size=768,
+              num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=128,
+              kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+              moe_intermediate_size=128, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+              n_group=1, topk_group=1, num_nextn_predict_layers=0, max_position_embeddings=1024)
+
+
+def step_fn(model, logits_of, x, y, backward: bool, autocast: bool):
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
+
+    def run():
+        if backward:
+            model.zero_grad(set_to_none=True)
+            with ctx:
+                loss = F.cross_entropy(logits_of(x).flatten(0, 1).float(), y.flatten())
+            loss.backward()
+        else:
+            with torch.no_grad(), ctx:
+                logits_of(x)
+    return run
+
+
+def time_pair(fns, iters: int) -> list[float]:
+    for fn in fns:  # warm-up
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(iters):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--iters", type=int, default=7, help="timed iterations (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**CONFIG)
+    ours = Transformer(cfg)
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_pretrained(ours, d)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    ours.train()
+    ref.train()
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    tokens = args.batch * args.seq
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch} x {args.seq}, {ours.num_params() / 1e6:.1f}M params")
+    print(f"{'mode':<28}{'nanoseek tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}")
+    for autocast in (False, True):
+        for backward in (False, True):
+            fns = [step_fn(ours, ours, x, y, backward, autocast),
+                   step_fn(ref, lambda t: ref(t).logits, x, y, backward, autocast)]
+            t_ours, t_ref = time_pair(fns, args.iters)
+            name = f"{'fwd+bwd' if backward else 'fwd'} {'bf16 autocast' if autocast else 'fp32'}"
+            print(f"{name:<28}{tokens / t_ours:>16,.0f}{tokens / t_ref:>20,.0f}{t_ref / t_ours:>7.2f}x")
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
