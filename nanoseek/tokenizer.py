@@ -8,11 +8,13 @@ the tiny models, ``Tokenizer.from_pretrained`` loads any tokenizer.json (DeepSee
     tok = Tokenizer.train(texts, vocab_size=1024)
     ids, mask = tok.encode_chat([{"role": "user", "content": "2+2?"},
                                  {"role": "assistant", "content": "4", "reasoning_content": "2+2=4"}])
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)  # ends "<｜Assistant｜><think>\\n"
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    # prompt ends with GENERATION_PROMPT = "<｜Assistant｜><think>\\n"
 
 Chat format (DeepSeek-R1's, with the template opening <think> as R1's current one does):
 
-    <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜><think>\\n{reasoning}\\n</think>\\n\\n{content}<｜end▁of▁sentence｜>
+    <｜begin▁of▁sentence｜>{system}<｜User｜>{user}
+        <｜Assistant｜><think>\\n{reasoning}\\n</think>\\n\\n{content}<｜end▁of▁sentence｜>  (one line)
 
 Several system messages are joined with a blank line and placed first. Reasoning is kept only for
 assistant turns after the last user message (the turns being trained or generated); earlier
@@ -157,7 +159,8 @@ class Tokenizer:
                  pad_token: str | None = PAD):
         self._tok = tok
         self.bos_token, self.eos_token = bos_token, eos_token
-        self.pad_token = pad_token if pad_token is not None and tok.token_to_id(pad_token) is not None else eos_token
+        has_pad = pad_token is not None and tok.token_to_id(pad_token) is not None
+        self.pad_token = pad_token if has_pad else eos_token
         self.user_token, self.assistant_token = USER, ASSISTANT
         self.think_start, self.think_end = THINK_START, THINK_END
         self.generation_prompt = GENERATION_PROMPT
@@ -279,7 +282,8 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         """Render a conversation as text (DeepSeek-R1 format, see the module docstring)."""
-        return "".join(t for t, _ in chat_segments(messages, add_generation_prompt, self.bos_token, self.eos_token))
+        segments = chat_segments(messages, add_generation_prompt, self.bos_token, self.eos_token)
+        return "".join(text for text, _ in segments)
 
     def encode_chat(self, messages: Sequence[dict],
                     add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
@@ -295,3 +299,7 @@ class Tokenizer:
             ids += piece
             mask += [int(written)] * len(piece)
         return ids, mask
+
+    def split_reasoning(self, text: str) -> tuple[str, str]:
+        """split_reasoning() with this tokenizer's end-of-sentence marker."""
+        return split_reasoning(text, self.eos_token)

@@ -132,6 +132,7 @@ def test_split_reasoning():
     assert split_reasoning("<think>\nr\n</think>\n\na") == ("r", "a")
     assert split_reasoning(f"r</think>a{EOS}") == ("r", "a")
     assert split_reasoning("</think>just the answer") == ("", "just the answer")
+    assert Tokenizer(RawTokenizer(models.BPE())).split_reasoning(f"r</think>a{EOS}") == ("r", "a")
 
 
 def test_save_pretrained_files(tok, saved):

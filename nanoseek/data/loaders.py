@@ -152,5 +152,6 @@ def load_data(spec: str | os.PathLike | Sequence[str | os.PathLike], n: int = 10
         spec = [s.strip() for s in spec.split(",") if s.strip()]
         missing = [s for s in spec if not Path(s).exists()]
         if missing:
-            raise ValueError(f"{missing[0]!r} is neither a built-in task ({', '.join(TASKS)}) nor an existing path")
+            raise ValueError(f"{missing[0]!r} is neither a built-in task ({', '.join(TASKS)}) "
+                             "nor an existing path")
     return load_documents(spec)

@@ -44,7 +44,8 @@ class Example:
     def text(self) -> str:
         """A pretraining document in the chat's answer layout, so pretraining already teaches it:
         ``{prompt}\\n<think>\\n{reasoning}\\n</think>\\n\\n<answer>{answer}</answer>``."""
-        return f"{self.prompt}\n{THINK_START}\n{self.reasoning}\n{THINK_END}\n\n<answer>{self.answer}</answer>"
+        return (f"{self.prompt}\n{THINK_START}\n{self.reasoning}\n{THINK_END}\n\n"
+                f"<answer>{self.answer}</answer>")
 
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
@@ -199,7 +200,8 @@ class Arithmetic(Task):
 
     def __post_init__(self):
         if not 1 <= self.min_digits <= self.max_digits:
-            raise ValueError(f"digits: need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
+            raise ValueError(f"min_digits={self.min_digits}, max_digits={self.max_digits}: "
+                             "need 1 <= min_digits <= max_digits")
         if not self.ops or set(self.ops) - set(_OPS):
             raise ValueError(f"ops={self.ops!r}: must be a non-empty subset of '+-*'")
 
@@ -286,9 +288,11 @@ class Countdown(Task):
 
     def __post_init__(self):
         if not 2 <= self.min_numbers <= self.max_numbers:
-            raise ValueError(f"numbers: need 2 <= min_numbers <= max_numbers, got {self.min_numbers}, {self.max_numbers}")
+            raise ValueError(f"min_numbers={self.min_numbers}, max_numbers={self.max_numbers}: "
+                             "need 2 <= min_numbers <= max_numbers")
         if self.max_number < 2 or self.max_target < 10:
-            raise ValueError(f"max_number={self.max_number} must be >= 2 and max_target={self.max_target} >= 10")
+            raise ValueError(f"max_number={self.max_number}, max_target={self.max_target}: "
+                             "need max_number >= 2 and max_target >= 10")
 
     def _step(self, rng: random.Random, pool: list[tuple]) -> tuple[int, int, str] | None:
         """A random legal move (i, j, op) on pool: results stay positive integers, no x/1."""
@@ -302,7 +306,8 @@ class Countdown(Task):
         return i, j, op
 
     def generate(self, rng: random.Random) -> Example | None:
-        numbers = [rng.randint(1, self.max_number) for _ in range(rng.randint(self.min_numbers, self.max_numbers))]
+        count = rng.randint(self.min_numbers, self.max_numbers)
+        numbers = [rng.randint(1, self.max_number) for _ in range(count)]
         pool = [(x, str(x), _ATOM) for x in numbers]
         lines = [f"Numbers: {' '.join(map(str, numbers))}. Target: ?"]
         for _ in range(rng.randint(1, len(numbers) - 1)):
