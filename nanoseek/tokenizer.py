@@ -148,6 +148,23 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _render_jinja(template: str, messages, add_generation_prompt: bool, bos: str, eos: str) -> str:
+    """A checkpoint's chat template, rendered in Jinja's sandbox (templates are data, not code)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message):
+        raise TemplateError(message)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=list(messages), bos_token=bos, eos_token=eos,
+                                                add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise ValueError(f"the checkpoint's chat_template failed: {e}") from None
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the DeepSeek-R1 chat format.
 
@@ -156,8 +173,11 @@ class Tokenizer:
     """
 
     def __init__(self, tok: _HFTokenizer, bos_token: str = BOS, eos_token: str = EOS,
-                 pad_token: str | None = PAD):
+                 pad_token: str | None = PAD, own_template: str | None = None):
         self._tok = tok
+        # A checkpoint's own Jinja chat template (e.g. DeepSeek-R1's), used by apply_chat_template
+        # instead of the built-in R1-style rendering; None for ours.
+        self.own_template = own_template
         self.bos_token, self.eos_token = bos_token, eos_token
         has_pad = pad_token is not None and tok.token_to_id(pad_token) is not None
         self.pad_token = pad_token if has_pad else eos_token
@@ -212,16 +232,22 @@ class Tokenizer:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{config_file}: invalid JSON ({e})") from None
-        return cls(tok, bos_token=_token_content(config.get("bos_token")) or BOS,
-                   eos_token=_token_content(config.get("eos_token")) or EOS,
-                   pad_token=_token_content(config.get("pad_token")) or PAD)
+        loaded = cls(tok, bos_token=_token_content(config.get("bos_token")) or BOS,
+                     eos_token=_token_content(config.get("eos_token")) or EOS,
+                     pad_token=_token_content(config.get("pad_token")) or PAD)
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if isinstance(template, str) and template != loaded.chat_template:
+            loaded.own_template = template
+        return loaded
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json and tokenizer_config.json (with the chat template), each atomically."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                  "chat_template": self.chat_template}
+                  "chat_template": self.own_template or self.chat_template}
         # Tokens missing from the vocabulary are left out: transformers would add them as new ids.
         for key in ("bos_token", "eos_token", "pad_token"):
             if self.token_to_id(getattr(self, key)) is not None:
@@ -281,7 +307,12 @@ class Tokenizer:
                 .replace("__EOS__", _jinja_literal(self.eos_token)))
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        """Render a conversation as text (DeepSeek-R1 format, see the module docstring)."""
+        """Render a conversation as text: the checkpoint's own template when it has one, else
+        the built-in DeepSeek-R1 format (see the module docstring)."""
+        if self.own_template is not None:
+            _check_messages(messages)
+            return _render_jinja(self.own_template, messages, add_generation_prompt,
+                                 self.bos_token, self.eos_token)
         segments = chat_segments(messages, add_generation_prompt, self.bos_token, self.eos_token)
         return "".join(text for text, _ in segments)
 

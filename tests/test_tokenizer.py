@@ -209,3 +209,30 @@ def test_from_pretrained_errors(tmp_path):
         Tokenizer.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="vocab_size"):
         Tokenizer.train(["x"], vocab_size=100)
+
+
+def test_checkpoint_own_chat_template_is_used(tmp_path, tok):
+    trained = tok
+    trained.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant]{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True) == "[user]hi[assistant]"
+    tok.save_pretrained(tmp_path / "again")  # the checkpoint's template travels with it
+    assert Tokenizer.from_pretrained(tmp_path / "again").apply_chat_template(msgs) == "[user]hi"
+    # our own template loads back as the built-in rendering
+    trained.save_pretrained(tmp_path / "ours")
+    assert Tokenizer.from_pretrained(tmp_path / "ours").own_template is None
+
+
+def test_checkpoint_template_cannot_escape_the_sandbox(tmp_path, tok):
+    trained = tok
+    trained.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception):
+        Tokenizer.from_pretrained(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
