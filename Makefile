@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # nothing later resolves torch to a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test venv dev clean
+.PHONY: demo test venv dev clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,9 +27,15 @@ venv: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 
 demo: $(VENV)/.installed
-	$(BIN)/nanoseek demo $(DEMO_ARGS)
+	$(BIN)/nanoseek smoke $(DEMO_ARGS)
 
-test: $(VENV)/.dev-installed
+# The web-chat test drives Debian's Chromium with Playwright (never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "note: chromium not installed; the web-page test will be skipped"
+
+test: $(VENV)/.dev-installed browser
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 clean:
