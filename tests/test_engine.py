@@ -1,0 +1,260 @@
+"""Engine: latent cache, absorbed decode, batching, stops, MTP speculative decoding, bad requests."""
+
+import math
+
+import pytest
+import torch
+from conftest import randomize_
+
+from nanoseek.config import ModelConfig
+from nanoseek.engine import Engine, LatentCache, attention_mask
+from nanoseek.model import MoE, Transformer
+from nanoseek.sampling import sampling_probs
+
+PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
+
+
+def tiny(**kw) -> Transformer:
+    cfg = ModelConfig.preset("tiny").replace(**{"eos_token_id": None, **kw})
+    return randomize_(Transformer(cfg), scale=0.1)
+
+
+def mtp_friendly(model: Transformer, attn_scale: float = 0.02, noise: float = 0.0, seed: int = 0) -> Transformer:
+    """Make the (untrained) MTP module a decent drafter, so speculative tests see both outcomes.
+
+    The main blocks' outputs are scaled down, so the model is mostly a bigram f(t_i) plus a
+    context-dependent part; the MTP module's eh_proj passes through the embedding of t_{i+1}, so it
+    predicts ~f(t_{i+1}), the main model's next guess. Drafts are then accepted about half the time.
+    """
+    g = torch.Generator().manual_seed(seed)
+    D = model.config.hidden_size
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(attn_scale)
+            mlp = layer.mlp
+            downs = [mlp.experts.down_proj, mlp.shared_experts.down_proj.weight] if isinstance(mlp, MoE) \
+                else [mlp.down_proj.weight]
+            for w in downs:
+                w.mul_(attn_scale)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+        w = torch.zeros(D, 2 * D)
+        w[:, :D] = torch.eye(D)
+        model.mtp_layers[0].eh_proj.weight.copy_(w + noise * torch.randn(w.shape, generator=g))
+    return model
+
+
+@torch.no_grad()
+def uncached_greedy(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+# ----------------------------------------------------------------------------- cache and attention
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_bytes_per_token_is_the_latent_formula(dtype):
+    model = tiny().to(dtype)
+    cfg = model.config
+    engine = Engine(model)
+    expected = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * dtype.itemsize
+    assert engine.cache_bytes_per_token() == expected
+    cache = engine.new_cache(batch_size=2, max_len=10)
+    assert cache.kv.dtype == dtype
+    assert cache.kv.numel() * cache.kv.element_size() == expected * 2 * 10  # nothing else is stored
+    assert engine.new_cache(1, 10, mtp_layers=1).kv.shape[0] == cfg.num_hidden_layers + 1
+
+
+def test_cache_writes_at_each_rows_own_positions():
+    cache = LatentCache(num_layers=1, batch_size=2, max_len=6, width=3, dtype=torch.float32)
+    cache.prepare(torch.tensor([[1], [4]]))
+    keys = cache.update(0, torch.tensor([[[1.0, 1, 1]], [[2.0, 2, 2]]]))
+    assert keys.shape == (2, 5, 3)
+    assert cache.kv[0, 0, 1].tolist() == [1, 1, 1] and cache.kv[0, 1, 4].tolist() == [2, 2, 2]
+    assert cache.kv[0].abs().sum() == 9
+    mask = attention_mask(torch.tensor([[1], [4]]), 5)
+    assert mask.shape == (2, 1, 1, 5)
+    assert mask[0, 0, 0].tolist() == [True, True, False, False, False]
+    assert mask[1, 0, 0].tolist() == [True] * 5
+
+
+def test_cached_greedy_equals_uncached_argmax():
+    model = tiny()
+    engine = Engine(model)
+    outs = engine.generate(PROMPTS, 10)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out == uncached_greedy(model, prompt, 10)
+    assert engine.stats["tokens_per_forward"] == 1.0
+    assert engine.stats["finish_reasons"] == ["length"] * 3
+
+
+def test_absorbed_and_expanded_attention_agree():
+    model = tiny()
+    engine = Engine(model)
+    ids = torch.tensor([[5, 9, 2, 7, 1, 3, 8, 4]])
+    positions = torch.arange(8)[None]
+    with torch.no_grad():
+        # prefill of a whole prompt: absorbed and expanded, each with a fresh cache
+        h_exp = engine.forward(ids, positions, engine.new_cache(1, 16), absorb=False)
+        h_abs = engine.forward(ids, positions, engine.new_cache(1, 16), absorb=True)
+        assert torch.allclose(engine.logits(h_abs), engine.logits(h_exp), atol=1e-4)
+        # one decode step on top of a prefilled cache
+        cache = engine.new_cache(1, 16)
+        engine.forward(ids, positions, cache, absorb=False)
+        copy = engine.new_cache(1, 16)
+        copy.kv.copy_(cache.kv)
+        step, pos = torch.tensor([[6]]), torch.tensor([[8]])
+        a = engine.logits(engine.forward(step, pos, cache, absorb=True))
+        b = engine.logits(engine.forward(step, pos, copy, absorb=False))
+        full = model(torch.cat((ids, step), dim=1))[:, -1:]
+    assert (a - b).abs().max() < 1e-4
+    assert (a - full).abs().max() < 1e-4
+
+
+def test_batch_of_different_lengths_equals_each_alone():
+    engine = Engine(tiny())
+    batch = engine.generate(PROMPTS, 8)
+    assert batch == [engine.generate([p], 8)[0] for p in PROMPTS]
+
+
+def test_stream_yields_what_generate_returns():
+    engine = Engine(tiny())
+    chunks = list(engine.stream(PROMPTS, 6))
+    assert len(chunks) == 6  # one yield per forward
+    joined = [sum((c[i] for c in chunks), []) for i in range(len(PROMPTS))]
+    assert joined == engine.generate(PROMPTS, 6)
+
+
+# ----------------------------------------------------------------------------- sampling and stops
+
+def test_seed_reproduces_sampling():
+    engine = Engine(tiny())
+    a = engine.generate(PROMPTS, 8, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    b = engine.generate(PROMPTS, 8, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    c = engine.generate(PROMPTS, 8, temperature=1.0, top_k=20, top_p=0.9, seed=4)
+    assert a == b and a != c
+
+
+def test_eos_and_stop_sequences_end_generation():
+    model = tiny()
+    full = Engine(model).generate([PROMPTS[0]], 10)[0]
+    # EOS: the model's eos id ends the row and is not returned
+    eos = full[4]
+    model.config = model.config.replace(eos_token_id=[999, eos])
+    engine = Engine(model)
+    out = engine.generate([PROMPTS[0]], 10)[0]
+    assert out == full[:full.index(eos)] and engine.stats["finish_reasons"] == ["stop"]
+    model.config = model.config.replace(eos_token_id=None)
+    # a stop sequence ends it too, excluded, and a stream never shows its first tokens
+    engine = Engine(model)
+    stop = full[5:7]
+    cut = next(i for i in range(len(full) - 1) if full[i:i + 2] == stop)
+    chunks = list(engine.stream([PROMPTS[0]], 10, stop=[[1000, 1001, 1002], stop]))
+    assert sum((c[0] for c in chunks), []) == full[:cut]
+    assert engine.stats["finish_reasons"] == ["stop"]
+    assert engine.generate([PROMPTS[0]], 10, stop=[[1000, 1001]]) == [full]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[]), "non-empty list"),
+    (dict(prompts=[[1, 2], []]), r"prompts\[1\] is empty"),
+    (dict(prompts=[[1, 5000]]), "outside"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=1024), "exceed the model's context of 1024"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=1.0, top_p=0.0), "top_p"),
+    (dict(temperature=1.0, top_p=1.5), "top_p"),
+    (dict(temperature=1.0, top_k=0), "top_k"),
+    (dict(stop=[[]]), "stop"),
+    (dict(speculative="eagle"), "speculative"),
+])
+def test_bad_requests_raise(kwargs, message):
+    engine = Engine(tiny())
+    args = {"prompts": [[1, 2, 3]], "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        engine.generate(**args)
+
+
+def test_speculative_needs_an_mtp_module():
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(tiny(num_nextn_predict_layers=0)).generate([[1, 2]], 4, speculative="mtp")
+
+
+# ----------------------------------------------------------------------------- speculative decoding
+
+def test_mtp_speculative_greedy_equals_plain_greedy():
+    engine = Engine(mtp_friendly(tiny()))
+    plain = engine.generate(PROMPTS, 24)
+    spec = engine.generate(PROMPTS, 24, speculative="mtp")
+    assert spec == plain
+    stats = engine.stats
+    assert 0.2 < stats["acceptance_rate"] < 0.95  # both the accept and the rollback path ran
+    assert stats["tokens_per_forward"] == pytest.approx(
+        1 + stats["accepted"] / stats["row_forwards"], abs=0.15)
+    # rows alone (their own acceptance pattern) give the same tokens as in the batch
+    assert [engine.generate([p], 24, speculative="mtp")[0] for p in PROMPTS] == plain
+    # an untrained MTP module is rarely right, and the output still does not change
+    raw = Engine(tiny())
+    assert raw.generate(PROMPTS, 12, speculative="mtp") == raw.generate(PROMPTS, 12)
+
+
+def test_mtp_speculative_respects_stops_and_length():
+    engine = Engine(mtp_friendly(tiny()))
+    full = engine.generate([PROMPTS[0]], 16)[0]
+    for n in (1, 2, 7):
+        assert engine.generate([PROMPTS[0]], n, speculative="mtp")[0] == full[:n]
+    stop = full[6:8]
+    cut = next(i for i in range(len(full) - 1) if full[i:i + 2] == stop)
+    assert engine.generate([PROMPTS[0]], 16, stop=[stop], speculative="mtp")[0] == full[:cut]
+
+
+@torch.no_grad()
+def exact_joint(model, prompt, n_new, temperature, top_k, top_p, draft_for_second=False):
+    """P(t1..t_n) of the plain sampler by enumeration over a tiny vocabulary: [V] * n_new tensor.
+
+    draft_for_second=True gives instead the law of a broken sampler that keeps every MTP draft
+    (t2 from the MTP distribution): the test must be able to tell it apart.
+    """
+    V = model.config.vocab_size
+    prefixes = torch.cartesian_prod(*[torch.arange(V)] * (n_new - 1)).view(-1, n_new - 1)
+    ids = torch.cat((torch.tensor(prompt).expand(len(prefixes), -1), prefixes), dim=1)
+    hidden, mtp_logits = model.forward_train(ids)
+    P = len(prompt)
+    probs = sampling_probs(model.lm_head(hidden[:, P - 1:]), temperature, top_k, top_p)  # [N, n_new, V]
+    if draft_for_second:
+        probs[:, 1] = sampling_probs(mtp_logits[0][:, P - 1], temperature, top_k, top_p)
+    joint = probs[:, 0].gather(1, prefixes[:, :1]).squeeze(1)
+    for k in range(1, n_new - 1):
+        joint = joint * probs[:, k].gather(1, prefixes[:, k:k + 1]).squeeze(1)
+    joint = joint[:, None] * probs[:, -1]  # [N, V]
+    return joint.view(*[V] * n_new)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 6, 0.9)])
+def test_speculative_sampling_keeps_the_models_distribution(temperature, top_k, top_p):
+    """Empirical law of 3 sampled tokens vs the exact one, over V^3 = 512 outcomes.
+
+    Tolerance: 4x the expected total-variation distance of N multinomial draws from the exact
+    law, sum_i sqrt(p_i (1 - p_i) / (2 pi N)). A sampler that kept every draft is far outside it.
+    """
+    model = mtp_friendly(tiny(vocab_size=8), attn_scale=0.1, noise=0.02)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)  # ~10-20 likely outcomes: a law with shape, not a near-uniform one
+    engine = Engine(model)
+    prompt, N = [3, 1, 4, 1], 6000
+    exact = exact_joint(model, prompt, 3, temperature, top_k, top_p).flatten()
+    expected_tv = (exact * (1 - exact) / (2 * math.pi * N)).sqrt().sum().item()
+    tol = 4 * expected_tv
+    broken = exact_joint(model, prompt, 3, temperature, top_k, top_p, draft_for_second=True).flatten()
+    assert 0.5 * (broken - exact).abs().sum() > 2 * tol
+
+    for speculative in (None, "mtp"):
+        outs = engine.generate([prompt] * N, 3, temperature, top_k, top_p, seed=0, speculative=speculative)
+        codes = torch.tensor([(a * 8 + b) * 8 + c for a, b, c in outs])
+        empirical = torch.bincount(codes, minlength=512).double() / N
+        tv = 0.5 * (empirical - exact.double()).abs().sum().item()
+        assert tv < tol, (speculative, tv, tol)
+    assert 0.1 < engine.stats["acceptance_rate"] < 0.95
