@@ -1,0 +1,93 @@
+"""PNG plots of a training run: the curves and the expert-load heatmap.
+
+    rows = read_metrics("runs/tiny/metrics.jsonl")
+    plot_curves(rows, "runs/tiny/curves.png")
+    plot_expert_load(loads, ["1", "2", "3 (MTP)"], "runs/tiny/expert_load.png")   # loads [L, E]
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global
+backend switch), so plotting works on headless machines and inside other programs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a metrics.jsonl file (a torn last line from a crash is skipped)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    FigureCanvasAgg(fig)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_curves(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Loss (and MTP loss), learning rate, gradient norm, tokens/s and per-layer max/mean expert load."""
+    fig = Figure(figsize=(13, 7), layout="constrained")
+    axes = fig.subplots(2, 3).flatten()
+    steps = [r["step"] for r in rows]
+
+    def curve(ax, key, label=None, **kw):
+        pts = [(s, r[key]) for s, r in zip(steps, rows) if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=label or key, **kw)
+
+    curve(axes[0], "loss", "next-token loss")
+    curve(axes[0], "mtp_loss", "MTP loss", alpha=0.8)
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    for ax, key in zip(axes[1:4], ("lr", "grad_norm", "tokens_per_s")):
+        curve(ax, key)
+        ax.set_title(key)
+    curve(axes[4], "mfu")
+    axes[4].set_title("MFU")
+    layers = sorted({k for r in rows for k in (r.get("expert_load_max_mean") or {})}, key=int)
+    for lid in layers:
+        pts = [(s, r["expert_load_max_mean"][lid]) for s, r in zip(steps, rows)
+               if lid in (r.get("expert_load_max_mean") or {})]
+        axes[5].plot(*zip(*pts), label=f"layer {lid}")
+    axes[5].axhline(1.0, color="gray", lw=0.8, ls="--")
+    axes[5].set_title("expert load max/mean (1 = balanced)")
+    if layers:
+        axes[5].legend(fontsize="small")
+    for ax in axes:
+        ax.set_xlabel("step")
+    axes[0].set_title(title or "loss")
+    return _save(fig, path)
+
+
+def plot_expert_load(loads, layer_labels: list, path: str | os.PathLike, title: str = "") -> Path:
+    """Heatmap: rows are MoE layers, columns experts, colour the load over the layer's mean load."""
+    import torch
+
+    loads = torch.as_tensor(loads, dtype=torch.float32)
+    rel = loads / loads.mean(-1, keepdim=True).clamp(min=1e-9)
+    L, E = rel.shape
+    fig = Figure(figsize=(max(5, 0.25 * E + 2), max(2.5, 0.4 * L + 1.5)), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(rel.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0, float(rel.max())))
+    ax.set_yticks(range(L), [str(i) for i in layer_labels])
+    ax.set_xlabel("routed expert")
+    ax.set_ylabel("layer")
+    ax.set_title(title or "expert load / mean load")
+    fig.colorbar(im, ax=ax, label="load / mean")
+    return _save(fig, path)

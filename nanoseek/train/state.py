@@ -1,0 +1,167 @@
+"""Training checkpoints that resume exactly.
+
+A stage folder is a loadable Hugging Face checkpoint plus what training needs to continue:
+
+    DIR/config.json, model.safetensors      the model (balancing biases included), fp32 as trained
+    DIR/tokenizer.json, tokenizer_config.json
+    DIR/train_state/optimizer.safetensors   AdamW moments and step counts, keyed by parameter name
+    DIR/train_state/rng.safetensors         torch CPU (and CUDA) generator states
+    DIR/train_state/state.json              step, stage, data position, python/numpy RNG, configs
+    DIR/metrics.jsonl, DIR/*.png            logs (kept across checkpoints)
+
+    save_checkpoint(out, model, optimizer, step=k, tokenizer=tok, meta={...})
+    state = load_train_state(out, model, optimizer)      # restores optimizer + RNG, returns state.json
+
+The whole folder is written beside DIR and swapped in with one rename (fsutil.atomic_directory):
+a crash mid-write leaves the previous checkpoint whole. Only safetensors and JSON: no pickle.
+The learning-rate schedule is a function of the step, and batches are a function of the step
+and the seed, so step + optimizer + model + RNG is the complete state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import save_pretrained
+from ..fsutil import atomic_directory, atomic_write_text
+
+TRAIN_STATE = "train_state"
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> tuple[dict, list]:
+    """({"<param name>/<state key>": tensor}, [param group hyper-parameters]) for safetensors + JSON."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    tensors, groups = {}, []
+    for group in optimizer.param_groups:
+        names = [name_of[id(p)] for p in group["params"]]
+        hyper = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+        groups.append({"params": names, **hyper})
+        for name, p in zip(names, group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f"optimizer state {name}/{key} is not a tensor; cannot save it")
+                tensors[f"{name}/{key}"] = value.detach().to("cpu").contiguous()
+    return tensors, groups
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, tensors: dict, groups: list,
+                   where: Path) -> None:
+    """Inverse of optimizer_tensors: put the saved state back on the optimizer's parameters."""
+    params = dict(model.named_parameters())
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"{where}: {len(groups)} parameter groups saved, the optimizer has "
+                         f"{len(optimizer.param_groups)}")
+    state, new_groups, index = {}, [], 0
+    for saved, group in zip(groups, optimizer.param_groups):
+        names = saved["params"]
+        if [id(params.get(n)) for n in names] != [id(p) for p in group["params"]]:
+            raise ValueError(f"{where}: saved optimizer parameters do not match the model's")
+        for name in names:
+            entry = {key.split("/", 1)[1]: t for key, t in tensors.items() if key.split("/", 1)[0] == name}
+            if entry:
+                state[index] = entry
+            index += 1
+        new_groups.append({**saved, "params": list(range(index - len(names), index))})
+    optimizer.load_state_dict({"state": state, "param_groups": new_groups})
+
+
+# ----------------------------------------------------------------------------- RNG
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every generator training may draw from: torch CPU/CUDA as tensors, python/numpy as JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, internal, gauss = random.getstate()
+    extra = {"python": [version, list(internal), gauss]}
+    try:
+        import numpy as np
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        tensors["numpy_keys"] = torch.from_numpy(keys.astype("int64"))
+        extra["numpy"] = [kind, int(pos), int(has_gauss), float(cached)]
+    except ImportError:
+        pass
+    return tensors, extra
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], extra: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = extra["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in extra and "numpy_keys" in tensors:
+        import numpy as np
+        kind, pos, has_gauss, cached = extra["numpy"]
+        np.random.set_state((kind, tensors["numpy_keys"].numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+def save_checkpoint(out_dir: str | os.PathLike, model, optimizer, step: int, tokenizer=None,
+                    meta: dict | None = None) -> Path:
+    """Write model + tokenizer + train_state into out_dir, atomically (logs already there are kept)."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        save_pretrained(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        state_dir = tmp / TRAIN_STATE
+        state_dir.mkdir()
+        opt_tensors, groups = optimizer_tensors(optimizer, model)
+        save_file(opt_tensors, str(state_dir / "optimizer.safetensors"))
+        rng_tensors, rng_extra = rng_state()
+        save_file(rng_tensors, str(state_dir / "rng.safetensors"))
+        state = {"format": FORMAT_VERSION, "step": step, "param_groups": groups, "rng": rng_extra, **(meta or {})}
+        (state_dir / "state.json").write_text(json.dumps(state, indent=1))
+    return out_dir
+
+
+def read_state(out_dir: str | os.PathLike) -> dict:
+    """DIR/train_state/state.json, or a clear error when DIR holds no training state."""
+    path = Path(out_dir) / TRAIN_STATE / "state.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no training state to resume from (was the run ever checkpointed?)")
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format={state.get('format')!r}, expected {FORMAT_VERSION}")
+    return state
+
+
+def load_train_state(out_dir: str | os.PathLike, model, optimizer) -> dict:
+    """Restore optimizer and RNG from DIR/train_state (the model is loaded from DIR by the caller)."""
+    state = read_state(out_dir)
+    state_dir = Path(out_dir) / TRAIN_STATE
+    load_optimizer(optimizer, model, load_file(str(state_dir / "optimizer.safetensors")), state["param_groups"],
+                   state_dir)
+    set_rng_state(load_file(str(state_dir / "rng.safetensors")), state["rng"])
+    return state
+
+
+def truncate_metrics(path: str | os.PathLike, after_step: int) -> None:
+    """Drop metrics rows logged after `after_step` (a run that died past its last checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= after_step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the crash
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
