@@ -4,8 +4,10 @@
     .venv/bin/python benchmarks/bench_train_step.py --iters 5
 
 Config (the model-core issue's): hidden 256, 4 layers (first dense), 8 heads, kv_lora_rank 64,
-16 routed experts top-4, 1 shared expert. Both sides compute cross-entropy on the same random
-batch; times are medians over --iters after warm-up, and both models alternate each
+16 routed experts top-4, 1 shared expert. fwd is the inference forward to logits; fwd+bwd is a
+training step's forward and backward through each library's own loss path on the same random
+batch (nanoseek: fused lm_head + cross-entropy from train/loss.py; transformers: logits then
+fp32 cross-entropy, as its causal-LM loss does). Times are medians over --iters after warm-up, and both models alternate each
 iteration so machine noise hits them alike.
 """
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer, save_pretrained
+from nanoseek.train.loss import linear_cross_entropy
 
 CONFIG = dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=256, intermediate_size=768,
               num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=128,
@@ -31,19 +34,34 @@ CONFIG = dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=256, interm
               n_group=1, topk_group=1, num_nextn_predict_layers=0, max_position_embeddings=1024)
 
 
-def step_fn(model, logits_of, x, y, backward: bool, autocast: bool):
+def step_fn(model, logits_of, loss_of, x, y, backward: bool, autocast: bool):
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
 
     def run():
         if backward:
             model.zero_grad(set_to_none=True)
             with ctx:
-                loss = F.cross_entropy(logits_of(x).flatten(0, 1).float(), y.flatten())
+                loss = loss_of(x, y)
             loss.backward()
         else:
             with torch.no_grad(), ctx:
                 logits_of(x)
     return run
+
+
+def nanoseek_loss(model):
+    """nanoseek's training objective: final hidden -> fused lm_head + cross-entropy (train/loss.py)."""
+    def loss_of(x, y):
+        hidden, _ = model.forward_train(x)
+        return linear_cross_entropy(hidden, model.lm_head.weight, y)
+    return loss_of
+
+
+def transformers_loss(model):
+    """transformers' causal-LM loss path: full logits, upcast to fp32, cross-entropy."""
+    def loss_of(x, y):
+        return F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
+    return loss_of
 
 
 def time_pair(fns, iters: int) -> list[float]:
@@ -86,8 +104,8 @@ def main(argv=None) -> int:
     print(f"{'mode':<28}{'nanoseek tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}")
     for autocast in (False, True):
         for backward in (False, True):
-            fns = [step_fn(ours, ours, x, y, backward, autocast),
-                   step_fn(ref, lambda t: ref(t).logits, x, y, backward, autocast)]
+            fns = [step_fn(ours, ours, nanoseek_loss(ours), x, y, backward, autocast),
+                   step_fn(ref, lambda t: ref(t).logits, transformers_loss(ref), x, y, backward, autocast)]
             t_ours, t_ref = time_pair(fns, args.iters)
             name = f"{'fwd+bwd' if backward else 'fwd'} {'bf16 autocast' if autocast else 'fp32'}"
             print(f"{name:<28}{tokens / t_ours:>16,.0f}{tokens / t_ref:>20,.0f}{t_ref / t_ours:>7.2f}x")

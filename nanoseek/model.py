@@ -286,14 +286,16 @@ class Experts(nn.Module):
         # unbind once: indexing a stacked parameter per expert would make autograd build a
         # zero-filled [E, ...] gradient for every slice.
         w_gate, w_up, w_down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
-        outs = []
-        for e, h in enumerate(xs.split(counts)):
+        # The routing weight scales the (narrower) intermediate activation: same result as
+        # scaling the expert's output, half the elementwise work in forward and backward.
+        gates = weights.flatten()[order].unsqueeze(-1).to(x.dtype).split(counts)
+        y = torch.zeros_like(x)
+        for e, (h, g, tok) in enumerate(zip(xs.split(counts), gates, token.split(counts))):
             if h.shape[0] == 0:
                 continue
-            h = F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t())
-            outs.append(h @ w_down[e].t())
-        ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+            h = F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t()) * g
+            y.index_add_(0, tok, (h @ w_down[e].t()).to(y.dtype))
+        return y
 
 
 class MoE(nn.Module):

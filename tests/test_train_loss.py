@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.data import pack_documents
-from nanoseek.train.loss import IGNORE, cross_entropy, mtp_loss, mtp_targets, sequence_balance_loss
+import pytest
+from nanoseek.train.loss import IGNORE, cross_entropy, linear_cross_entropy, mtp_loss, mtp_targets, sequence_balance_loss
 
 
 def test_cross_entropy_is_masked_mean_and_takes_a_global_count():
@@ -74,3 +75,22 @@ def test_sequence_balance_loss_ignores_invalid_tokens():
     valid = torch.tensor([[True, True, False]])
     assert math.isclose(sequence_balance_loss(scores, indices, valid).item(), 1.5, rel_tol=1e-6)
     assert sequence_balance_loss(scores, indices).item() != 1.5
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_matches_unfused(autocast):
+    torch.manual_seed(0)
+    h = torch.randn(2, 50, 16, requires_grad=True)
+    w = torch.randn(33, 16, requires_grad=True)
+    t = torch.randint(0, 33, (2, 50))
+    t[0, :7] = IGNORE
+    ref = cross_entropy(h @ w.t(), t, 80)
+    g_ref = torch.autograd.grad(3 * ref, (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = linear_cross_entropy(h, w, t, 80, chunk_size=17)  # chunks that split rows unevenly
+    g_got = torch.autograd.grad(3 * got, (h, w))
+    tol = 1e-2 if autocast else 1e-5
+    assert abs(float(got) - float(ref)) < tol
+    for a, b in zip(g_got, g_ref):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)

@@ -85,3 +85,56 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, valid: to
     P = (s * weight[..., None]).sum(1) / n_tok[:, None]  # [B, E]
     per_sequence = (f.detach() * P).sum(-1)  # [B]
     return per_sequence.sum() / (num_sequences or B)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """CE(hidden @ weight.T, targets) summed, with both gradients computed chunk by chunk in the
+    forward pass: the [N, V] logits never exist whole, and there is no log-softmax backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        device = hidden.device.type
+        mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        for a in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[a:a + chunk_size], targets[a:a + chunk_size]
+            logits = (h @ weight.t()).float()  # bf16 matmul under autocast, softmax in fp32
+            scored = t != IGNORE
+            safe = t.clamp(min=0).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, safe).squeeze(1)) * scored).sum()
+            if not (need_h or need_w):
+                continue
+            # d/dlogits of Σ CE = softmax - onehot(target), zero on unscored rows (in place).
+            g = logits.sub_(lse.unsqueeze(1)).exp_()
+            g.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=g.dtype))
+            g.mul_(scored.unsqueeze(1))
+            g = g.to(mm_dtype)
+            if need_h:
+                grad_h[a:a + chunk_size] = g @ weight.to(mm_dtype)
+            if need_w:
+                grad_w += (g.t() @ h.to(mm_dtype)).float()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         num_tokens: int | float | None = None, chunk_size: int = 2048) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T, targets, num_tokens), fused: the same value and gradients
+    without materialising the [B·T, V] logits (DeepSeek's 129k vocabulary makes those the
+    largest activation of a training step). hidden [B, T, D] or [N, D], weight [V, D]."""
+    h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if num_tokens is None:
+        num_tokens = int((t != IGNORE).sum())
+    return _LinearCrossEntropy.apply(h, weight, t, chunk_size) / max(num_tokens, 1)
