@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = [
     "nanoseek.estimate",
     "nanoseek.smoke",
+    "nanoseek.generate",
     "nanoseek.train.pretrain",
 ]
 

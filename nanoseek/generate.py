@@ -1,0 +1,245 @@
+"""`nanoseek generate` and `nanoseek chat`: text in, text out from any checkpoint with a tokenizer.json.
+
+    nanoseek generate --model runs/pretrain --prompt "12+30=" --max-new-tokens 16
+    nanoseek generate --model runs/sft --prompt "What is 12+30?" --chat --temperature 0.6 --seed 0
+    nanoseek generate --model runs/sft --prompt "a" --prompt "b" --speculative mtp --stats
+    nanoseek chat --model runs/sft                  # /reset clears the history, /exit (or Ctrl-D) leaves
+
+`generate` continues raw text (BOS + prompt), or with --chat renders the prompt as one user turn
+through the chat template. Several --prompt flags form one batch. `chat` is a REPL: each turn goes
+through the checkpoint's own chat_template when it has one, else the built-in DeepSeek-R1 format
+(tokenizer.py), and the reply streams as it is made, its <think> reasoning shown apart (dimmed on a
+terminal) from the answer. Earlier turns keep their answers; the template drops their reasoning.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from .checkpoint import load_pretrained
+from .engine import Engine
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def load(path: str, dtype: str = "auto") -> Engine:
+    """An Engine over the checkpoint at `path` with the tokenizer saved next to it."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
+    tokenizer = Tokenizer.from_pretrained(path)
+    model = load_pretrained(path, dtype=None if dtype == "auto" else DTYPES[dtype])
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocab_size is {model.config.vocab_size}")
+    return Engine(model, tokenizer)
+
+
+class TextStream:
+    """Turns a growing list of token ids into text increments.
+
+    Byte-level BPE can split one UTF-8 character over several tokens: the text is re-decoded from
+    the first not-yet-printed token and an increment ending in a half character waits for the rest.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.start = 0  # first token whose text is not fully printed
+        self.printed = ""  # text of ids[start:] already given out
+
+    def push(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids[self.start:])
+        if text.endswith("\ufffd"):
+            return ""
+        new = text[len(self.printed):]
+        self.start, self.printed = len(self.ids), ""
+        return new
+
+    def flush(self) -> str:
+        """Whatever is still held back (a half character stays as U+FFFD)."""
+        new = self.tokenizer.decode(self.ids[self.start:])[len(self.printed):]
+        self.start = len(self.ids)
+        return new
+
+
+class ReplyPrinter:
+    """Writes a streamed chat reply, the reasoning (before </think>) apart from the answer."""
+
+    def __init__(self, out, think_end: str, color: bool):
+        self.out, self.think_end, self.color = out, think_end, color
+        self.thinking = True
+        self.pending = ""  # text that might be the start of </think>
+
+    def _write(self, text: str, dim: bool) -> None:
+        if text:
+            self.out.write(f"{DIM}{text}{RESET}" if dim and self.color else text)
+            self.out.flush()
+
+    def begin(self) -> None:
+        self._write("<think>\n", dim=True)
+
+    def feed(self, text: str) -> None:
+        if not self.thinking:
+            self._write(text, dim=False)
+            return
+        text = self.pending + text
+        head, sep, tail = text.partition(self.think_end)
+        if sep:
+            self.thinking, self.pending = False, ""
+            self._write(head + sep, dim=True)
+            self._write(tail, dim=False)
+            return
+        keep = next((k for k in range(len(self.think_end) - 1, 0, -1) if text.endswith(self.think_end[:k])), 0)
+        self.pending = text[len(text) - keep:] if keep else ""
+        self._write(text[:len(text) - keep], dim=True)
+
+    def end(self) -> None:
+        self._write(self.pending, dim=self.thinking)
+        self.pending = ""
+        self.out.write("\n")
+        self.out.flush()
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the conversation followed by the generation prompt."""
+    if tokenizer.own_template is not None:
+        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+
+
+def sampling_args(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                speculative=args.speculative)
+
+
+def print_stats(engine: Engine, elapsed: float, out=None) -> None:
+    s = engine.stats
+    rate = s["new_tokens"] / s["decode_s"] if s["decode_s"] > 0 else float("nan")
+    line = (f"[{s['new_tokens']} tokens in {elapsed:.2f}s: prefill {s['prefill_s'] * 1e3:.0f} ms, "
+            f"decode {rate:.1f} tokens/s, {s['tokens_per_forward']:.2f} tokens/forward")
+    if s["acceptance_rate"] is not None:
+        line += f", MTP acceptance {s['acceptance_rate']:.0%}"
+    print(line + "]", file=out or sys.stderr)
+
+
+# ----------------------------------------------------------------------------- commands
+
+def run_generate(args) -> int:
+    engine = load(args.model, args.dtype)
+    tok = engine.tokenizer
+    if args.chat:
+        prompts = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in args.prompt]
+    else:
+        prompts = [tok.encode(p, add_bos=tok.bos_id is not None) for p in args.prompt]
+    t0 = time.perf_counter()
+    if len(prompts) == 1:  # one prompt: print as it is made
+        stream = TextStream(tok)
+        if args.chat:
+            printer = ReplyPrinter(sys.stdout, tok.think_end, sys.stdout.isatty())
+            printer.begin()
+            write = printer.feed
+        else:
+            sys.stdout.write(args.prompt[0])
+            write = sys.stdout.write
+        for new in engine.stream(prompts, args.max_new_tokens, **sampling_args(args)):
+            write(stream.push(new[0]))
+            sys.stdout.flush()
+        write(stream.flush())
+        if args.chat:
+            printer.end()
+        else:
+            sys.stdout.write("\n")
+    else:
+        outs = engine.generate(prompts, args.max_new_tokens, **sampling_args(args))
+        for i, (p, out) in enumerate(zip(args.prompt, outs)):
+            text = tok.decode(out)
+            if args.chat:
+                reasoning, answer = tok.split_reasoning(text)
+                print(f"--- [{i}] <think>\n{reasoning}\n</think>\n{answer}")
+            else:
+                print(f"--- [{i}] {p}{text}")
+    if args.stats:
+        print_stats(engine, time.perf_counter() - t0)
+    return 0
+
+
+def run_chat(args) -> int:
+    engine = load(args.model, args.dtype)
+    tok = engine.tokenizer
+    context = engine.config.max_position_embeddings
+    color = sys.stdout.isatty() and not args.no_color
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print(f"nanoseek chat: {args.model} ({engine.model.num_params():,} parameters). "
+          "/reset clears the history, /exit leaves.")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            messages = list(system)
+            print("(history cleared)")
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        ids = chat_prompt(tok, messages)
+        # Drop the oldest turns while the conversation leaves no room for a reply.
+        while len(ids) + min(args.max_new_tokens, 16) > context and len(messages) > len(system) + 1:
+            del messages[len(system):len(system) + 2]
+            ids = chat_prompt(tok, messages)
+        if len(ids) >= context:
+            print(f"(this message alone is {len(ids)} tokens, over the model's {context}; not sent)")
+            messages.pop()
+            continue
+        printer = ReplyPrinter(sys.stdout, tok.think_end, color)
+        stream = TextStream(tok)
+        printer.begin()
+        t0 = time.perf_counter()
+        for new in engine.stream([ids], min(args.max_new_tokens, context - len(ids)), **sampling_args(args)):
+            printer.feed(stream.push(new[0]))
+        printer.feed(stream.flush())
+        printer.end()
+        if args.stats:
+            print_stats(engine, time.perf_counter() - t0, out=sys.stdout)
+        reasoning, answer = tok.split_reasoning(tok.decode(stream.ids))
+        messages.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
+
+
+def _common_flags(p) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per reply")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="mtp: the MTP module drafts a token that the model verifies (same output when greedy)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="compute dtype (auto: the checkpoint's torch_dtype)")
+    p.add_argument("--stats", action="store_true", help="print tokens/s, tokens per forward and MTP acceptance")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="continue text prompts with a checkpoint")
+    p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="send each prompt as a user turn through the chat template")
+    _common_flags(p)
+    p.set_defaults(func=run_generate)
+
+    c = sub.add_parser("chat", help="talk to a checkpoint in the terminal (streamed, multi-turn)")
+    c.add_argument("--system", default=None, help="system message placed before the conversation")
+    c.add_argument("--no-color", action="store_true", help="show reasoning without dimming it")
+    _common_flags(c)
+    c.set_defaults(func=run_chat)

@@ -1,0 +1,140 @@
+"""`nanoseek generate` and `nanoseek chat` on a tiny saved model with a tiny trained tokenizer."""
+
+import io
+
+import pytest
+import torch
+from conftest import randomize_
+
+from nanoseek import cli
+from nanoseek.checkpoint import save_pretrained
+from nanoseek.config import ModelConfig
+from nanoseek.engine import Engine
+from nanoseek.generate import ReplyPrinter, TextStream, chat_prompt, load
+from nanoseek.model import Transformer
+from nanoseek.tokenizer import Tokenizer
+
+TEXTS = ["12+30=42", "7*6=42", "the answer is 42", "héllo wörld ✓", "think first, then answer"] * 20
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = randomize_(Transformer(ModelConfig.preset("tiny")), scale=0.1)
+    save_pretrained(model, path)
+    Tokenizer.train(TEXTS, vocab_size=300).save_pretrained(path)
+    return str(path)
+
+
+def run_cli(argv, capsys, stdin: str | None = None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_prints_the_engines_greedy_continuation(ckpt, capsys):
+    code, out, _ = run_cli(["generate", "--model", ckpt, "--prompt", "12+30=", "--max-new-tokens", "12"], capsys)
+    engine = load(ckpt)
+    tok = engine.tokenizer
+    ids = engine.generate([tok.encode("12+30=", add_bos=True)], 12)[0]
+    assert code == 0
+    assert out == "12+30=" + tok.decode(ids) + "\n"
+
+
+def test_generate_speculative_and_batch_match_plain(ckpt, capsys):
+    base = ["generate", "--model", ckpt, "--max-new-tokens", "10", "--prompt", "7*6=", "--prompt", "the"]
+    _, plain, _ = run_cli(base, capsys)
+    _, spec, err = run_cli(base + ["--speculative", "mtp", "--stats"], capsys)
+    assert plain == spec and plain.count("--- [") == 2
+    assert "MTP acceptance" in err and "tokens/forward" in err
+    _, alone, _ = run_cli(["generate", "--model", ckpt, "--max-new-tokens", "10", "--prompt", "the"], capsys)
+    assert plain.splitlines()[-1] == "--- [1] " + alone.rstrip("\n")
+
+
+def test_generate_sampling_is_seeded_and_dtype_selectable(ckpt, capsys):
+    argv = ["generate", "--model", ckpt, "--prompt", "hi", "--max-new-tokens", "8", "--temperature", "1.0",
+            "--top-p", "0.9", "--seed", "3"]
+    _, a, _ = run_cli(argv, capsys)
+    _, b, _ = run_cli(argv, capsys)
+    assert a == b
+    code, c, _ = run_cli(argv + ["--dtype", "bfloat16"], capsys)
+    assert code == 0 and c.startswith("hi")
+
+
+def test_generate_chat_wraps_the_prompt_in_the_template(ckpt, capsys):
+    code, out, _ = run_cli(["generate", "--model", ckpt, "--prompt", "7*6?", "--chat", "--max-new-tokens", "6"],
+                           capsys)
+    engine = load(ckpt)
+    tok = engine.tokenizer
+    ids = engine.generate([chat_prompt(tok, [{"role": "user", "content": "7*6?"}])], 6)[0]
+    assert code == 0
+    assert out == "<think>\n" + tok.decode(ids) + "\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/nonexistent/ckpt"], "no tokenizer.json"),
+    (["--max-new-tokens", "5000"], "exceed the model's context"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "1.5"], "top_p"),
+])
+def test_generate_bad_input_is_one_clear_line(ckpt, capsys, argv, message):
+    code, out, err = run_cli(["generate", "--model", ckpt, "--prompt", "x", *argv], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_chat_keeps_history_resets_and_exits(ckpt, capsys, monkeypatch):
+    seen = []
+    stream = Engine.stream
+
+    def recording(self, prompts, *a, **kw):
+        seen.append(prompts[0])
+        yield from stream(self, prompts, *a, **kw)
+
+    monkeypatch.setattr(Engine, "stream", recording)
+    code, out, _ = run_cli(["chat", "--model", ckpt, "--max-new-tokens", "6"], capsys,
+                           stdin="hello\nhow are you\n/reset\nhello\n/exit\nnever read\n", monkeypatch=monkeypatch)
+    assert code == 0 and len(seen) == 3
+    assert out.count("<think>") == 3 and "(history cleared)" in out
+    tok = Tokenizer.from_pretrained(ckpt)
+    first = chat_prompt(tok, [{"role": "user", "content": "hello"}])
+    assert seen[0] == first and seen[2] == first  # /reset forgot the first exchange
+    # The second turn carries the first exchange: the template keeps the answer, drops reasoning.
+    reply = Engine(load(ckpt).model, tok).generate([first], 6)[0]
+    reasoning, answer = tok.split_reasoning(tok.decode(reply))
+    history = [{"role": "user", "content": "hello"},
+               {"role": "assistant", "content": answer, "reasoning_content": reasoning},
+               {"role": "user", "content": "how are you"}]
+    assert seen[1] == chat_prompt(tok, history)
+
+
+def test_chat_ends_on_end_of_input(ckpt, capsys, monkeypatch):
+    code, out, _ = run_cli(["chat", "--model", ckpt, "--max-new-tokens", "4"], capsys, stdin="hi\n",
+                           monkeypatch=monkeypatch)
+    assert code == 0 and out.count(">>> ") == 2
+
+
+def test_reply_printer_sets_reasoning_apart_even_when_split_across_chunks():
+    out = io.StringIO()
+    printer = ReplyPrinter(out, "</think>", color=True)
+    printer.begin()
+    for chunk in ["let me ", "think</th", "ink>", "\n\n42", "<｜end▁of▁sentence｜>"]:
+        printer.feed(chunk)
+    printer.end()
+    dim, reset = "\x1b[2m", "\x1b[0m"
+    text = out.getvalue()
+    assert text.replace(dim, "").replace(reset, "") == "<think>\nlet me think</think>\n\n42<｜end▁of▁sentence｜>\n"
+    answer_start = text.index("\n\n42")
+    assert text.rindex(dim) < answer_start < text.index("42")  # the answer is not dimmed
+    assert text.rindex(reset) <= answer_start
+
+
+def test_text_stream_waits_for_whole_characters():
+    tok = Tokenizer.train(TEXTS, vocab_size=270)  # small: multi-byte characters span several tokens
+    ids = tok.encode("héllo ✓ wörld")
+    stream = TextStream(tok)
+    pieces = [stream.push([i]) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == "héllo ✓ wörld"
+    assert all("\ufffd" not in p for p in pieces)
