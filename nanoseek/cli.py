@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "nanoseek.smoke",
     "nanoseek.generate",
     "nanoseek.train.pretrain",
+    "nanoseek.rl.grpo",
 ]
 
 

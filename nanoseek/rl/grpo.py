@@ -294,6 +294,8 @@ def policy_update(model: nn.Module, optimizer, batch: tuple, advantages: torch.T
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sums["grad_norm"] += grad_norm / cfg.mu
+    for moe in model.moe_layers():  # routing kept for balancing holds the last graph alive; RL does not use it
+        moe.scores = moe.indices = None
     model.eval()
     return dict(sums)
 

@@ -1,0 +1,149 @@
+"""GRPO: the engine samples from the trainer's updated weights after every optimizer step, the
+engine/trainer log-prob check, a sandboxed reward that never returns does not stop training, and
+the `nanoseek grpo` command end to end (metrics, samples, plot, checkpoint, resume)."""
+
+import copy
+import json
+import textwrap
+
+import pytest
+import torch
+
+from nanoseek.checkpoint import load_pretrained, save_pretrained
+from nanoseek.cli import main
+from nanoseek.config import ModelConfig
+from nanoseek.data.tasks import get_task
+from nanoseek.engine import Engine
+from nanoseek.model import Transformer
+from nanoseek.rl.grpo import (GRPOConfig, engine_logprobs, evaluate_pass_at_k, grpo_step, sample_groups,
+                              sequence_batch)
+from nanoseek.rl.sandbox import run_python
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.optim import build_adamw
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny random model (2 layers, MoE, MTP) with a tokenizer trained on arithmetic."""
+    path = tmp_path_factory.mktemp("base")
+    tok = Tokenizer.train([ex.text() for ex in get_task("arithmetic").examples("train", 200)], vocab_size=320)
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2)
+    save_pretrained(Transformer(cfg), path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _setup(ckpt, tmp_path, **kw):
+    model, tok = load_pretrained(ckpt, dtype=torch.float32), Tokenizer.from_pretrained(ckpt)
+    settings = {**dict(model=str(ckpt), out=str(tmp_path / "run"), beta=0.0, lr=3e-2, group_size=4,
+                       max_new_tokens=8, micro_batch_size=4), **kw}
+    return model, tok, GRPOConfig(**settings)
+
+
+def _varied(prompt, completion, example):
+    """A reward that differs within a group, so advantages (and the update) are nonzero."""
+    return float(len(completion) % 5)
+
+
+def test_engine_samples_from_updated_weights_after_each_step(ckpt, tmp_path):
+    model, tok, cfg = _setup(ckpt, tmp_path)
+    engine = Engine(model, tok)
+    optimizer = build_adamw(model, cfg.lr, 0.0)
+    examples = get_task("arithmetic").examples("train", 2, seed=1)
+    probe = sample_groups(engine, tok, examples, 2, 6, temperature=1.0, top_p=None, seed=123)
+    prompts = [probe.prompts[i // 2] for i in range(len(probe.completions))]
+    for step in range(2):
+        before = copy.deepcopy(model)
+        row, _ = grpo_step(model, None, engine, optimizer, tok, examples, [("varied", _varied, 1.0)], cfg, step)
+        assert row["grad_norm"] > 0
+        # the rollout of this step came from the weights the trainer scored it with
+        assert row["logprob_mismatch_max"] < 1e-4
+        live = engine_logprobs(engine, prompts, probe.completions, 1.0)
+        fresh = engine_logprobs(Engine(copy.deepcopy(model)), prompts, probe.completions, 1.0)
+        stale = engine_logprobs(Engine(before), prompts, probe.completions, 1.0)
+        assert all(torch.equal(a, b) for a, b in zip(live, fresh))
+        assert max(float((a - b).abs().max()) for a, b in zip(live, stale)) > 1e-3
+        # and sampling with a seed gives exactly what a fresh engine on the updated weights gives
+        a = engine.generate(probe.prompts, 6, temperature=1.0, seed=7)
+        b = Engine(copy.deepcopy(model), tok).generate(probe.prompts, 6, temperature=1.0, seed=7)
+        assert a == b
+
+
+def test_sequence_batch_masks_exactly_the_completion():
+    ids, targets, mask = sequence_batch([[5, 6, 7], [8]], [[1, 2], [3], [4, 4, 4], [9]], group_size=2, pad_id=0)
+    assert ids.tolist()[0] == [5, 6, 7, 1] and targets.tolist()[0] == [6, 7, 1, 2]
+    assert mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def _forever(prompt, completion, example):
+    """A reward whose code never ends: the sandbox kills it and it scores 0."""
+    return float(run_python("while True:\n    pass", timeout_s=0.3).ok)
+
+
+def test_a_reward_that_runs_forever_does_not_stop_training(ckpt, tmp_path):
+    model, tok, cfg = _setup(ckpt, tmp_path)
+    engine = Engine(model, tok)
+    optimizer = build_adamw(model, cfg.lr, 0.0)
+    examples = get_task("arithmetic").examples("train", 1, seed=2)
+    rewards = [("forever", _forever, 1.0), ("varied", _varied, 1.0)]
+    row, rollout = grpo_step(model, None, engine, optimizer, tok, examples, rewards, cfg, 0)
+    assert row["reward/forever"] == 0.0 and len(rollout.texts) == 4 and row["step"] == 1
+
+
+def test_kl_to_reference_is_zero_at_the_start(ckpt, tmp_path):
+    model, tok, cfg = _setup(ckpt, tmp_path, beta=0.04, lr=1e-3)
+    reference = copy.deepcopy(model).requires_grad_(False)
+    optimizer = build_adamw(model, cfg.lr, 0.0)
+    examples = get_task("arithmetic").examples("train", 1, seed=3)
+    row, _ = grpo_step(model, reference, Engine(model, tok), optimizer, tok, examples,
+                       [("varied", _varied, 1.0)], cfg, 0)
+    assert row["kl"] == 0.0  # the policy scored before its first update equals the reference
+    row, _ = grpo_step(model, reference, Engine(model, tok), optimizer, tok, examples,
+                       [("varied", _varied, 1.0)], cfg, 1)
+    assert row["kl"] > 0.0
+
+
+def test_evaluate_pass_at_k_counts(ckpt):
+    model, tok = load_pretrained(ckpt, dtype=torch.float32), Tokenizer.from_pretrained(ckpt)
+    task = get_task("arithmetic")
+    res = evaluate_pass_at_k(Engine(model, tok), tok, task, task.examples("test", 3), k=2, max_new_tokens=4)
+    assert set(res) == {"pass@1", "maj@2"} and 0.0 <= res["pass@1"] <= 1.0
+
+
+def test_grpo_command_end_to_end_and_resume(ckpt, tmp_path, monkeypatch):
+    (tmp_path / "grpo_test_rewards.py").write_text(textwrap.dedent("""
+        def varied(prompt, completion, example):
+            return float(len(completion) % 5)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    args = ["grpo", "--model", str(ckpt), "--out", str(out), "--data", "arithmetic", "--steps", "2",
+            "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "6", "--eval-size", "2",
+            "--eval-every", "1", "--sample-every", "1", "--reward", "accuracy", "grpo_test_rewards:varied=0.5",
+            "--no-progress"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for key in ("reward_mean", "reward_std", "accuracy", "response_length", "kl", "clip_fraction", "entropy",
+                "no_signal_groups", "truncation_rate", "unparseable_rate", "logprob_mismatch_mean",
+                "rollout_tokens_per_s", "eval/pass@1", "reward/grpo_test_rewards:varied"):
+        assert key in rows[-1], key
+    assert (out / "grpo.png").stat().st_size > 0 and (out / "samples.jsonl").exists()
+    load_pretrained(out)
+    assert main([a if a != "2" else "3" for a in args] + ["--resume"]) == 0  # --steps 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3
+    with pytest.raises(ValueError, match="already holds"):
+        from nanoseek.rl.grpo import grpo
+        grpo(GRPOConfig(model=str(ckpt), out=str(out), steps=1))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("variant", "ppo", "variant"), ("data", "chess", "data"), ("group_size", 1, "group_size"),
+    ("temperature", 0.0, "temperature"), ("reward", ["no_such_mod:fn"], "cannot import"),
+])
+def test_config_errors_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        GRPOConfig(model="m", out="o", **{field: value})
