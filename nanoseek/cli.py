@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "nanoseek.generate",
     "nanoseek.train.pretrain",
     "nanoseek.rl.grpo",
+    "nanoseek.rl.distill",
 ]
 
 

@@ -1,0 +1,273 @@
+"""`nanoseek distill`: teach a smaller student the teacher's reasoning, as DeepSeek-R1 did.
+
+    nanoseek distill --teacher runs/grpo --student tiny --data arithmetic --out runs/distill
+    nanoseek distill --teacher runs/grpo --student tiny --dense --student-layers 2 --out runs/dense
+    nanoseek distill --teacher runs/grpo --student runs/small --kl forward --kl-weight 1.0 --out runs/kd
+
+    from nanoseek.rl.distill import DistillConfig, distill
+    distill(DistillConfig(teacher="runs/grpo", out="runs/distill", train=TrainConfig(steps=300, batch_size=16)))
+
+(a) R1-style (the default): the teacher samples `samples_per_prompt` reasoning traces for each
+training prompt (R1's temperature 0.6, top-p 0.95); only traces whose answer is correct and whose
+format is right are kept (rejection sampling), at most `traces_per_prompt` distinct ones per
+prompt; the student is fine-tuned on them with nanoseek.train's loop, exactly like SFT (loss on
+the assistant's tokens only). traces.jsonl keeps them, one conversation per line.
+(b) --kl forward|reverse: logit distillation on the same traces, loss = CE + kl_weight * KL
+between the teacher's and the student's next-token distributions at every assistant token. It
+needs the teacher and student to share a tokenizer (the student is built on the teacher's).
+
+The student is a preset (default `tiny`, resized with --student-hidden-size/--student-layers,
+--dense for a dense model) or a checkpoint folder. Held-out pass@1 of the student is measured
+before and after and written to distill.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import load_pretrained
+from ..config import ModelConfig
+from ..data import pack_chat, tokenize_documents
+from ..data.tasks import TASKS, get_task
+from ..engine import Engine
+from ..fsutil import atomic_write_text
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from ..train.loop import (RowSampler, TrainConfig, add_config_args, attention_mask, config_from_args,
+                          document_positions, opt, train)
+from ..train.loss import IGNORE, cross_entropy
+from ..train.optim import build_adamw, set_lr
+from ..train.state import TRAIN_STATE, save_checkpoint
+from .grpo import chat_prompt, evaluate_pass_at_k
+from .losses import forward_kl, reverse_kl
+from .rewards import accuracy_reward, format_reward
+
+KL = {"forward": forward_kl, "reverse": reverse_kl}
+
+
+@dataclass
+class DistillConfig:
+    """A distillation run; `train` holds the loop's options (steps, lr, batch size...)."""
+
+    teacher: str = opt(None, "teacher checkpoint folder (with its tokenizer)", required=True)
+    out: str = opt(None, "run folder to write (student checkpoint, traces.jsonl, distill.json)", required=True)
+    student: str = opt("tiny", "student: a preset name or a checkpoint folder")
+    data: str = opt("arithmetic", f"built-in task: {', '.join(TASKS)}")
+    student_hidden_size: int | None = opt(None, "preset student: hidden size (and MLA/MoE widths scaled with it)")
+    student_layers: int | None = opt(None, "preset student: number of layers")
+    dense: bool = opt(False, "preset student: dense SwiGLU MLPs instead of MoE")
+    num_prompts: int = opt(1000, "training prompts the teacher answers")
+    samples_per_prompt: int = opt(4, "teacher samples per prompt (rejection sampling keeps the correct ones)")
+    traces_per_prompt: int = opt(1, "most distinct correct traces kept per prompt")
+    max_new_tokens: int = opt(256, "teacher generation budget")
+    temperature: float = opt(0.6, "teacher sampling temperature (R1's)")
+    top_p: float = opt(0.95, "teacher nucleus sampling (R1's)")
+    batch_size_generate: int = opt(64, "sequences per teacher generate call")
+    seq_len: int = opt(512, "tokens per packed training row")
+    kl: str | None = opt(None, "logit distillation: forward or reverse KL to the teacher (default: traces only)",
+                         choices=tuple(KL))
+    kl_weight: float = opt(1.0, "weight of the KL term (with --kl)")
+    eval_size: int = opt(100, "held-out problems for the student's pass@1")
+    eval_samples: int = opt(1, "samples per held-out problem")
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if not self.teacher or not self.out:
+            raise ValueError("DistillConfig: --teacher and --out are required")
+        if self.data not in TASKS:
+            raise ValueError(f"DistillConfig.data={self.data!r}: expected a built-in task ({', '.join(TASKS)})")
+        if self.kl is not None and self.kl not in KL:
+            raise ValueError(f"DistillConfig.kl={self.kl!r}: expected one of {', '.join(KL)}")
+        for name in ("num_prompts", "samples_per_prompt", "traces_per_prompt", "max_new_tokens", "seq_len",
+                     "eval_size", "eval_samples", "batch_size_generate"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}: must be a positive integer")
+        if self.student not in _preset_names() and not Path(self.student).is_dir():
+            raise ValueError(f"DistillConfig.student={self.student!r}: neither a preset ({', '.join(_preset_names())}) "
+                             "nor a checkpoint folder")
+
+
+def _preset_names() -> list[str]:
+    from ..config import PRESETS
+    return sorted(PRESETS)
+
+
+# ----------------------------------------------------------------------------- (a) traces
+
+def rejection_sample(engine: Engine, tokenizer: Tokenizer, examples: list, samples_per_prompt: int,
+                     traces_per_prompt: int, max_new_tokens: int, temperature: float, top_p: float,
+                     batch_size: int = 64, seed: int = 0, progress: bool = True) -> tuple[list, dict]:
+    """The teacher's correct, well-formatted traces as conversations, and the counts behind them."""
+    traces, stats = [], {"prompts": len(examples), "samples": 0, "correct": 0, "kept": 0, "prompts_covered": 0}
+    per_call = max(1, batch_size // samples_per_prompt)
+    bar = tqdm(total=len(examples), disable=not progress, unit="prompt", desc="teacher traces", dynamic_ncols=True)
+    for a in range(0, len(examples), per_call):
+        chunk = examples[a:a + per_call]
+        rendered = [chat_prompt(tokenizer, ex.prompt) for ex in chunk]
+        outs = engine.generate([ids for _, ids in rendered for _ in range(samples_per_prompt)], max_new_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed + a)
+        reasons = engine.stats["finish_reasons"]
+        for j, (ex, (prompt_text, _)) in enumerate(zip(chunk, rendered)):
+            kept = set()
+            for i in range(j * samples_per_prompt, (j + 1) * samples_per_prompt):
+                text = tokenizer.decode(outs[i])
+                stats["samples"] += 1
+                ok = reasons[i] == "stop" and accuracy_reward(prompt_text, text, ex) == 1.0
+                stats["correct"] += ok
+                if ok and format_reward(prompt_text, text) == 1.0 and len(kept) < traces_per_prompt \
+                        and text not in kept:
+                    kept.add(text)
+                    reasoning, content = tokenizer.split_reasoning(text)
+                    traces.append([{"role": "user", "content": ex.prompt},
+                                   {"role": "assistant", "content": content, "reasoning_content": reasoning}])
+            stats["kept"] += len(kept)
+            stats["prompts_covered"] += bool(kept)
+        bar.update(len(chunk))
+    bar.close()
+    return traces, stats
+
+
+# ----------------------------------------------------------------------------- the student
+
+def build_student(cfg: DistillConfig, tokenizer: Tokenizer) -> Transformer:
+    """A preset student sized by the flags on the teacher's vocabulary, or a loaded checkpoint."""
+    if Path(cfg.student).is_dir():
+        student = load_pretrained(cfg.student, dtype=torch.float32)
+        if student.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"{cfg.student}: vocab_size {student.config.vocab_size} is smaller than the teacher "
+                             f"tokenizer's {tokenizer.vocab_size}")
+        return student
+    mcfg = ModelConfig.preset(cfg.student).replace(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                                                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    if cfg.student_layers is not None:
+        mcfg = mcfg.replace(num_hidden_layers=cfg.student_layers,
+                            first_k_dense_replace=min(mcfg.first_k_dense_replace, cfg.student_layers))
+    if cfg.student_hidden_size is not None:
+        scale = cfg.student_hidden_size / mcfg.hidden_size
+        mcfg = mcfg.replace(hidden_size=cfg.student_hidden_size,
+                            intermediate_size=max(8, round(mcfg.intermediate_size * scale)),
+                            moe_intermediate_size=max(8, round(mcfg.moe_intermediate_size * scale)))
+    if cfg.dense:
+        mcfg = mcfg.replace(n_routed_experts=0, n_shared_experts=0)
+    torch.manual_seed(cfg.train.seed)
+    return Transformer(mcfg)
+
+
+# ----------------------------------------------------------------------------- (b) logits
+
+def logit_distill(student: Transformer, teacher: Transformer, rows, cfg: TrainConfig, kl_fn, kl_weight: float,
+                  out_dir: Path, tokenizer: Tokenizer, meta: dict) -> Path:
+    """CE on the traces + kl_weight * kl_fn(student, teacher) at every assistant token; AdamW with
+    the loop's schedule and clipping; metrics.jsonl and a checkpoint at the end."""
+    student.train()
+    teacher.eval().requires_grad_(False)
+    optimizer = build_adamw(student, cfg.lr, cfg.weight_decay)
+    sampler = RowSampler(len(rows), cfg.batch_size, cfg.seed)
+    bar = tqdm(total=cfg.steps, disable=not cfg.progress, unit="step", desc="distill (KL)", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        idx = sampler.rows(step)
+        ids, docs, targets = rows.input_ids[idx], rows.doc_ids[idx], rows.targets[idx]
+        n_tok = int((targets != IGNORE).sum())
+        sums = torch.zeros(2)
+        for a in range(0, len(idx), cfg.micro_batch_size):
+            sl = slice(a, a + cfg.micro_batch_size)
+            pos, mask = document_positions(docs[sl]), attention_mask(docs[sl])
+            with torch.no_grad():
+                teacher_logits = teacher(ids[sl], pos, mask)
+            logits = student(ids[sl], pos, mask)
+            ce = cross_entropy(logits, targets[sl], n_tok)
+            kl = kl_fn(logits, teacher_logits, targets[sl] != IGNORE, num_tokens=n_tok)
+            (ce + kl_weight * kl).backward()
+            sums += torch.stack([ce.detach(), kl.detach()])
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or math.inf))
+        lr = cfg.lr_at(step)
+        set_lr(optimizer, lr)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = {"step": step + 1, "loss": float(sums[0]), "kl": float(sums[1]), "lr": lr, "grad_norm": grad_norm,
+               "elapsed_s": time.perf_counter() - t0}
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.update(1)
+        bar.set_postfix(ce=f"{row['loss']:.3f}", kl=f"{row['kl']:.3f}")
+    bar.close()
+    save_checkpoint(out_dir, student, optimizer, cfg.steps, tokenizer, meta)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- the run
+
+def distill(cfg: DistillConfig) -> dict:
+    """Teacher traces -> student fine-tuned on them (and optionally on the teacher's logits).
+    Returns the summary written to out/distill.json."""
+    out = Path(cfg.out)
+    if (out / TRAIN_STATE).exists():
+        raise ValueError(f"{out} already holds a run; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    tokenizer = Tokenizer.from_pretrained(cfg.teacher)
+    teacher = load_pretrained(cfg.teacher, dtype=torch.float32)
+    task = get_task(cfg.data)
+    t0 = time.perf_counter()
+    traces, stats = rejection_sample(Engine(teacher, tokenizer), tokenizer,
+                                     task.examples("train", cfg.num_prompts, seed=cfg.train.seed),
+                                     cfg.samples_per_prompt, cfg.traces_per_prompt, cfg.max_new_tokens,
+                                     cfg.temperature, cfg.top_p, cfg.batch_size_generate, seed=cfg.train.seed,
+                                     progress=cfg.train.progress)
+    stats["seconds"] = time.perf_counter() - t0
+    atomic_write_text(out / "traces.jsonl", "".join(json.dumps({"messages": m}) + "\n" for m in traces))
+    print(f"distill: teacher kept {stats['kept']} traces from {stats['samples']} samples "
+          f"({stats['correct']} correct) covering {stats['prompts_covered']}/{stats['prompts']} prompts")
+    if not traces:
+        raise ValueError(f"{cfg.teacher}: the teacher solved none of {cfg.num_prompts} prompts; nothing to distill")
+
+    student = build_student(cfg, tokenizer)
+    held_out = task.examples("test", cfg.eval_size, seed=cfg.train.seed)
+
+    def evaluate() -> dict:
+        return evaluate_pass_at_k(Engine(student, tokenizer), tokenizer, task, held_out, cfg.eval_samples,
+                                  cfg.max_new_tokens, seed=cfg.train.seed)
+
+    before = evaluate()
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    rows = pack_chat(tokenize_documents(traces, tokenizer), cfg.seq_len, drop_long=True, pad_id=pad)
+    if len(rows) == 0:
+        raise ValueError(f"every trace is longer than --seq-len {cfg.seq_len}; raise it")
+    meta = {"stage": "distill", "source": {"teacher": cfg.teacher, "student": cfg.student, "data": cfg.data,
+                                           "kl": cfg.kl, "traces": stats}}
+    t1 = time.perf_counter()
+    if cfg.kl is None:
+        train(student, rows, cfg.train, out, tokenizer, stage="distill", meta=meta)
+    else:
+        logit_distill(student, teacher, rows, cfg.train, KL[cfg.kl], cfg.kl_weight, out, tokenizer, meta)
+    after = evaluate()
+    summary = {"teacher": cfg.teacher, "student": cfg.student, "student_params": student.num_params(),
+               "teacher_params": teacher.num_params(), "traces": stats, "train_seconds": time.perf_counter() - t1,
+               "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"], "eval": after,
+               "config": dataclasses.asdict(cfg)}
+    atomic_write_text(out / "distill.json", json.dumps(summary, indent=1))
+    print(f"distill: student ({summary['student_params']:,} parameters) held-out pass@1 "
+          f"{before['pass@1']:.1%} -> {after['pass@1']:.1%}; checkpoint in {out}")
+    return summary
+
+
+def run(args) -> int:
+    distill(config_from_args(DistillConfig, args, train=config_from_args(TrainConfig, args)))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("distill", help="distill a teacher's reasoning into a smaller student",
+                       description=__doc__.split("\n\n")[0])
+    add_config_args(p, DistillConfig, skip=("train",))
+    add_config_args(p, TrainConfig)
+    p.set_defaults(func=run)
