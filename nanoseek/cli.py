@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "nanoseek.smoke",
     "nanoseek.generate",
     "nanoseek.train.pretrain",
+    "nanoseek.train.sft",
+    "nanoseek.train.evaluate",
     "nanoseek.rl.grpo",
     "nanoseek.rl.distill",
 ]

@@ -113,16 +113,19 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- config <-> CLI
 
-def add_config_args(parser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per dataclass field, help text and defaults taken from the field."""
+def add_config_args(parser, cls, skip: tuple[str, ...] = (), defaults=None) -> None:
+    """One --flag per dataclass field, help text and defaults taken from the field (or from the
+    instance `defaults`, for a command whose defaults differ, e.g. SFT's shorter schedule)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or "help" not in f.metadata:
             continue
         flag, typ = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        defaults = f" (default: {default})" if default is not None else ""
-        kw = {"help": f.metadata["help"] + defaults, "dest": f.name, "default": default,
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        shown = f" (default: {default})" if default is not None else ""
+        kw = {"help": f.metadata["help"] + shown, "dest": f.name, "default": default,
               **({"required": True} if f.metadata.get("required") else {})}
         if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)

@@ -1,0 +1,235 @@
+"""`nanoseek eval`: held-out loss and exact-match accuracy on a built-in task's test split.
+
+    nanoseek eval --model runs/sft --data arithmetic                       # greedy pass@1 + loss
+    nanoseek eval --model runs/pretrain --data arithmetic --layout text    # pretraining's text layout
+    nanoseek eval --model runs/sft --data countdown --samples 8 --temperature 0.6 --top-p 0.95  # pass@k, maj@k
+
+    from nanoseek.train.evaluate import evaluate_accuracy, evaluate_loss
+    res = evaluate_accuracy(model, tokenizer, "arithmetic", n=200, max_new_tokens=160)
+    res["accuracy"], res["n"], res["samples"][0]      # {"prompt", "completion", "answer", "expected", "correct"}
+
+Accuracy: each test problem is asked through the inference engine (batched, greedy unless a
+temperature is given) in one of two prompt layouts: "chat" (the chat template's user turn and
+generation prompt, ending in <think>: what SFT and GRPO train) or "text" (``{prompt}\\n<think>\\n``,
+the layout of Example.text that pretraining trains). The answer is the completion's last
+<answer>...</answer> (data.extract_answer) and the task checks it. With k samples per problem
+(DeepSeek-R1's evaluation: temperature 0.6, top-p 0.95): pass@1 is the mean correctness of all
+samples, pass@k whether any of a problem's k is correct, maj@k whether its most common answer is.
+
+Loss: next-token cross-entropy of the test split's worked solutions in the same layout (in chat
+layout, only the assistant's tokens count, as in SFT), and its perplexity.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import load_pretrained
+from ..data import Example, extract_answer, get_task, pack_chat, tokenize_documents
+from ..data.tasks import TASKS, Task
+from ..engine import Engine
+from ..fsutil import atomic_write_text
+from ..tokenizer import THINK_START, Tokenizer
+from .distributed import default_device
+from .loop import add_config_args, attention_mask, config_from_args, document_positions, opt
+from .loss import cross_entropy
+from .state import TRAIN_STATE
+
+LAYOUTS = ("chat", "text")
+
+
+def prompt_ids(tokenizer: Tokenizer, example: Example, layout: str = "chat") -> list[int]:
+    """The problem as the model is asked it: a chat user turn + generation prompt, or the text layout."""
+    if layout == "chat":
+        return tokenizer.encode_chat([{"role": "user", "content": example.prompt}], add_generation_prompt=True)[0]
+    if layout == "text":
+        return tokenizer.encode(f"{example.prompt}\n{THINK_START}\n", add_bos=tokenizer.bos_id is not None)
+    raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
+
+
+def checkpoint_layout(path: str | Path) -> str:
+    """The layout a checkpoint was trained in: "text" after pretraining, else "chat" (SFT, GRPO, or a
+    checkpoint without training state, such as a released chat model)."""
+    state = Path(path) / TRAIN_STATE / "state.json"
+    if state.exists():
+        return "text" if json.loads(state.read_text()).get("stage") == "pretrain" else "chat"
+    return "chat"
+
+
+def _as_task(task: str | Task) -> Task:
+    return get_task(task) if isinstance(task, str) else task
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, tokenizer: Tokenizer, task: str | Task = "arithmetic", n: int = 200,
+                      max_new_tokens: int = 256, layout: str = "chat", k: int = 1, temperature: float = 0.0,
+                      top_p: float | None = None, batch_size: int = 32, seed: int = 0,
+                      examples: list[Example] | None = None, progress: bool = True,
+                      desc: str = "eval") -> dict:
+    """Exact-match accuracy on `n` test problems of `task` (or on `examples`), through the engine.
+
+    Returns {"accuracy" (= pass@1), "pass@1", "n", "correct", "k", and with k > 1 "pass@k" and
+    "maj@k", "mean_response_tokens", "truncated" and "unparsed" (fractions of all samples),
+    "samples": one dict per sample {"prompt", "completion", "answer", "expected", "correct", "finish"}}.
+    """
+    task = _as_task(task)
+    if k < 1:
+        raise ValueError(f"k={k}: must be at least 1")
+    if k > 1 and temperature <= 0:
+        raise ValueError(f"k={k} samples per problem need temperature > 0 (greedy gives k identical answers)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be at least 1")
+    examples = examples if examples is not None else task.examples("test", n, seed=seed)
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    engine = Engine(model, tokenizer)
+    per_batch = max(1, batch_size // k)
+    samples, per_problem = [], []
+    bar = tqdm(total=len(examples), desc=desc, unit="problem", dynamic_ncols=True, disable=not progress)
+    for a in range(0, len(examples), per_batch):
+        chunk = examples[a:a + per_batch]
+        prompts = [prompt_ids(tokenizer, ex, layout) for ex in chunk for _ in range(k)]
+        outs = engine.generate(prompts, max_new_tokens, temperature=temperature,
+                               top_p=top_p if temperature > 0 else None, seed=seed + a)
+        finishes = engine.stats["finish_reasons"]
+        for j, ex in enumerate(chunk):
+            mine = []
+            for i in range(j * k, (j + 1) * k):
+                completion = tokenizer.decode(outs[i])
+                answer = extract_answer(completion)
+                mine.append({"prompt": ex.prompt, "completion": completion, "answer": answer,
+                             "expected": ex.answer, "correct": bool(task.check(answer, ex)),
+                             "finish": finishes[i], "tokens": len(outs[i])})
+            samples += mine
+            per_problem.append(mine)
+        bar.update(len(chunk))
+    bar.close()
+    result = {"accuracy": _mean(s["correct"] for s in samples), "n": len(examples), "k": k,
+              "correct": sum(s["correct"] for s in samples), "layout": layout}
+    result["pass@1"] = result["accuracy"]
+    if k > 1:
+        result[f"pass@{k}"] = _mean(any(s["correct"] for s in group) for group in per_problem)
+        result[f"maj@{k}"] = _mean(_majority_correct(task, group, ex) for group, ex in zip(per_problem, examples))
+    result.update(mean_response_tokens=statistics.mean(s["tokens"] for s in samples),
+                  truncated=_mean(s["finish"] == "length" for s in samples),
+                  unparsed=_mean(s["answer"] is None for s in samples), samples=samples)
+    return result
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _majority_correct(task: Task, group: list[dict], example: Example) -> bool:
+    votes = collections.Counter(s["answer"] for s in group if s["answer"] is not None)
+    return bool(votes) and bool(task.check(votes.most_common(1)[0][0], example))
+
+
+@torch.no_grad()
+def evaluate_loss(model, tokenizer: Tokenizer, task: str | Task = "arithmetic", n: int = 200, layout: str = "chat",
+                  seq_len: int = 512, batch_size: int = 8, seed: int = 0,
+                  examples: list[Example] | None = None) -> dict:
+    """Next-token loss of the test split's worked solutions: {"loss", "perplexity", "tokens", "n"}.
+
+    Documents are packed whole (as in training; a longer one is split into seq_len pieces).
+    """
+    task = _as_task(task)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
+    examples = examples if examples is not None else task.examples("test", n, seed=seed)
+    docs = [ex.messages() if layout == "chat" else ex.text() for ex in examples]
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    rows = pack_chat(tokenize_documents(docs, tokenizer), seq_len, drop_long=False, pad_id=pad)
+    was_training = model.training
+    model.eval()
+    device = model.model.embed_tokens.weight.device
+    total, count = 0.0, 0
+    for a in range(0, len(rows), batch_size):
+        ids, doc_ids, targets = (getattr(rows, name)[a:a + batch_size].to(device)
+                                 for name in ("input_ids", "doc_ids", "targets"))
+        logits = model(ids, positions=document_positions(doc_ids), mask=attention_mask(doc_ids))
+        scored = int((targets != -100).sum())
+        total += float(cross_entropy(logits, targets, num_tokens=1))  # a sum: normalised below
+        count += scored
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "n": len(examples)}
+
+
+# ----------------------------------------------------------------------------- command
+
+@dataclass
+class EvalConfig:
+    """An evaluation of one checkpoint on a built-in task's test split."""
+
+    model: str = opt(None, "checkpoint folder (with its tokenizer)", required=True)
+    data: str = opt("arithmetic", f"built-in task: {', '.join(TASKS)}")
+    n: int = opt(200, "test problems")
+    layout: str = opt("auto", "prompt layout: chat template, pretraining's text layout, or auto (text for a "
+                              "pretraining checkpoint, else chat)", choices=("auto",) + LAYOUTS)
+    max_new_tokens: int = opt(256, "longest completion")
+    samples: int = opt(1, "k: samples per problem (k > 1 reports pass@k and maj@k; needs --temperature)")
+    temperature: float = opt(0.0, "0 = greedy (DeepSeek-R1 samples at 0.6)")
+    top_p: float | None = opt(None, "nucleus sampling (DeepSeek-R1: 0.95)")
+    batch_size: int = opt(32, "sequences generated together")
+    seq_len: int = opt(512, "rows for the held-out loss")
+    seed: int = opt(0, "seed of the test problems and of sampling")
+    out: str | None = opt(None, "also write the result (samples included) to this JSON file")
+
+    def __post_init__(self):
+        if not self.model or not Path(self.model).is_dir():
+            raise FileNotFoundError(f"EvalConfig.model={self.model!r}: checkpoint folder not found")
+        if self.data not in TASKS:
+            raise ValueError(f"EvalConfig.data={self.data!r}: expected a built-in task ({', '.join(TASKS)})")
+        for name in ("n", "max_new_tokens", "samples", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvalConfig.{name}={getattr(self, name)}: must be positive")
+
+
+def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
+    """Load the checkpoint and return {"loss", "perplexity", "accuracy", ...} (evaluate_accuracy's keys)."""
+    device = default_device()
+    model = load_pretrained(cfg.model, dtype=torch.float32, device=device).eval()
+    tokenizer = Tokenizer.from_pretrained(cfg.model)
+    layout = checkpoint_layout(cfg.model) if cfg.layout == "auto" else cfg.layout
+    task = get_task(cfg.data)
+    examples = task.examples("test", cfg.n, seed=cfg.seed)
+    loss = evaluate_loss(model, tokenizer, task, layout=layout, seq_len=cfg.seq_len, examples=examples)
+    acc = evaluate_accuracy(model, tokenizer, task, max_new_tokens=cfg.max_new_tokens, layout=layout,
+                            k=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                            batch_size=cfg.batch_size, seed=cfg.seed, examples=examples, progress=progress)
+    result = {"model": cfg.model, "data": cfg.data, **{k: v for k, v in loss.items() if k != "n"}, **acc,
+              "config": asdict(cfg)}
+    if cfg.out:
+        atomic_write_text(cfg.out, json.dumps(result, indent=1))
+    return result
+
+
+def run(args) -> int:
+    res = evaluate(config_from_args(EvalConfig, args))
+    k = res["k"]
+    extra = f", pass@{k} {res[f'pass@{k}']:.1%}, maj@{k} {res[f'maj@{k}']:.1%}" if k > 1 else ""
+    print(f"{res['data']} test split, {res['n']} problems ({res['layout']} layout): held-out loss "
+          f"{res['loss']:.4f} (perplexity {res['perplexity']:.2f}), pass@1 {res['accuracy']:.1%}{extra}; "
+          f"{res['mean_response_tokens']:.0f} tokens per answer, {res['truncated']:.1%} truncated, "
+          f"{res['unparsed']:.1%} without an <answer>")
+    for s in res["samples"][:3]:
+        print(f"--- {s['prompt']!r} expected {s['expected']!r}, got {s['answer']!r} "
+              f"({'correct' if s['correct'] else 'wrong'})\n{s['completion']}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="held-out loss and exact-match accuracy on a built-in task's test split",
+                       description=__doc__.split("\n\n")[0])
+    add_config_args(p, EvalConfig)
+    p.set_defaults(func=run)
