@@ -109,7 +109,8 @@ class GRPOConfig:
     eval_top_p: float = opt(0.95, "held-out nucleus sampling (R1's setting)")
     sample_every: int = opt(10, "write sample completions to samples.jsonl every N steps (0 = never)")
     checkpoint_every: int = opt(0, "also checkpoint every N steps (0 = only at the end)")
-    max_minutes: float | None = opt(None, "stop (with a checkpoint) after this much wall-clock time")
+    max_minutes: float | None = opt(None, "stop (with a checkpoint) after this much wall-clock training time "
+                                          "(held-out evaluations not counted)")
     seed: int = opt(0, "seed for prompt order and sampling")
     resume: bool = opt(False, "continue the run in --out from its last checkpoint")
     progress: bool = opt(True, "show a progress bar")
@@ -410,9 +411,14 @@ def grpo(cfg: GRPOConfig) -> Path:
     print(f"grpo: {model.num_params():,} parameters, {cfg.variant}, {cfg.prompts_per_step} prompts x G="
           f"{cfg.group_size}, rewards {cfg.reward}, beta={cfg.beta}, steps {start}->{cfg.steps}")
 
+    eval_s = 0.0
+
     def evaluate(step: int) -> dict:
+        nonlocal eval_s
+        t0 = time.perf_counter()
         res = evaluate_pass_at_k(engine, tokenizer, task, held_out, cfg.eval_samples, cfg.max_new_tokens,
                                  cfg.eval_temperature, cfg.eval_top_p, seed=cfg.seed)
+        eval_s += time.perf_counter() - t0
         return {f"eval/{k}": v for k, v in res.items()}
 
     t_start, row, warned = time.perf_counter(), {}, set()
@@ -425,7 +431,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     for step in range(start, cfg.steps):
         examples = [train_set[int(i)] for i in order.rows(step)]
         row, rollout = grpo_step(model, ref_model, engine, optimizer, tokenizer, examples, rewards, cfg, step)
-        row["elapsed_s"] = time.perf_counter() - t_start
+        row["elapsed_s"] = time.perf_counter() - t_start - eval_s  # training time: evaluation not counted
         out_of_time = cfg.max_minutes is not None and row["elapsed_s"] > 60 * cfg.max_minutes
         last = step + 1 == cfg.steps or out_of_time
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:

@@ -1,0 +1,201 @@
+"""GRPO and distillation demo figures (issue 5), reproducible by one command:
+
+    python benchmarks/bench_rl.py --out runs/bench_rl                # ~45 min on 2 shared cores
+    python benchmarks/bench_rl.py --out runs/bench_rl_smoke --quick  # every stage, tiny budgets
+
+Stages, each in its own folder under --out and skipped when already finished (so a rerun resumes):
+  1. cold start (R1's recipe): a byte-level BPE trained on the task, the `tiny` preset, a short SFT
+     on worked solutions (nanoseek.train's loop, assistant tokens only);
+  2. GRPO from it for --grpo-minutes of wall clock; held-out pass@1 before and after with R1's
+     evaluation settings (temperature 0.6, top-p 0.95, pass@1 averaged over k samples);
+  3. rollout throughput: completion tokens/s while GRPO samples, beside the engine's plain batched
+     decode of the same batch shape on the same weights, outside the trainer;
+  4. DeepSeek-R1's distillation claim at small scale: a smaller student (the tiny preset at half width,
+     2 layers) gets the same cold start, then either (a) `nanoseek distill` from the GRPO model's
+     rejection-sampled traces or (b) GRPO alone, for the same wall clock; both held-out pass@1s.
+Writes results.json and RESULTS_rl.md (a table with the command and machine) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nanoseek.checkpoint import load_pretrained, save_pretrained  # noqa: E402
+from nanoseek.config import ModelConfig  # noqa: E402
+from nanoseek.data import get_task, pack_chat, tokenize_documents  # noqa: E402
+from nanoseek.engine import Engine  # noqa: E402
+from nanoseek.model import Transformer  # noqa: E402
+from nanoseek.rl.distill import DistillConfig, distill  # noqa: E402
+from nanoseek.rl.grpo import GRPOConfig, chat_prompt, evaluate_pass_at_k, grpo  # noqa: E402
+from nanoseek.tokenizer import Tokenizer  # noqa: E402
+from nanoseek.train.loop import TrainConfig, train  # noqa: E402
+from nanoseek.train.state import TRAIN_STATE  # noqa: E402
+
+
+def done(path: Path) -> bool:
+    return (path / TRAIN_STATE).exists()
+
+
+def cold_start(out: Path, task_name: str, steps: int, overrides: dict, tokenizer_dir: Path | None, seed: int) -> Path:
+    """Tokenizer (trained here, or shared) + a fresh preset model + a short SFT on worked solutions."""
+    if done(out):
+        return out
+    task = get_task(task_name)
+    conversations = [ex.messages() for ex in task.examples("train", 4000, seed=seed + 1)]
+    if tokenizer_dir is None:
+        texts = [ex.text() for ex in task.examples("train", 2000, seed=seed + 1)]
+        tokenizer = Tokenizer.train(texts, vocab_size=512)
+    else:
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                                             eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                                             **overrides)
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    rows = pack_chat(tokenize_documents(conversations, tokenizer), 512, pad_id=tokenizer.pad_id)
+    train(model, rows, TrainConfig(steps=steps, batch_size=8, micro_batch_size=8, lr=3e-3, warmup_steps=10,
+                                   seed=seed), out, tokenizer, stage="sft", meta={"bench": "rl cold start"})
+    return out
+
+
+def held_out(path: Path, task_name: str, n: int, k: int, max_new_tokens: int) -> dict:
+    """R1's evaluation of a checkpoint: pass@1 over k samples at temperature 0.6, top-p 0.95, and maj@k."""
+    model, tok = load_pretrained(path, dtype=torch.float32), Tokenizer.from_pretrained(path)
+    task = get_task(task_name)
+    return evaluate_pass_at_k(Engine(model, tok), tok, task, task.examples("test", n, seed=0), k, max_new_tokens)
+
+
+def run_grpo(out: Path, model: Path, task: str, minutes: float, args) -> Path:
+    if not done(out):
+        grpo(GRPOConfig(model=str(model), out=str(out), data=task, steps=10_000, max_minutes=minutes,
+                        prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                        max_new_tokens=args.max_new_tokens, lr=args.grpo_lr, beta=args.beta,
+                        micro_batch_size=32, eval_every=args.eval_every, eval_size=args.eval_size,
+                        eval_samples=args.eval_samples, sample_every=10, seed=args.seed))
+    return out
+
+
+def plain_decode(path: Path, task_name: str, batch: int, group: int, max_new_tokens: int, repeats: int = 3) -> dict:
+    """The engine alone on the rollout's batch shape (prompts x G, temperature 1): tokens/s, medians."""
+    model, tok = load_pretrained(path, dtype=torch.float32), Tokenizer.from_pretrained(path)
+    engine = Engine(model, tok)
+    prompts = [chat_prompt(tok, ex.prompt)[1] for ex in get_task(task_name).examples("train", batch, seed=99)]
+    rates = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        outs = engine.generate([p for p in prompts for _ in range(group)], max_new_tokens, temperature=1.0, seed=r)
+        rates.append(sum(map(len, outs)) / (time.perf_counter() - t0))
+    return {"tokens_per_s": statistics.median(rates), "batch": batch * group}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/bench_rl", help="folder for every stage and the results")
+    p.add_argument("--task", default="arithmetic", help="built-in task (arithmetic, countdown, mixed)")
+    p.add_argument("--sft-steps", type=int, default=150, help="cold-start SFT steps (8 rows of 512 tokens each)")
+    p.add_argument("--grpo-minutes", type=float, default=15.0, help="GRPO wall-clock budget for the teacher")
+    p.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
+    p.add_argument("--beta", type=float, default=0.04, help="GRPO KL coefficient")
+    p.add_argument("--prompts-per-step", type=int, default=8, help="GRPO prompts per step")
+    p.add_argument("--group-size", type=int, default=8, help="GRPO G")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="generation budget")
+    p.add_argument("--eval-size", type=int, default=100, help="held-out problems")
+    p.add_argument("--eval-samples", type=int, default=4, help="k samples per held-out problem")
+    p.add_argument("--eval-every", type=int, default=20, help="GRPO held-out evaluation every N steps")
+    p.add_argument("--distill-prompts", type=int, default=400, help="prompts the teacher answers for distillation")
+    p.add_argument("--distill-steps", type=int, default=60, help="student SFT steps on the teacher's traces")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny budgets: checks every stage runs, figures meaningless")
+    args = p.parse_args()
+    if args.quick:
+        args.sft_steps, args.grpo_minutes, args.eval_size, args.eval_samples = 4, 0.2, 8, 1
+        args.distill_prompts, args.distill_steps, args.max_new_tokens, args.eval_every = 8, 2, 32, 0
+        args.prompts_per_step, args.group_size = 2, 4
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"command": " ".join(["python"] + sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
+                     f"{os.cpu_count()} cores, torch {torch.__version__}", "task": args.task}
+    t_all = time.perf_counter()
+
+    # 1-2. the teacher: cold start, then GRPO
+    sft = cold_start(out / "sft", args.task, args.sft_steps, {}, None, args.seed)
+    teacher = run_grpo(out / "grpo", sft, args.task, args.grpo_minutes, args)
+    before = held_out(sft, args.task, args.eval_size, args.eval_samples, args.max_new_tokens)
+    after = held_out(teacher, args.task, args.eval_size, args.eval_samples, args.max_new_tokens)
+    rows = [json.loads(line) for line in (teacher / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "rollout_tokens_per_s" in r]
+    results["grpo"] = {"pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
+                       "gain_points": 100 * (after["pass@1"] - before["pass@1"]), "steps": len(steps),
+                       "minutes": steps[-1]["elapsed_s"] / 60, "before": before, "after": after,
+                       "curve": [(r["step"], r["eval/pass@1"]) for r in rows if "eval/pass@1" in r]}
+
+    # 3. throughput: rollouts inside GRPO vs the engine alone on the same batch shape
+    results["throughput"] = {
+        "rollout_tokens_per_s": statistics.median(r["rollout_tokens_per_s"] for r in steps),
+        "step_tokens_per_s": statistics.median(r["rollout_tokens"] / (r["rollout_s"] + r["update_s"]) for r in steps),
+        "plain_decode": plain_decode(teacher, args.task, args.prompts_per_step, args.group_size, args.max_new_tokens)}
+
+    # 4. a smaller student: distilled from the GRPO teacher vs GRPO alone, same wall clock
+    small = {"hidden_size": 64, "intermediate_size": 192, "moe_intermediate_size": 32, "num_hidden_layers": 2}
+    student_base = cold_start(out / "student_sft", args.task, args.sft_steps, small, sft, args.seed)
+    distilled = out / "student_distill"
+    if not done(distilled):
+        distill(DistillConfig(teacher=str(teacher), out=str(distilled), student=str(student_base), data=args.task,
+                              num_prompts=args.distill_prompts, samples_per_prompt=4, max_new_tokens=args.max_new_tokens,
+                              eval_size=args.eval_size, eval_samples=1,
+                              train=TrainConfig(steps=args.distill_steps, batch_size=8, micro_batch_size=8, lr=1e-3,
+                                                warmup_steps=5, seed=args.seed)))
+    summary = json.loads((distilled / "distill.json").read_text())
+    wall = summary["traces"]["seconds"] + summary["train_seconds"]  # teacher sampling + student SFT, no evals
+    student_rl = run_grpo(out / "student_grpo", student_base, args.task, wall / 60, args)
+    results["student"] = {"params": load_pretrained(student_base).num_params(), "wall_clock_minutes": wall / 60,
+                          "base": held_out(student_base, args.task, args.eval_size, args.eval_samples, args.max_new_tokens),
+                          "distilled": held_out(distilled, args.task, args.eval_size, args.eval_samples, args.max_new_tokens),
+                          "grpo_alone": held_out(student_rl, args.task, args.eval_size, args.eval_samples, args.max_new_tokens),
+                          "traces": summary["traces"]}
+    results["teacher_params"] = load_pretrained(teacher).num_params()
+    results["total_minutes"] = (time.perf_counter() - t_all) / 60
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    report = markdown(results)
+    (out / "RESULTS_rl.md").write_text(report)
+    print(report)
+    return 0
+
+
+def markdown(r: dict) -> str:
+    g, t, s = r["grpo"], r["throughput"], r["student"]
+    pct = (lambda x: f"{100 * x:.1f}%")
+    return "\n".join([
+        "## GRPO and distillation (tiny preset, built-in " + r["task"] + ")", "",
+        f"Command: `{r['command']}`  ", f"Machine: {r['machine']} (shared)", "",
+        "| | held-out pass@1 (T=0.6, top-p 0.95) |", "|---|---|",
+        f"| tiny after cold-start SFT | {pct(g['pass@1_before'])} |",
+        f"| + GRPO, {g['minutes']:.1f} min, {g['steps']} steps | {pct(g['pass@1_after'])} "
+        f"(**{g['gain_points']:+.1f} points**) |", "",
+        f"Rollout throughput during GRPO: {t['rollout_tokens_per_s']:,.0f} completion tokens/s "
+        f"(whole step incl. update: {t['step_tokens_per_s']:,.0f}); the engine's plain batched decode of the "
+        f"same batch ({t['plain_decode']['batch']} sequences, T=1) on the same weights: "
+        f"{t['plain_decode']['tokens_per_s']:,.0f} tokens/s (medians).", "",
+        f"Student ({s['params']:,} parameters vs the teacher's {r['teacher_params']:,}), same cold start, then "
+        f"{s['wall_clock_minutes']:.1f} min of wall clock each:", "",
+        "| student | held-out pass@1 |", "|---|---|",
+        f"| cold start only | {pct(s['base']['pass@1'])} |",
+        f"| distilled from the GRPO teacher ({s['traces']['kept']} rejection-sampled traces) | "
+        f"{pct(s['distilled']['pass@1'])} |",
+        f"| GRPO alone | {pct(s['grpo_alone']['pass@1'])} |", ""])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
