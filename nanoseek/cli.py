@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "nanoseek.train.evaluate",
     "nanoseek.rl.grpo",
     "nanoseek.rl.distill",
+    "nanoseek.demo.run",
 ]
 
 
