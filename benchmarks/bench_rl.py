@@ -6,13 +6,15 @@
 Stages, each in its own folder under --out and skipped when already finished (so a rerun resumes):
   1. cold start (R1's recipe): a byte-level BPE trained on the task, the `tiny` preset, a short SFT
      on worked solutions (nanoseek.train's loop, assistant tokens only);
-  2. GRPO from it for --grpo-minutes of wall clock; held-out pass@1 before and after with R1's
+  2. GRPO from it for --grpo-minutes of CPU time (evaluations not counted; on 2 dedicated cores that is
+     at most as many wall-clock minutes, and a busy shared machine cannot shrink the run); held-out
+     pass@1 before and after with R1's
      evaluation settings (temperature 0.6, top-p 0.95, pass@1 averaged over k samples);
   3. rollout throughput: completion tokens/s while GRPO samples, beside the engine's plain batched
      decode of the same batch shape on the same weights, outside the trainer;
   4. DeepSeek-R1's distillation claim at small scale: a smaller student (the tiny preset at half width,
      2 layers) gets the same cold start, then either (a) `nanoseek distill` from the GRPO model's
-     rejection-sampled traces or (b) GRPO alone, for the same wall clock; both held-out pass@1s.
+     rejection-sampled traces or (b) GRPO alone, for the same CPU time; both held-out pass@1s.
 Writes results.json and RESULTS_rl.md (a table with the command and machine) into --out.
 """
 
@@ -31,15 +33,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nanoseek.checkpoint import load_pretrained, save_pretrained  # noqa: E402
+from nanoseek.checkpoint import load_pretrained  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
-from nanoseek.data import get_task, pack_chat, tokenize_documents  # noqa: E402
+from nanoseek.data import get_task  # noqa: E402
 from nanoseek.engine import Engine  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
 from nanoseek.rl.distill import DistillConfig, distill  # noqa: E402
-from nanoseek.rl.grpo import GRPOConfig, chat_prompt, evaluate_pass_at_k, grpo  # noqa: E402
+from nanoseek.rl.grpo import GRPOConfig, chat_prompt, grpo  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
+from nanoseek.train.evaluate import evaluate_accuracy  # noqa: E402
 from nanoseek.train.loop import TrainConfig, train  # noqa: E402
+from nanoseek.train.sft import pack_conversations  # noqa: E402
 from nanoseek.train.state import TRAIN_STATE  # noqa: E402
 
 
@@ -63,7 +67,7 @@ def cold_start(out: Path, task_name: str, steps: int, overrides: dict, tokenizer
                                              **overrides)
     torch.manual_seed(seed)
     model = Transformer(cfg)
-    rows = pack_chat(tokenize_documents(conversations, tokenizer), 512, pad_id=tokenizer.pad_id)
+    rows = pack_conversations(conversations, tokenizer, 512)
     train(model, rows, TrainConfig(steps=steps, batch_size=8, micro_batch_size=8, lr=3e-3, warmup_steps=10,
                                    seed=seed), out, tokenizer, stage="sft", meta={"bench": "rl cold start"})
     return out
@@ -73,12 +77,14 @@ def held_out(path: Path, task_name: str, n: int, k: int, max_new_tokens: int) ->
     """R1's evaluation of a checkpoint: pass@1 over k samples at temperature 0.6, top-p 0.95, and maj@k."""
     model, tok = load_pretrained(path, dtype=torch.float32), Tokenizer.from_pretrained(path)
     task = get_task(task_name)
-    return evaluate_pass_at_k(Engine(model, tok), tok, task, task.examples("test", n, seed=0), k, max_new_tokens)
+    res = evaluate_accuracy(model, tok, task, n=n, max_new_tokens=max_new_tokens, k=k, temperature=0.6, top_p=0.95,
+                            progress=False)
+    return {key: v for key, v in res.items() if key != "samples"}
 
 
 def run_grpo(out: Path, model: Path, task: str, minutes: float, args) -> Path:
     if not done(out):
-        grpo(GRPOConfig(model=str(model), out=str(out), data=task, steps=10_000, max_minutes=minutes,
+        grpo(GRPOConfig(model=str(model), out=str(out), data=task, steps=10_000, max_cpu_minutes=minutes,
                         prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                         max_new_tokens=args.max_new_tokens, lr=args.grpo_lr, beta=args.beta,
                         micro_batch_size=32, eval_every=args.eval_every, eval_size=args.eval_size,
@@ -103,17 +109,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/bench_rl", help="folder for every stage and the results")
     p.add_argument("--task", default="arithmetic", help="built-in task (arithmetic, countdown, mixed)")
-    p.add_argument("--sft-steps", type=int, default=150, help="cold-start SFT steps (8 rows of 512 tokens each)")
-    p.add_argument("--grpo-minutes", type=float, default=15.0, help="GRPO wall-clock budget for the teacher")
+    p.add_argument("--sft-steps", type=int, default=100, help="cold-start SFT steps (8 rows of 512 tokens each)")
+    p.add_argument("--grpo-minutes", type=float, default=15.0,
+                   help="GRPO budget for the teacher in CPU minutes of this process (evaluations not counted): at "
+                        "most that many wall-clock minutes on 2 dedicated cores, however busy this machine is")
     p.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
     p.add_argument("--beta", type=float, default=0.04, help="GRPO KL coefficient")
     p.add_argument("--prompts-per-step", type=int, default=8, help="GRPO prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="GRPO G")
     p.add_argument("--max-new-tokens", type=int, default=160, help="generation budget")
     p.add_argument("--eval-size", type=int, default=100, help="held-out problems")
-    p.add_argument("--eval-samples", type=int, default=4, help="k samples per held-out problem")
+    p.add_argument("--eval-samples", type=int, default=2, help="k samples per held-out problem")
     p.add_argument("--eval-every", type=int, default=20, help="GRPO held-out evaluation every N steps")
-    p.add_argument("--distill-prompts", type=int, default=400, help="prompts the teacher answers for distillation")
+    p.add_argument("--distill-prompts", type=int, default=200, help="prompts the teacher answers for distillation")
     p.add_argument("--distill-steps", type=int, default=60, help="student SFT steps on the teacher's traces")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks every stage runs, figures meaningless")
@@ -138,7 +146,8 @@ def main() -> int:
     steps = [r for r in rows if "rollout_tokens_per_s" in r]
     results["grpo"] = {"pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
                        "gain_points": 100 * (after["pass@1"] - before["pass@1"]), "steps": len(steps),
-                       "minutes": steps[-1]["elapsed_s"] / 60, "before": before, "after": after,
+                       "minutes": steps[-1]["elapsed_s"] / 60, "cpu_minutes": steps[-1]["cpu_s"] / 60,
+                       "before": before, "after": after,
                        "curve": [(r["step"], r["eval/pass@1"]) for r in rows if "eval/pass@1" in r]}
 
     # 3. throughput: rollouts inside GRPO vs the engine alone on the same batch shape
@@ -147,20 +156,21 @@ def main() -> int:
         "step_tokens_per_s": statistics.median(r["rollout_tokens"] / (r["rollout_s"] + r["update_s"]) for r in steps),
         "plain_decode": plain_decode(teacher, args.task, args.prompts_per_step, args.group_size, args.max_new_tokens)}
 
-    # 4. a smaller student: distilled from the GRPO teacher vs GRPO alone, same wall clock
+    # 4. a smaller student: distilled from the GRPO teacher vs GRPO alone, same CPU time
     small = {"hidden_size": 64, "intermediate_size": 192, "moe_intermediate_size": 32, "num_hidden_layers": 2}
     student_base = cold_start(out / "student_sft", args.task, args.sft_steps, small, sft, args.seed)
     distilled = out / "student_distill"
     if not done(distilled):
+        # (raises ValueError when the teacher solves nothing, as after --quick's few steps)
         distill(DistillConfig(teacher=str(teacher), out=str(distilled), student=str(student_base), data=args.task,
                               num_prompts=args.distill_prompts, samples_per_prompt=4, max_new_tokens=args.max_new_tokens,
                               eval_size=args.eval_size, eval_samples=1,
                               train=TrainConfig(steps=args.distill_steps, batch_size=8, micro_batch_size=8, lr=1e-3,
                                                 warmup_steps=5, seed=args.seed)))
     summary = json.loads((distilled / "distill.json").read_text())
-    wall = summary["traces"]["seconds"] + summary["train_seconds"]  # teacher sampling + student SFT, no evals
+    wall = summary["traces"]["cpu_seconds"] + summary["train_cpu_seconds"]  # teacher sampling + student SFT
     student_rl = run_grpo(out / "student_grpo", student_base, args.task, wall / 60, args)
-    results["student"] = {"params": load_pretrained(student_base).num_params(), "wall_clock_minutes": wall / 60,
+    results["student"] = {"params": load_pretrained(student_base).num_params(), "cpu_minutes": wall / 60,
                           "base": held_out(student_base, args.task, args.eval_size, args.eval_samples, args.max_new_tokens),
                           "distilled": held_out(distilled, args.task, args.eval_size, args.eval_samples, args.max_new_tokens),
                           "grpo_alone": held_out(student_rl, args.task, args.eval_size, args.eval_samples, args.max_new_tokens),
@@ -182,14 +192,15 @@ def markdown(r: dict) -> str:
         f"Command: `{r['command']}`  ", f"Machine: {r['machine']} (shared)", "",
         "| | held-out pass@1 (T=0.6, top-p 0.95) |", "|---|---|",
         f"| tiny after cold-start SFT | {pct(g['pass@1_before'])} |",
-        f"| + GRPO, {g['minutes']:.1f} min, {g['steps']} steps | {pct(g['pass@1_after'])} "
+        f"| + GRPO, {g['steps']} steps, {g['cpu_minutes']:.1f} CPU-min ({g['minutes']:.1f} min wall, shared) | "
+        f"{pct(g['pass@1_after'])} "
         f"(**{g['gain_points']:+.1f} points**) |", "",
         f"Rollout throughput during GRPO: {t['rollout_tokens_per_s']:,.0f} completion tokens/s "
         f"(whole step incl. update: {t['step_tokens_per_s']:,.0f}); the engine's plain batched decode of the "
         f"same batch ({t['plain_decode']['batch']} sequences, T=1) on the same weights: "
         f"{t['plain_decode']['tokens_per_s']:,.0f} tokens/s (medians).", "",
         f"Student ({s['params']:,} parameters vs the teacher's {r['teacher_params']:,}), same cold start, then "
-        f"{s['wall_clock_minutes']:.1f} min of wall clock each:", "",
+        f"{s['cpu_minutes']:.1f} CPU-minutes each:", "",
         "| student | held-out pass@1 |", "|---|---|",
         f"| cold start only | {pct(s['base']['pass@1'])} |",
         f"| distilled from the GRPO teacher ({s['traces']['kept']} rejection-sampled traces) | "

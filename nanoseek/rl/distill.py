@@ -17,8 +17,8 @@ between the teacher's and the student's next-token distributions at every assist
 needs the teacher and student to share a tokenizer (the student is built on the teacher's).
 
 The student is a preset (default `tiny`, resized with --student-hidden-size/--student-layers,
---dense for a dense model) or a checkpoint folder. Held-out pass@1 of the student is measured
-before and after and written to distill.json.
+--dense for a dense model) or a checkpoint folder. Held-out pass@1 of the student (R1's temperature 0.6, top-p 0.95) is
+measured before and after and written to distill.json.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 from ..checkpoint import load_pretrained
 from ..config import ModelConfig
-from ..data import pack_chat, tokenize_documents
 from ..data.tasks import TASKS, get_task
 from ..engine import Engine
 from ..fsutil import atomic_write_text
@@ -43,10 +42,12 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..train.loop import (RowSampler, TrainConfig, add_config_args, attention_mask, config_from_args,
                           document_positions, opt, train)
+from ..train.evaluate import evaluate_accuracy
 from ..train.loss import IGNORE, cross_entropy
 from ..train.optim import build_adamw, set_lr
+from ..train.sft import pack_conversations
 from ..train.state import TRAIN_STATE, save_checkpoint
-from .grpo import chat_prompt, evaluate_pass_at_k
+from .grpo import chat_prompt
 from .losses import forward_kl, reverse_kl
 from .rewards import accuracy_reward, format_reward
 
@@ -217,13 +218,13 @@ def distill(cfg: DistillConfig) -> dict:
     tokenizer = Tokenizer.from_pretrained(cfg.teacher)
     teacher = load_pretrained(cfg.teacher, dtype=torch.float32)
     task = get_task(cfg.data)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     traces, stats = rejection_sample(Engine(teacher, tokenizer), tokenizer,
                                      task.examples("train", cfg.num_prompts, seed=cfg.train.seed),
                                      cfg.samples_per_prompt, cfg.traces_per_prompt, cfg.max_new_tokens,
                                      cfg.temperature, cfg.top_p, cfg.batch_size_generate, seed=cfg.train.seed,
                                      progress=cfg.train.progress)
-    stats["seconds"] = time.perf_counter() - t0
+    stats["seconds"], stats["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     atomic_write_text(out / "traces.jsonl", "".join(json.dumps({"messages": m}) + "\n" for m in traces))
     print(f"distill: teacher kept {stats['kept']} traces from {stats['samples']} samples "
           f"({stats['correct']} correct) covering {stats['prompts_covered']}/{stats['prompts']} prompts")
@@ -234,17 +235,15 @@ def distill(cfg: DistillConfig) -> dict:
     held_out = task.examples("test", cfg.eval_size, seed=cfg.train.seed)
 
     def evaluate() -> dict:
-        return evaluate_pass_at_k(Engine(student, tokenizer), tokenizer, task, held_out, cfg.eval_samples,
-                                  cfg.max_new_tokens, seed=cfg.train.seed)
+        return evaluate_accuracy(student, tokenizer, task, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_samples,
+                                 temperature=0.6, top_p=0.95, seed=cfg.train.seed, examples=held_out,
+                                 progress=cfg.train.progress, desc="student eval")
 
     before = evaluate()
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    rows = pack_chat(tokenize_documents(traces, tokenizer), cfg.seq_len, drop_long=True, pad_id=pad)
-    if len(rows) == 0:
-        raise ValueError(f"every trace is longer than --seq-len {cfg.seq_len}; raise it")
+    rows = pack_conversations(traces, tokenizer, cfg.seq_len)  # SFT's packing: assistant tokens are the targets
     meta = {"stage": "distill", "source": {"teacher": cfg.teacher, "student": cfg.student, "data": cfg.data,
                                            "kl": cfg.kl, "traces": stats}}
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     if cfg.kl is None:
         train(student, rows, cfg.train, out, tokenizer, stage="distill", meta=meta)
     else:
@@ -252,7 +251,9 @@ def distill(cfg: DistillConfig) -> dict:
     after = evaluate()
     summary = {"teacher": cfg.teacher, "student": cfg.student, "student_params": student.num_params(),
                "teacher_params": teacher.num_params(), "traces": stats, "train_seconds": time.perf_counter() - t1,
-               "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"], "eval": after,
+               "train_cpu_seconds": time.process_time() - c1,
+               "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
+               "eval": {k: v for k, v in after.items() if k != "samples"},
                "config": dataclasses.asdict(cfg)}
     atomic_write_text(out / "distill.json", json.dumps(summary, indent=1))
     print(f"distill: student ({summary['student_params']:,} parameters) held-out pass@1 "

@@ -22,7 +22,8 @@ One step, readable top to bottom in `grpo_step`:
      clipping and AdamW from nanoseek.train.optim;
   6. a metrics.jsonl row: reward mean/std (and per reward), accuracy, response length, KL, clip
      fraction, entropy, no-signal groups, truncation and unparseable-answer rates (with a warning
-     when the last three are high), rollout tokens/s; held-out pass@1 every `eval_every` steps,
+     when the last three are high), rollout tokens/s; held-out pass@1 (nanoseek.train.evaluate, R1's
+     temperature 0.6 / top-p 0.95, averaged over k samples, and maj@k) every `eval_every` steps,
      sample completions every `sample_every` steps, atomic checkpoints, grpo.png at the end.
 
 Simplifications, stated plainly: every prompt of a step has the same G; no dynamic sampling
@@ -54,6 +55,7 @@ from ..fsutil import atomic_write_bytes
 from ..tokenizer import Tokenizer
 from ..train.loop import RowSampler, add_config_args, config_from_args, opt
 from ..train.optim import build_adamw, set_lr
+from ..train.evaluate import evaluate_accuracy
 from ..train.state import TRAIN_STATE, load_train_state, save_checkpoint, truncate_metrics
 from .losses import (dapo_loss, dr_grpo_advantages, dr_grpo_loss, grpo_advantages, grpo_loss,
                      token_entropy, token_logprobs)
@@ -111,6 +113,8 @@ class GRPOConfig:
     checkpoint_every: int = opt(0, "also checkpoint every N steps (0 = only at the end)")
     max_minutes: float | None = opt(None, "stop (with a checkpoint) after this much wall-clock training time "
                                           "(held-out evaluations not counted)")
+    max_cpu_minutes: float | None = opt(None, "stop after this much CPU time of this process, evaluations not "
+                                              "counted: a budget that a shared machine does not stretch")
     seed: int = opt(0, "seed for prompt order and sampling")
     resume: bool = opt(False, "continue the run in --out from its last checkpoint")
     progress: bool = opt(True, "show a progress bar")
@@ -341,28 +345,6 @@ def signal_warnings(row: dict) -> dict[str, str]:
     return {k: f"{k} = {row[k]:.0%} (> {v:.0%}): {ADVICE[k]}" for k, v in WARN_AT.items() if row.get(k, 0) > v}
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-def evaluate_pass_at_k(engine: Engine, tokenizer: Tokenizer, task, examples: list, k: int = 1,
-                       max_new_tokens: int = 256, temperature: float = 0.6, top_p: float | None = 0.95,
-                       seed: int = 0, batch_size: int = 64) -> dict:
-    """R1's evaluation: k samples per problem at (temperature, top_p); pass@1 is the mean
-    correctness over all samples, maj@k the correctness of each problem's most common answer."""
-    correct, majority = [], []
-    prompts = [chat_prompt(tokenizer, ex.prompt)[1] for ex in examples]
-    per_batch = max(1, batch_size // k)
-    for a in range(0, len(examples), per_batch):
-        chunk = [p for p in prompts[a:a + per_batch] for _ in range(k)]
-        outs = engine.generate(chunk, max_new_tokens, temperature=temperature,
-                               top_p=top_p if temperature > 0 else None, seed=seed + a)
-        for j, ex in enumerate(examples[a:a + per_batch]):
-            answers = [extract_answer(tokenizer.decode(o)) for o in outs[j * k:(j + 1) * k]]
-            correct += [task.check(ans, ex) for ans in answers]
-            votes = collections.Counter(x for x in answers if x is not None)
-            majority.append(bool(votes) and task.check(votes.most_common(1)[0][0], ex))
-    return {"pass@1": sum(correct) / len(correct), f"maj@{k}": sum(majority) / len(majority)}
-
-
 # ----------------------------------------------------------------------------- the run
 
 def _load(cfg: GRPOConfig) -> tuple[nn.Module, Tokenizer]:
@@ -411,17 +393,18 @@ def grpo(cfg: GRPOConfig) -> Path:
     print(f"grpo: {model.num_params():,} parameters, {cfg.variant}, {cfg.prompts_per_step} prompts x G="
           f"{cfg.group_size}, rewards {cfg.reward}, beta={cfg.beta}, steps {start}->{cfg.steps}")
 
-    eval_s = 0.0
+    eval_s = eval_cpu = 0.0
 
     def evaluate(step: int) -> dict:
-        nonlocal eval_s
-        t0 = time.perf_counter()
-        res = evaluate_pass_at_k(engine, tokenizer, task, held_out, cfg.eval_samples, cfg.max_new_tokens,
-                                 cfg.eval_temperature, cfg.eval_top_p, seed=cfg.seed)
-        eval_s += time.perf_counter() - t0
-        return {f"eval/{k}": v for k, v in res.items()}
+        nonlocal eval_s, eval_cpu
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = evaluate_accuracy(model, tokenizer, task, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_samples,
+                                temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, seed=cfg.seed,
+                                examples=held_out, progress=False)
+        eval_s, eval_cpu = eval_s + time.perf_counter() - t0, eval_cpu + time.process_time() - c0
+        return {f"eval/{k}": v for k, v in res.items() if k.startswith(("pass@", "maj@")) or k == "truncated"}
 
-    t_start, row, warned = time.perf_counter(), {}, set()
+    t_start, cpu_start, row, warned = time.perf_counter(), time.process_time(), {}, set()
     first_eval = evaluate(start) if start == 0 else {}
     if first_eval:
         _append(out / "metrics.jsonl", {"step": 0, **first_eval})
@@ -432,7 +415,9 @@ def grpo(cfg: GRPOConfig) -> Path:
         examples = [train_set[int(i)] for i in order.rows(step)]
         row, rollout = grpo_step(model, ref_model, engine, optimizer, tokenizer, examples, rewards, cfg, step)
         row["elapsed_s"] = time.perf_counter() - t_start - eval_s  # training time: evaluation not counted
-        out_of_time = cfg.max_minutes is not None and row["elapsed_s"] > 60 * cfg.max_minutes
+        row["cpu_s"] = time.process_time() - cpu_start - eval_cpu
+        out_of_time = (cfg.max_minutes is not None and row["elapsed_s"] > 60 * cfg.max_minutes) or \
+            (cfg.max_cpu_minutes is not None and row["cpu_s"] > 60 * cfg.max_cpu_minutes)
         last = step + 1 == cfg.steps or out_of_time
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
             row.update(evaluate(step + 1))
@@ -450,7 +435,8 @@ def grpo(cfg: GRPOConfig) -> Path:
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last:
             save_checkpoint(out, model, optimizer, step + 1, tokenizer, meta)
         if out_of_time:
-            print(f"grpo: stopping after {row['elapsed_s'] / 60:.1f} min (--max-minutes {cfg.max_minutes})")
+            print(f"grpo: stopping after {row['elapsed_s'] / 60:.1f} min wall, {row['cpu_s'] / 60:.1f} min CPU "
+                  f"(budget: --max-minutes {cfg.max_minutes}, --max-cpu-minutes {cfg.max_cpu_minutes})")
             break
     bar.close()
     if start < cfg.steps:
