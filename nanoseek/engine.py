@@ -45,6 +45,7 @@ class LatentCache:
         self.kv = torch.zeros(num_layers, batch_size, max_len, width, dtype=dtype, device=device)
         self.positions: torch.Tensor | None = None
         self.attend_len = 0
+        self.whole = False  # attend over all max_len slots (static shapes for a compiled step)
         self._rows: torch.Tensor | None = None
         self._start: int | None = None
 
@@ -52,18 +53,31 @@ class LatentCache:
     def max_len(self) -> int:
         return self.kv.shape[2]
 
-    def prepare(self, positions: torch.Tensor) -> None:
-        """positions [B, T]: where the next forward's tokens go, row by row."""
+    @property
+    def start(self) -> int | None:
+        """The first position of the prepared forward when all rows share its positions, else None."""
+        return self._start
+
+    def prepare(self, positions: torch.Tensor, whole: bool = False) -> None:
+        """positions [B, T]: where the next forward's tokens go, row by row.
+
+        whole=True: every forward sees all max_len slots (the mask hides the unwritten ones) and
+        writes by index, so no shape or Python number changes from one step to the next.
+        """
         B, T = positions.shape
         self.positions = positions
         self.attend_len = int(positions.max()) + 1
         if self.attend_len > self.max_len:
             raise ValueError(f"position {self.attend_len - 1} is beyond the cache's {self.max_len} slots")
+        self.whole = whole
+        self._rows = torch.arange(B, device=positions.device)[:, None]
+        if whole:
+            self.attend_len, self._start = self.max_len, None
+            return
         first = positions[:, :1]
         # all rows at the same contiguous positions (prefill, batch 1): a slice write, no index
         same = bool((positions == first[:1] + torch.arange(T, device=positions.device)).all())
         self._start = int(first[0, 0]) if same else None
-        self._rows = torch.arange(B, device=positions.device)[:, None]
 
     def update(self, layer_id: int, latent: torch.Tensor) -> torch.Tensor:
         """latent [B, T, R+dr] -> the row's keys [B, attend_len, R+dr]."""
@@ -72,7 +86,7 @@ class LatentCache:
             kv[:, self._start:self._start + latent.shape[1]] = latent
         else:
             kv[self._rows, self.positions] = latent
-        return kv[:, :self.attend_len]
+        return kv if self.whole else kv[:, :self.attend_len]
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished requests leave the batch)."""
@@ -83,6 +97,16 @@ def attention_mask(positions: torch.Tensor, attend_len: int) -> torch.Tensor:
     """bool [B, 1, T, S]: a query at position p sees the keys at positions 0..p of its own row."""
     keys = torch.arange(attend_len, device=positions.device)
     return (keys <= positions[..., None]).unsqueeze(1)
+
+
+def _mask(positions: torch.Tensor, cache: LatentCache) -> torch.Tensor | None:
+    """The forward's mask, or None when every row is at the same contiguous positions and either
+    one token is decoded or the keys start at 0: plain causal attention is then exact, and the
+    layers skip building and applying a mask (prefill takes SDPA's causal kernel)."""
+    start = cache.start
+    if start is not None and (positions.shape[1] == 1 or start == 0):
+        return None
+    return attention_mask(positions, cache.attend_len)
 
 
 @dataclass
@@ -103,11 +127,14 @@ class _Rows:
 class Engine:
     """Prefill + decode for a ``Transformer``; see the module docstring for the API."""
 
-    def __init__(self, model, tokenizer=None):
+    def __init__(self, model, tokenizer=None, compile: bool = False):
+        """compile=True: the one-token decode step runs through torch.compile over the whole
+        preallocated cache (static shapes; the first request pays the compilation)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
         self.stats: dict = {}
+        self._compiled_decode = torch.compile(self._decode_whole, dynamic=True) if compile else None
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -136,19 +163,22 @@ class Engine:
                 absorb: bool) -> torch.Tensor:
         """Main model over ids [B, T] at positions [B, T] -> normed final hidden [B, T, D]."""
         cache.prepare(positions)
-        mask = attention_mask(positions, cache.attend_len)
-        h = self.model.forward_hidden(ids, positions, mask, cache, absorb)
+        h = self.model.forward_hidden(ids, positions, _mask(positions, cache), cache, absorb)
         return self.model.model.norm(h)
+
+    def _decode_whole(self, ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        """forward() for one token per row over all the cache's slots: the step torch.compile sees."""
+        mask = attention_mask(positions, cache.max_len)
+        return self.model.model.norm(self.model.forward_hidden(ids, positions, mask, cache, absorb=True))
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                     cache: LatentCache, absorb: bool) -> torch.Tensor:
         """MTP module 1: (main hidden at i, token i+1) -> its normed output [B, T, D] predicting i+2."""
         layer = self.model.mtp_layers[0]
         cache.prepare(positions)
-        mask = attention_mask(positions, cache.attend_len)
         emb = self.model.model.embed_tokens(next_ids)
         cos, sin = self.model.model.rotary_emb(positions, emb.dtype)
-        return layer.shared_head.norm(layer(hidden, emb, cos, sin, mask, cache, absorb))
+        return layer.shared_head.norm(layer(hidden, emb, cos, sin, _mask(positions, cache), cache, absorb))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
@@ -277,7 +307,12 @@ class Engine:
     @torch.inference_mode()
     def _decode_step(self, rows: _Rows, cache: LatentCache, sampler: "_Sampler") -> list[list[int]]:
         """One token per row: feed `last` at position `length`, attend in latent space."""
-        hidden = self.forward(rows.last[:, None], rows.lengths[:, None], cache, absorb=True)
+        ids, positions = rows.last[:, None], rows.lengths[:, None]
+        if self._compiled_decode is not None:
+            cache.prepare(positions, whole=True)
+            hidden = self._compiled_decode(ids, positions, cache)
+        else:
+            hidden = self.forward(ids, positions, cache, absorb=True)
         rows.last = sampler.pick(self.logits(hidden[:, 0]))
         rows.lengths = rows.lengths + 1
         self.stats["row_forwards"] += len(rows.index)

@@ -278,6 +278,10 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         N, K = indices.shape
+        if N * K <= self.gate_proj.shape[0] and not torch.is_grad_enabled():
+            # under torch.compile, an opaque op: its Python grouping by expert is not traced
+            few = routed_experts_few if torch.compiler.is_compiling() else _routed_experts_few
+            return few(x, weights, indices, self.gate_proj, self.up_proj, self.down_proj)
         flat = indices.flatten()  # [N*K]
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
@@ -296,6 +300,36 @@ class Experts(nn.Module):
             h = F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t()) * g
             y.index_add_(0, tok, (h @ w_down[e].t()).to(y.dtype))
         return y
+
+
+def _routed_experts_few(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_proj: torch.Tensor,
+                        up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """Decoding (a few tokens, no autograd): group the (token, expert) pairs in Python and read
+    only the chosen experts' weights, with no sort and no per-step view of all E experts."""
+    K = indices.shape[1]
+    by_expert: dict[int, list[int]] = {}
+    for j, e in enumerate(indices.flatten().tolist()):
+        by_expert.setdefault(e, []).append(j)
+    gates = weights.flatten().to(x.dtype).unsqueeze(-1)  # [N*K, 1]
+    y = torch.zeros_like(x)
+    for e, pairs in by_expert.items():
+        if len(pairs) == 1:  # slices, not index tensors: the common case when decoding one row
+            j = pairs[0]
+            h, g, tok = x[j // K:j // K + 1], gates[j:j + 1], None
+        else:
+            tok = torch.tensor([j // K for j in pairs], device=x.device)
+            h, g = x[tok], gates[pairs]
+        h = F.silu(F.linear(h, gate_proj[e])) * F.linear(h, up_proj[e]) * g
+        h = F.linear(h, down_proj[e])
+        if tok is None:
+            y[j // K:j // K + 1] += h
+        else:
+            y.index_add_(0, tok, h)
+    return y
+
+
+routed_experts_few = torch.library.custom_op("nanoseek::routed_experts_few", mutates_args=())(_routed_experts_few)
+routed_experts_few.register_fake(lambda x, *rest: torch.empty_like(x))
 
 
 class MoE(nn.Module):
@@ -323,8 +357,10 @@ class MoE(nn.Module):
         y = self.experts(x, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        with torch.no_grad():
-            self.load = torch.bincount(indices.flatten(), minlength=scores.shape[-1])
+        with torch.no_grad():  # counted into a fixed-size vector (bincount's size depends on the data)
+            flat = indices.flatten()
+            self.load = torch.zeros(scores.shape[-1], dtype=torch.long, device=flat.device).scatter_add_(
+                0, flat, torch.ones_like(flat))
         if self.training:
             self.scores, self.indices = scores.view(*shape[:-1], -1), indices.view(*shape[:-1], -1)
         return y.view(shape)

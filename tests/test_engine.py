@@ -120,6 +120,35 @@ def test_batch_of_different_lengths_equals_each_alone():
     assert batch == [engine.generate([p], 8)[0] for p in PROMPTS]
 
 
+def test_whole_cache_decode_step_equals_the_sliced_one():
+    """The static-shape step compile=True traces (all max_len slots, masked) gives the same tokens;
+    run eagerly here, as compiling takes a minute."""
+    model = tiny()
+    static = Engine(model)
+    static._compiled_decode = static._decode_whole
+    assert static.generate(PROMPTS, 8) == Engine(model).generate(PROMPTS, 8)
+    sampled = dict(temperature=1.0, top_k=20, seed=1)
+    assert static.generate(PROMPTS, 8, **sampled) == Engine(model).generate(PROMPTS, 8, **sampled)
+
+
+def test_decoding_reads_only_the_routed_experts():
+    """One-token decode takes the per-expert path: experts nobody chose are never indexed."""
+    model = tiny()
+    moe = model.moe_layers()[0]
+    x = torch.randn(2, model.config.hidden_size)
+    with torch.no_grad():
+        weights, indices, _ = moe.gate(x)
+        few = moe.experts(x, weights, indices)  # no grad: decode path
+    with torch.enable_grad():
+        sorted_path = moe.experts(x, weights, indices)
+    torch.testing.assert_close(few, sorted_path.detach())
+    with torch.no_grad():
+        chosen = set(indices.flatten().tolist())
+        for e in set(range(model.config.n_routed_experts)) - chosen:
+            moe.experts.gate_proj[e].fill_(float("nan"))  # would poison the output if read
+        assert torch.isfinite(moe.experts(x, weights, indices)).all()
+
+
 def test_stream_yields_what_generate_returns():
     engine = Engine(tiny())
     chunks = list(engine.stream(PROMPTS, 6))

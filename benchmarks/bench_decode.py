@@ -1,0 +1,163 @@
+"""Decode speed: nanoseek's Engine vs transformers `generate`, same weights, one process.
+
+    .venv/bin/python benchmarks/bench_decode.py                       # fp32, batch 1 and 8, contexts 32/512/2048
+    .venv/bin/python benchmarks/bench_decode.py --batch 1 --contexts 32 2048 --repeats 5
+    .venv/bin/python benchmarks/bench_decode.py --dtype bfloat16      # both libraries in bf16
+
+Config (the inference issue's): hidden 1024, 8 layers (the first dense), 16 heads, q_lora_rank 384,
+kv_lora_rank 256, qk_nope 64, qk_rope 32, v_head 64, 32 routed experts top-4 + 1 shared; the issue
+leaves the vocabulary and FFN widths open, they are VOCAB / DENSE_FFN / EXPERT_FFN below.
+
+What is timed: greedy generation of --new-tokens tokens after a prompt of `context` random tokens.
+Each library reports a timestamp after every forward (nanoseek: each item `Engine.stream` yields;
+transformers: a logits processor, called once per step), so the prefill is left out and a step is
+everything between two forwards' outputs, sampling and bookkeeping included. ms/step is the median
+step (one new token for each of the batch's rows); runs alternate between the libraries.
+
+Also printed: cache bytes per token (nanoseek: the latent formula; transformers: its cache tensors
+after the run divided by the tokens held) and, for batch 1, nanoseek's speed as a fraction of the
+memory-bandwidth limit: bytes of the weights one token reads (attention, dense MLP, gate, shared
+expert, the K routed experts, lm_head; one embedding row) plus the latent cache it attends over,
+divided by the copy bandwidth measured in this run (STREAM convention: bytes read + written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+from nanoseek import ModelConfig, Transformer, save_pretrained
+from nanoseek.engine import Engine
+
+VOCAB, DENSE_FFN, EXPERT_FFN = 8192, 2816, 512
+CONFIG = dict(model_type="deepseek_v3", vocab_size=VOCAB, hidden_size=1024, intermediate_size=DENSE_FFN,
+              num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=384,
+              kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+              moe_intermediate_size=EXPERT_FFN, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1,
+              n_group=1, topk_group=1, num_nextn_predict_layers=0, max_position_embeddings=4096,
+              bos_token_id=0, eos_token_id=None)
+
+
+def copy_bandwidth(mbytes: int = 512, iters: int = 9) -> float:
+    """Bytes/s of a large tensor copy (read + written), median of `iters`."""
+    src = torch.ones(mbytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def decode_bytes_per_token(model: Transformer, context: int) -> int:
+    """Bytes one batch-1 decode step must read: active weights + the latent cache it attends over."""
+    cfg = model.config
+    size = model.model.embed_tokens.weight.element_size()
+    weights = model.num_params(active=True, include_mtp=False) - model.model.embed_tokens.weight.numel() \
+        + cfg.hidden_size
+    cache = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * context
+    return (weights + cache) * size
+
+
+def nanoseek_steps(engine: Engine, prompts: list[list[int]], n: int) -> tuple[list[float], list[list[int]]]:
+    stamps, outs = [], [[] for _ in prompts]
+    for new in engine.stream(prompts, n + 1):
+        stamps.append(time.perf_counter())
+        for out, toks in zip(outs, new):
+            out.extend(toks)
+    return [b - a for a, b in zip(stamps, stamps[1:])], outs
+
+
+def transformers_steps(model, prompts: torch.Tensor, n: int) -> tuple[list[float], list[list[int]], object]:
+    stamps = []
+
+    def stamp(input_ids, scores):  # called once per forward, before the token is picked
+        stamps.append(time.perf_counter())
+        return scores
+
+    with torch.inference_mode():
+        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n + 1,
+                             min_new_tokens=n + 1, do_sample=False, logits_processor=[stamp], pad_token_id=0,
+                             return_dict_in_generate=True)
+    new = out.sequences[:, prompts.shape[1]:].tolist()
+    return [b - a for a, b in zip(stamps, stamps[1:])], new, out.past_key_values
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of every tensor a transformers Cache object holds."""
+    seen, total = set(), 0
+    for layer in getattr(cache, "layers", []):
+        for t in vars(layer).values():
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
+    p.add_argument("--contexts", type=int, nargs="+", default=[32, 512, 2048], help="prompt lengths")
+    p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed per run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per library and setting (alternating)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-transformers", action="store_true", help="time nanoseek alone")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    import transformers
+
+    torch.manual_seed(0)
+    ours = Transformer(ModelConfig(**CONFIG)).eval()
+    ref = None
+    if not args.no_transformers:
+        with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            save_pretrained(ours, d)
+            ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+    ours = ours.to(dtype)
+    engine = Engine(ours)
+    bandwidth = copy_bandwidth()
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.dtype}, {ours.num_params() / 1e6:.0f}M params ({ours.num_params(active=True) / 1e6:.0f}M active), "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'batch':>5}{'context':>8}{'nanoseek ms/step':>18}{'transformers ms/step':>22}{'ratio':>8}"
+          f"{'cache B/token ours':>20}{'theirs':>8}{'BW limit':>10}{'same tokens':>13}")
+    gen = torch.Generator().manual_seed(0)
+    for batch in args.batch:
+        for context in args.contexts:
+            prompts = torch.randint(1, VOCAB, (batch, context), generator=gen)
+            ours_t, ref_t, theirs_bytes, same = [], [], None, None
+            for _ in range(args.repeats):
+                steps, ours_out = nanoseek_steps(engine, prompts.tolist(), args.new_tokens)
+                ours_t += steps
+                if ref is not None:
+                    steps, ref_out, cache = transformers_steps(ref, prompts, args.new_tokens)
+                    ref_t += steps
+                    held = cache.get_seq_length() * batch
+                    theirs_bytes = cache_bytes(cache) // held
+                    same = ours_out == ref_out
+                    del cache
+            t_ours = statistics.median(ours_t)
+            t_ref = statistics.median(ref_t) if ref_t else float("nan")
+            limit = decode_bytes_per_token(ours, context) / bandwidth
+            bw = f"{limit / t_ours:.0%}" if batch == 1 else "-"
+            print(f"{batch:>5}{context:>8}{t_ours * 1e3:>18.1f}{t_ref * 1e3:>22.1f}{t_ref / t_ours:>7.2f}x"
+                  f"{engine.cache_bytes_per_token():>20,}{theirs_bytes or 0:>8,}{bw:>10}{str(same):>13}")
+            sys.stdout.flush()
+    print(f"bandwidth limit at batch 1, context 32: {decode_bytes_per_token(ours, 32) / bandwidth * 1e3:.1f} ms/token "
+          f"({decode_bytes_per_token(ours, 32) / 1e6:.0f} MB read per token)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
