@@ -39,7 +39,7 @@ from nanoseek.data import get_task  # noqa: E402
 from nanoseek.engine import Engine  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
 from nanoseek.rl.distill import DistillConfig, distill  # noqa: E402
-from nanoseek.rl.grpo import GRPOConfig, chat_prompt, grpo  # noqa: E402
+from nanoseek.rl.grpo import GRPOConfig, grpo, render_prompt  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 from nanoseek.train.evaluate import evaluate_accuracy  # noqa: E402
 from nanoseek.train.loop import TrainConfig, train  # noqa: E402
@@ -96,7 +96,7 @@ def plain_decode(path: Path, task_name: str, batch: int, group: int, max_new_tok
     """The engine alone on the rollout's batch shape (prompts x G, temperature 1): tokens/s, medians."""
     model, tok = load_pretrained(path, dtype=torch.float32), Tokenizer.from_pretrained(path)
     engine = Engine(model, tok)
-    prompts = [chat_prompt(tok, ex.prompt)[1] for ex in get_task(task_name).examples("train", batch, seed=99)]
+    prompts = [render_prompt(tok, ex)[1] for ex in get_task(task_name).examples("train", batch, seed=99)]
     rates = []
     for r in range(repeats):
         t0 = time.perf_counter()

@@ -139,3 +139,13 @@ def test_grpo_command_end_to_end_and_resume(ckpt, tmp_path, monkeypatch):
 def test_config_errors_name_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         GRPOConfig(model="m", out="o", **{field: value})
+
+
+def test_prompt_layouts_leave_think_open(ckpt, tmp_path):
+    """R1 (chat template) and R1-Zero (pretraining's text layout) prompts both end inside <think>."""
+    model, tok, _ = _setup(ckpt, tmp_path)
+    examples = get_task("arithmetic").examples("train", 1, seed=4)
+    for layout, start in (("chat", "<｜begin▁of▁sentence｜><｜User｜>"), ("text", "<｜begin▁of▁sentence｜>What")):
+        rollout = sample_groups(Engine(model, tok), tok, examples, 2, 3, 1.0, None, seed=0, layout=layout)
+        assert rollout.prompt_texts[0].startswith(start) and rollout.prompt_texts[0].endswith("<think>\n")
+    assert GRPOConfig(model=str(ckpt), out="o").layout == "chat"  # no training state: a chat checkpoint

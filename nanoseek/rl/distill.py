@@ -47,7 +47,7 @@ from ..train.loss import IGNORE, cross_entropy
 from ..train.optim import build_adamw, set_lr
 from ..train.sft import pack_conversations
 from ..train.state import TRAIN_STATE, save_checkpoint
-from .grpo import chat_prompt
+from .grpo import render_prompt
 from .losses import forward_kl, reverse_kl
 from .rewards import accuracy_reward, format_reward
 
@@ -112,7 +112,7 @@ def rejection_sample(engine: Engine, tokenizer: Tokenizer, examples: list, sampl
     bar = tqdm(total=len(examples), disable=not progress, unit="prompt", desc="teacher traces", dynamic_ncols=True)
     for a in range(0, len(examples), per_call):
         chunk = examples[a:a + per_call]
-        rendered = [chat_prompt(tokenizer, ex.prompt) for ex in chunk]
+        rendered = [render_prompt(tokenizer, ex) for ex in chunk]
         outs = engine.generate([ids for _, ids in rendered for _ in range(samples_per_prompt)], max_new_tokens,
                                temperature=temperature, top_p=top_p, seed=seed + a)
         reasons = engine.stats["finish_reasons"]

@@ -55,7 +55,7 @@ from ..fsutil import atomic_write_bytes
 from ..tokenizer import Tokenizer
 from ..train.loop import RowSampler, add_config_args, config_from_args, opt
 from ..train.optim import build_adamw, set_lr
-from ..train.evaluate import evaluate_accuracy
+from ..train.evaluate import LAYOUTS, checkpoint_layout, evaluate_accuracy, prompt_ids
 from ..train.state import TRAIN_STATE, load_train_state, save_checkpoint, truncate_metrics
 from .losses import (dapo_loss, dr_grpo_advantages, dr_grpo_loss, grpo_advantages, grpo_loss,
                      token_entropy, token_logprobs)
@@ -83,6 +83,8 @@ class GRPOConfig:
     model: str = opt(None, "checkpoint folder to start from (with its tokenizer)", required=True)
     out: str = opt(None, "run folder to write (checkpoint, metrics.jsonl, samples.jsonl, grpo.png)", required=True)
     data: str = opt("arithmetic", f"built-in task: {', '.join(TASKS)}")
+    layout: str | None = opt(None, "prompt layout: chat (template; R1) or text (pretraining's; R1-Zero from a "
+                                   "base); default: text for a pretrain checkpoint, else chat", choices=LAYOUTS)
     reward: list[str] = opt(None, "rewards: built-in accuracy/format/code or package.module:function, "
                                   "optionally =WEIGHT, space-separated (default: accuracy format=0.1)",
                             nargs="+")
@@ -127,6 +129,10 @@ class GRPOConfig:
             raise ValueError("GRPOConfig: --model and --out are required")
         if self.data not in TASKS:
             bad("data", f"expected a built-in task ({', '.join(TASKS)})")
+        if self.layout is None:
+            self.layout = checkpoint_layout(self.model)
+        if self.layout not in LAYOUTS:
+            bad("layout", f"expected one of {', '.join(LAYOUTS)}")
         if self.variant not in VARIANTS:
             bad("variant", f"expected one of {', '.join(VARIANTS)}")
         for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "micro_batch_size", "num_train",
@@ -164,17 +170,18 @@ class Rollout:
     new_tokens: int
 
 
-def chat_prompt(tokenizer: Tokenizer, question: str) -> tuple[str, list[int]]:
-    """The question as one user turn plus the generation prompt (ending in the template's <think>)."""
-    messages = [{"role": "user", "content": question}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True), \
-        tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+def render_prompt(tokenizer: Tokenizer, example, layout: str = "chat") -> tuple[str, list[int]]:
+    """(text, ids) of the problem as the model is asked it (nanoseek.train.evaluate.prompt_ids):
+    "chat" is a user turn plus the generation prompt, "text" pretraining's ``{prompt}\n<think>\n``
+    (R1-Zero: RL straight from a base model). Both leave <think> open."""
+    ids = prompt_ids(tokenizer, example, layout)
+    return tokenizer.decode(ids), ids
 
 
 def sample_groups(engine: Engine, tokenizer: Tokenizer, examples: list, group_size: int, max_new_tokens: int,
-                  temperature: float, top_p: float | None, seed: int) -> Rollout:
+                  temperature: float, top_p: float | None, seed: int, layout: str = "chat") -> Rollout:
     """Sample `group_size` completions for each example's prompt in one batched generate."""
-    rendered = [chat_prompt(tokenizer, ex.prompt) for ex in examples]
+    rendered = [render_prompt(tokenizer, ex, layout) for ex in examples]
     prompts = [ids for _, ids in rendered]
     t0 = time.perf_counter()
     outs = engine.generate([p for p in prompts for _ in range(group_size)], max_new_tokens,
@@ -311,7 +318,7 @@ def grpo_step(model: nn.Module, ref_model: nn.Module | None, engine: Engine, opt
     G = cfg.group_size
     model.eval()
     rollout = sample_groups(engine, tokenizer, examples, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                            seed=cfg.seed * 1_000_003 + step)
+                            seed=cfg.seed * 1_000_003 + step, layout=cfg.layout)
     reward, reward_means = score_rollout(rollout, rewards, G)
     advantages_fn, _ = VARIANTS[cfg.variant]
     advantages = advantages_fn(reward).flatten()
@@ -398,7 +405,8 @@ def grpo(cfg: GRPOConfig) -> Path:
     def evaluate(step: int) -> dict:
         nonlocal eval_s, eval_cpu
         t0, c0 = time.perf_counter(), time.process_time()
-        res = evaluate_accuracy(model, tokenizer, task, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_samples,
+        res = evaluate_accuracy(model, tokenizer, task, max_new_tokens=cfg.max_new_tokens, layout=cfg.layout,
+                                k=cfg.eval_samples,
                                 temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, seed=cfg.seed,
                                 examples=held_out, progress=False)
         eval_s, eval_cpu = eval_s + time.perf_counter() - t0, eval_cpu + time.process_time() - c0
