@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_decode.py                       # fp32, batch 1 and 8, contexts 32/512/2048
     .venv/bin/python benchmarks/bench_decode.py --batch 1 --contexts 32 2048 --repeats 5
     .venv/bin/python benchmarks/bench_decode.py --dtype bfloat16      # both libraries in bf16
+    .venv/bin/python benchmarks/bench_decode.py --mtp-model runs/pretrain   # MTP acceptance and speed-up
 
 Config (the inference issue's): hidden 1024, 8 layers (the first dense), 16 heads, q_lora_rank 384,
 kv_lora_rank 256, qk_nope 64, qk_rope 32, v_head 64, 32 routed experts top-4 + 1 shared; the issue
@@ -18,7 +19,8 @@ Also printed: cache bytes per token (nanoseek: the latent formula; transformers:
 after the run divided by the tokens held) and, for batch 1, nanoseek's speed as a fraction of the
 memory-bandwidth limit: bytes of the weights one token reads (attention, dense MLP, gate, shared
 expert, the K routed experts, lm_head; one embedding row) plus the latent cache it attends over,
-divided by the copy bandwidth measured in this run (STREAM convention: bytes read + written).
+divided by the memory bandwidth measured in this run: the higher of a large copy's (bytes read +
+written, STREAM's convention) and a large sum's (bytes read), as decoding reads and hardly writes.
 """
 
 from __future__ import annotations
@@ -44,16 +46,23 @@ CONFIG = dict(model_type="deepseek_v3", vocab_size=VOCAB, hidden_size=1024, inte
               bos_token_id=0, eos_token_id=None)
 
 
-def copy_bandwidth(mbytes: int = 512, iters: int = 9) -> float:
-    """Bytes/s of a large tensor copy (read + written), median of `iters`."""
+def memory_bandwidth(mbytes: int = 512, iters: int = 9) -> tuple[float, float]:
+    """(copy, read) bytes/s, medians of `iters`: a large tensor copy counted as bytes read + written
+    (STREAM's convention), and a sum over the same tensor (bytes read). Decoding only reads weights,
+    and on many CPUs reading alone is faster than the copy figure suggests: the limit uses the higher."""
     src = torch.ones(mbytes * 2**20 // 4)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t)
-    return 2 * src.numel() * src.element_size() / statistics.median(times)
+    nbytes = src.numel() * src.element_size()
+
+    def median_time(fn):
+        fn()
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    return 2 * nbytes / median_time(lambda: dst.copy_(src)), nbytes / median_time(src.sum)
 
 
 def decode_bytes_per_token(model: Transformer, context: int) -> int:
@@ -101,6 +110,38 @@ def cache_bytes(cache) -> int:
     return total
 
 
+def speculative_report(path: str, n_prompts: int, new_tokens: int, repeats: int) -> None:
+    """Plain vs MTP-speculative greedy decoding on a trained checkpoint, prompts from the test split
+    of the built-in task it was trained on (arithmetic), written as its pretraining documents start."""
+    from nanoseek.checkpoint import load_pretrained
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(path)
+    engine = Engine(load_pretrained(path), tok)
+    examples = get_task("arithmetic").examples("test", n_prompts, seed=0)
+    prompts = [tok.encode(f"{ex.prompt}\n<think>\n", add_bos=True) for ex in examples]
+    times = {None: [], "mtp": []}
+    outs, stats = {}, {}
+    for _ in range(repeats):
+        for mode in times:
+            for p in prompts:  # batch 1, as the target is stated
+                t = time.perf_counter()
+                outs.setdefault(mode, []).append(engine.generate([p], new_tokens, speculative=mode))
+                times[mode].append((time.perf_counter() - t) / len(outs[mode][-1][0]))
+                for k in ("accepted", "drafted", "new_tokens", "row_forwards"):
+                    stats.setdefault(mode, {}).setdefault(k, 0)
+                    stats[mode][k] += engine.stats[k]
+    s = stats["mtp"]
+    plain, spec = statistics.median(times[None]), statistics.median(times["mtp"])
+    print(f"MTP speculative decoding on {path}: {len(prompts)} prompts x {repeats}, up to {new_tokens} tokens, "
+          f"batch 1, greedy")
+    print(f"  same tokens as plain greedy: {outs[None] == outs['mtp']}; acceptance {s['accepted'] / s['drafted']:.1%}; "
+          f"{s['new_tokens'] / s['row_forwards']:.2f} tokens per forward")
+    print(f"  ms/token (prefill included): plain {plain * 1e3:.2f}, speculative {spec * 1e3:.2f}, "
+          f"speed-up {plain / spec:.2f}x")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
@@ -110,9 +151,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-transformers", action="store_true", help="time nanoseek alone")
+    p.add_argument("--compile", action="store_true", help="nanoseek's decode step through torch.compile")
+    p.add_argument("--mtp-model", default=None,
+                   help="a trained checkpoint with an MTP module: report speculative decoding on it and exit")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mtp_model:
+        speculative_report(args.mtp_model, n_prompts=8, new_tokens=args.new_tokens * 8, repeats=args.repeats)
+        return 0
     dtype = getattr(torch, args.dtype)
     import transformers
 
@@ -125,19 +172,21 @@ def main(argv=None) -> int:
             save_pretrained(ours, d)
             ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
     ours = ours.to(dtype)
-    engine = Engine(ours)
-    bandwidth = copy_bandwidth()
+    engine = Engine(ours, compile=args.compile)
+    copy_bw, read_bw = memory_bandwidth()
+    bandwidth = max(copy_bw, read_bw)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.dtype}, {ours.num_params() / 1e6:.0f}M params ({ours.num_params(active=True) / 1e6:.0f}M active), "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+          f"bandwidth: copy {copy_bw / 1e9:.1f} GB/s, read {read_bw / 1e9:.1f} GB/s")
     print(f"{'batch':>5}{'context':>8}{'nanoseek ms/step':>18}{'transformers ms/step':>22}{'ratio':>8}"
           f"{'cache B/token ours':>20}{'theirs':>8}{'BW limit':>10}{'same tokens':>13}")
     gen = torch.Generator().manual_seed(0)
     for batch in args.batch:
         for context in args.contexts:
             prompts = torch.randint(1, VOCAB, (batch, context), generator=gen)
-            ours_t, ref_t, theirs_bytes, same = [], [], None, None
+            ours_t, ref_t, theirs_bytes, same, bws = [], [], None, None, []
             for _ in range(args.repeats):
+                bws.append(max(memory_bandwidth(iters=3)))  # sampled between runs: the machine's load varies
                 steps, ours_out = nanoseek_steps(engine, prompts.tolist(), args.new_tokens)
                 ours_t += steps
                 if ref is not None:
@@ -149,7 +198,7 @@ def main(argv=None) -> int:
                     del cache
             t_ours = statistics.median(ours_t)
             t_ref = statistics.median(ref_t) if ref_t else float("nan")
-            limit = decode_bytes_per_token(ours, context) / bandwidth
+            limit = decode_bytes_per_token(ours, context) / statistics.median(bws)
             bw = f"{limit / t_ours:.0%}" if batch == 1 else "-"
             print(f"{batch:>5}{context:>8}{t_ours * 1e3:>18.1f}{t_ref * 1e3:>22.1f}{t_ref / t_ours:>7.2f}x"
                   f"{engine.cache_bytes_per_token():>20,}{theirs_bytes or 0:>8,}{bw:>10}{str(same):>13}")

@@ -27,7 +27,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
-def load(path: str, dtype: str = "auto") -> Engine:
+def load(path: str, dtype: str = "auto", compile: bool = False) -> Engine:
     """An Engine over the checkpoint at `path` with the tokenizer saved next to it."""
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
@@ -36,7 +36,7 @@ def load(path: str, dtype: str = "auto") -> Engine:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {model.config.vocab_size}")
-    return Engine(model, tokenizer)
+    return Engine(model, tokenizer, compile=compile)
 
 
 class TextStream:
@@ -131,7 +131,7 @@ def print_stats(engine: Engine, elapsed: float, out=None) -> None:
 # ----------------------------------------------------------------------------- commands
 
 def run_generate(args) -> int:
-    engine = load(args.model, args.dtype)
+    engine = load(args.model, args.dtype, args.compile)
     tok = engine.tokenizer
     if args.chat:
         prompts = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in args.prompt]
@@ -170,7 +170,7 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
-    engine = load(args.model, args.dtype)
+    engine = load(args.model, args.dtype, args.compile)
     tok = engine.tokenizer
     context = engine.config.max_position_embeddings
     color = sys.stdout.isatty() and not args.no_color
@@ -228,6 +228,8 @@ def _common_flags(p) -> None:
                    help="mtp: the MTP module drafts a token that the model verifies (same output when greedy)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="compute dtype (auto: the checkpoint's torch_dtype)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step through torch.compile (the first request pays the compilation)")
     p.add_argument("--stats", action="store_true", help="print tokens/s, tokens per forward and MTP acceptance")
 
 
