@@ -41,7 +41,6 @@ from nanoseek.model import Transformer  # noqa: E402
 from nanoseek.rl.distill import DistillConfig, distill  # noqa: E402
 from nanoseek.rl.grpo import GRPOConfig, grpo, render_prompt  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
-from nanoseek.train.evaluate import evaluate_accuracy  # noqa: E402
 from nanoseek.train.loop import TrainConfig, train  # noqa: E402
 from nanoseek.train.sft import pack_conversations  # noqa: E402
 from nanoseek.train.state import TRAIN_STATE  # noqa: E402
@@ -73,13 +72,12 @@ def cold_start(out: Path, task_name: str, steps: int, overrides: dict, tokenizer
     return out
 
 
-def held_out(path: Path, task_name: str, n: int, k: int, max_new_tokens: int) -> dict:
-    """R1's evaluation of a checkpoint: pass@1 over k samples at temperature 0.6, top-p 0.95, and maj@k."""
-    model, tok = load_pretrained(path, dtype=torch.float32), Tokenizer.from_pretrained(path)
-    task = get_task(task_name)
-    res = evaluate_accuracy(model, tok, task, n=n, max_new_tokens=max_new_tokens, k=k, temperature=0.6, top_p=0.95,
-                            progress=False)
-    return {key: v for key, v in res.items() if key != "samples"}
+def grpo_log(run: Path) -> tuple[list[dict], dict, dict, list]:
+    """A GRPO run's step rows, its first and last held-out evaluations, and the pass@1 curve."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/pass@1" in r]
+    return ([r for r in rows if "rollout_tokens_per_s" in r], evals[0], evals[-1],
+            [(r["step"], r["eval/pass@1"]) for r in evals])
 
 
 def run_grpo(out: Path, model: Path, task: str, minutes: float, args) -> Path:
@@ -110,7 +108,8 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench_rl", help="folder for every stage and the results")
     p.add_argument("--task", default="arithmetic", help="built-in task (arithmetic, countdown, mixed)")
     p.add_argument("--sft-steps", type=int, default=100, help="cold-start SFT steps (8 rows of 512 tokens each)")
-    p.add_argument("--grpo-minutes", type=float, default=15.0,
+    p.add_argument("--student-sft-steps", type=int, default=60, help="the smaller student's cold-start SFT steps")
+    p.add_argument("--grpo-minutes", type=float, default=10.0,
                    help="GRPO budget for the teacher in CPU minutes of this process (evaluations not counted): at "
                         "most that many wall-clock minutes on 2 dedicated cores, however busy this machine is")
     p.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
@@ -120,35 +119,33 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=160, help="generation budget")
     p.add_argument("--eval-size", type=int, default=100, help="held-out problems")
     p.add_argument("--eval-samples", type=int, default=2, help="k samples per held-out problem")
-    p.add_argument("--eval-every", type=int, default=20, help="GRPO held-out evaluation every N steps")
+    p.add_argument("--eval-every", type=int, default=25, help="GRPO held-out evaluation every N steps")
     p.add_argument("--distill-prompts", type=int, default=200, help="prompts the teacher answers for distillation")
     p.add_argument("--distill-steps", type=int, default=60, help="student SFT steps on the teacher's traces")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks every stage runs, figures meaningless")
     args = p.parse_args()
     if args.quick:
-        args.sft_steps, args.grpo_minutes, args.eval_size, args.eval_samples = 4, 0.2, 8, 1
+        args.sft_steps, args.student_sft_steps, args.grpo_minutes, args.eval_size, args.eval_samples = 4, 4, 0.2, 8, 1
         args.distill_prompts, args.distill_steps, args.max_new_tokens, args.eval_every = 8, 2, 32, 0
         args.prompts_per_step, args.group_size = 2, 4
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": " ".join(["python"] + sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
-                     f"{os.cpu_count()} cores, torch {torch.__version__}", "task": args.task}
+                     f"{os.cpu_count()} cores, torch {torch.__version__}", "task": args.task,
+                     "eval_size": args.eval_size, "eval_samples": args.eval_samples}
     t_all = time.perf_counter()
 
-    # 1-2. the teacher: cold start, then GRPO
+    # 1-2. the teacher: cold start, then GRPO (its metrics hold the held-out evaluations at start and end)
     sft = cold_start(out / "sft", args.task, args.sft_steps, {}, None, args.seed)
     teacher = run_grpo(out / "grpo", sft, args.task, args.grpo_minutes, args)
-    before = held_out(sft, args.task, args.eval_size, args.eval_samples, args.max_new_tokens)
-    after = held_out(teacher, args.task, args.eval_size, args.eval_samples, args.max_new_tokens)
-    rows = [json.loads(line) for line in (teacher / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "rollout_tokens_per_s" in r]
-    results["grpo"] = {"pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
-                       "gain_points": 100 * (after["pass@1"] - before["pass@1"]), "steps": len(steps),
+    steps, before, after, curve = grpo_log(teacher)
+    results["grpo"] = {"pass@1_before": before["eval/pass@1"], "pass@1_after": after["eval/pass@1"],
+                       "gain_points": 100 * (after["eval/pass@1"] - before["eval/pass@1"]), "steps": len(steps),
                        "minutes": steps[-1]["elapsed_s"] / 60, "cpu_minutes": steps[-1]["cpu_s"] / 60,
-                       "before": before, "after": after,
-                       "curve": [(r["step"], r["eval/pass@1"]) for r in rows if "eval/pass@1" in r]}
+                       "before": before, "after": after, "curve": curve,
+                       "sft_minutes": json.loads((sft / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"] / 60}
 
     # 3. throughput: rollouts inside GRPO vs the engine alone on the same batch shape
     results["throughput"] = {
@@ -158,22 +155,22 @@ def main() -> int:
 
     # 4. a smaller student: distilled from the GRPO teacher vs GRPO alone, same CPU time
     small = {"hidden_size": 64, "intermediate_size": 192, "moe_intermediate_size": 32, "num_hidden_layers": 2}
-    student_base = cold_start(out / "student_sft", args.task, args.sft_steps, small, sft, args.seed)
+    student_base = cold_start(out / "student_sft", args.task, args.student_sft_steps, small, sft, args.seed)
     distilled = out / "student_distill"
     if not done(distilled):
         # (raises ValueError when the teacher solves nothing, as after --quick's few steps)
         distill(DistillConfig(teacher=str(teacher), out=str(distilled), student=str(student_base), data=args.task,
                               num_prompts=args.distill_prompts, samples_per_prompt=4, max_new_tokens=args.max_new_tokens,
-                              eval_size=args.eval_size, eval_samples=1,
+                              eval_size=args.eval_size, eval_samples=args.eval_samples,
                               train=TrainConfig(steps=args.distill_steps, batch_size=8, micro_batch_size=8, lr=1e-3,
                                                 warmup_steps=5, seed=args.seed)))
     summary = json.loads((distilled / "distill.json").read_text())
     wall = summary["traces"]["cpu_seconds"] + summary["train_cpu_seconds"]  # teacher sampling + student SFT
     student_rl = run_grpo(out / "student_grpo", student_base, args.task, wall / 60, args)
+    _, rl_before, rl_after, _ = grpo_log(student_rl)
     results["student"] = {"params": load_pretrained(student_base).num_params(), "cpu_minutes": wall / 60,
-                          "base": held_out(student_base, args.task, args.eval_size, args.eval_samples, args.max_new_tokens),
-                          "distilled": held_out(distilled, args.task, args.eval_size, args.eval_samples, args.max_new_tokens),
-                          "grpo_alone": held_out(student_rl, args.task, args.eval_size, args.eval_samples, args.max_new_tokens),
+                          "base": summary["pass@1_before"], "distilled": summary["pass@1_after"],
+                          "grpo_alone": rl_after["eval/pass@1"], "grpo_alone_start": rl_before["eval/pass@1"],
                           "traces": summary["traces"]}
     results["teacher_params"] = load_pretrained(teacher).num_params()
     results["total_minutes"] = (time.perf_counter() - t_all) / 60
@@ -199,13 +196,16 @@ def markdown(r: dict) -> str:
         f"(whole step incl. update: {t['step_tokens_per_s']:,.0f}); the engine's plain batched decode of the "
         f"same batch ({t['plain_decode']['batch']} sequences, T=1) on the same weights: "
         f"{t['plain_decode']['tokens_per_s']:,.0f} tokens/s (medians).", "",
-        f"Student ({s['params']:,} parameters vs the teacher's {r['teacher_params']:,}), same cold start, then "
-        f"{s['cpu_minutes']:.1f} CPU-minutes each:", "",
+        f"Student ({s['params']:,} parameters vs the teacher's {r['teacher_params']:,}): its own cold-start SFT "
+        f"(same data and tokenizer), then {s['cpu_minutes']:.1f} CPU-minutes of either (teacher sampling + SFT "
+        f"for distillation):", "",
         "| student | held-out pass@1 |", "|---|---|",
-        f"| cold start only | {pct(s['base']['pass@1'])} |",
+        f"| cold start only | {pct(s['base'])} |",
         f"| distilled from the GRPO teacher ({s['traces']['kept']} rejection-sampled traces) | "
-        f"{pct(s['distilled']['pass@1'])} |",
-        f"| GRPO alone | {pct(s['grpo_alone']['pass@1'])} |", ""])
+        f"{pct(s['distilled'])} |",
+        f"| GRPO alone | {pct(s['grpo_alone'])} |", "",
+        f"Held-out: {r['eval_size']} test problems x k={r['eval_samples']} samples. Pass@1 curve of the teacher's "
+        f"GRPO (step, pass@1): {', '.join(f'({a}, {100 * b:.0f}%)' for a, b in g['curve'])}.", ""])
 
 
 if __name__ == "__main__":
