@@ -35,6 +35,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:  # the same arithmetic in one fused kernel
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -190,7 +192,10 @@ class MLA(nn.Module):
         R = self.kv_lora_rank
         w = self.kv_b_proj.weight.view(H, -1, R)  # [H, dn+dv, R]
         w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
-        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UK folded into the query: [B, T, H, R]
+        # W_UK folded into the query, one matmul per head over all B*T queries (a bmm: einsum's
+        # equation handling costs more than the product itself at decode sizes)
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)  # [H, B*T, R]
+        q_lat = q_lat.transpose(0, 1).view(B, T, H, R)
         q = torch.cat((q_lat, q_pe), dim=-1).flatten(1, 2)  # [B, T*H, R+dr]: every head is a query of one MQA
         scores = torch.bmm(q, kv.transpose(1, 2)).float() * self.softmax_scale  # [B, T*H, S]
         if mask is not None:
@@ -199,8 +204,9 @@ class MLA(nn.Module):
             causal = torch.ones(T, kv.shape[1], dtype=torch.bool, device=kv.device).tril(kv.shape[1] - T)
             scores = scores.view(B, T, H, -1).masked_fill(~causal[None, :, None], float("-inf")).flatten(1, 2)
         p = scores.softmax(-1).to(kv.dtype)
-        o_lat = torch.bmm(p, kv[..., :R]).view(B, T, H, R)  # attention output, still in latent space
-        return torch.einsum("bthr,hdr->bthd", o_lat, w_uv)  # W_UV applied after attention: [B, T, H, dv]
+        o_lat = torch.bmm(p, kv[..., :R])  # [B, T*H, R]: attention output, still in latent space
+        o = torch.bmm(o_lat.view(B * T, H, R).transpose(0, 1), w_uv.transpose(1, 2))  # W_UV after: [H, B*T, dv]
+        return o.transpose(0, 1).reshape(B, T, H, -1)  # [B, T, H, dv]
 
 
 # ----------------------------------------------------------------------------- feed-forward
