@@ -107,9 +107,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/bench_rl", help="folder for every stage and the results")
     p.add_argument("--task", default="arithmetic", help="built-in task (arithmetic, countdown, mixed)")
-    p.add_argument("--sft-steps", type=int, default=100, help="cold-start SFT steps (8 rows of 512 tokens each)")
-    p.add_argument("--student-sft-steps", type=int, default=60, help="the smaller student's cold-start SFT steps")
-    p.add_argument("--grpo-minutes", type=float, default=10.0,
+    p.add_argument("--sft-steps", type=int, default=600, help="cold-start SFT steps (8 rows of 512 tokens each)")
+    p.add_argument("--student-sft-steps", type=int, default=300, help="the smaller student's cold-start SFT steps")
+    p.add_argument("--grpo-minutes", type=float, default=15.0,
                    help="GRPO budget for the teacher in CPU minutes of this process (evaluations not counted): at "
                         "most that many wall-clock minutes on 2 dedicated cores, however busy this machine is")
     p.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
@@ -122,6 +122,8 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=25, help="GRPO held-out evaluation every N steps")
     p.add_argument("--distill-prompts", type=int, default=200, help="prompts the teacher answers for distillation")
     p.add_argument("--distill-steps", type=int, default=60, help="student SFT steps on the teacher's traces")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads; on an oversubscribed machine 1 is far faster (OpenMP threads wait for cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks every stage runs, figures meaningless")
     args = p.parse_args()
@@ -129,11 +131,12 @@ def main() -> int:
         args.sft_steps, args.student_sft_steps, args.grpo_minutes, args.eval_size, args.eval_samples = 4, 4, 0.2, 8, 1
         args.distill_prompts, args.distill_steps, args.max_new_tokens, args.eval_every = 8, 2, 32, 0
         args.prompts_per_step, args.group_size = 2, 4
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": " ".join(["python"] + sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
-                     f"{os.cpu_count()} cores, torch {torch.__version__}", "task": args.task,
+                     f"{os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+                     "task": args.task,
                      "eval_size": args.eval_size, "eval_samples": args.eval_samples}
     t_all = time.perf_counter()
 

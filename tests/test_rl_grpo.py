@@ -37,7 +37,7 @@ def ckpt(tmp_path_factory):
 def _setup(ckpt, tmp_path, **kw):
     model, tok = load_pretrained(ckpt, dtype=torch.float32), Tokenizer.from_pretrained(ckpt)
     settings = {**dict(model=str(ckpt), out=str(tmp_path / "run"), beta=0.0, lr=3e-2, group_size=4,
-                       max_new_tokens=8, micro_batch_size=4), **kw}
+                       max_new_tokens=6, micro_batch_size=4), **kw}
     return model, tok, GRPOConfig(**settings)
 
 
@@ -112,7 +112,7 @@ def test_grpo_command_end_to_end_and_resume(ckpt, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "run"
     args = ["grpo", "--model", str(ckpt), "--out", str(out), "--data", "arithmetic", "--steps", "2",
-            "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "6", "--eval-size", "2",
+            "--prompts-per-step", "1", "--group-size", "3", "--max-new-tokens", "4", "--eval-size", "1",
             "--eval-every", "1", "--sample-every", "1", "--reward", "accuracy", "grpo_test_rewards:varied=0.5",
             "--no-progress"]
     assert main(args) == 0
@@ -124,7 +124,7 @@ def test_grpo_command_end_to_end_and_resume(ckpt, tmp_path, monkeypatch):
         assert key in rows[-1], key
     assert (out / "grpo.png").stat().st_size > 0 and (out / "samples.jsonl").exists()
     load_pretrained(out)
-    assert main([a if a != "2" else "3" for a in args] + ["--resume"]) == 0  # --steps 3
+    assert main(args[:8] + ["3"] + args[9:] + ["--resume"]) == 0  # --steps 3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3
     with pytest.raises(ValueError, match="already holds"):
