@@ -3,14 +3,15 @@
     nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo                # R1: SFT, then RL
     nanoseek grpo --model runs/pretrain --data countdown --out runs/zero            # R1-Zero: RL from a base
     nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo --variant dapo --beta 0 --eps-high 0.28
-    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo --reward accuracy --reward my.mod:fn=0.5
+    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo --reward accuracy format=0.1 my.mod:fn=0.5
 
     from nanoseek.rl.grpo import GRPOConfig, grpo
     grpo(GRPOConfig(model="runs/sft", out="runs/grpo", steps=60))
 
 One step, readable top to bottom in `grpo_step`:
   1. take `prompts_per_step` training problems (a seeded permutation: batches are a function of
-     the step) and render each through the chat template (which opens <think>);
+     the step) and render each through the chat template, or pretraining's text layout for
+     R1-Zero from a base model (both end in an open <think>);
   2. sample G completions per prompt with nanoseek.engine.Engine over the trainer's own model
      object: the engine holds no copy, so every rollout uses the weights of the last optimizer step;
   3. score every completion with the reward functions (rewards.py) and turn the rewards into
@@ -53,9 +54,9 @@ from ..data.tasks import TASKS, extract_answer, get_task
 from ..engine import Engine
 from ..fsutil import atomic_write_bytes
 from ..tokenizer import Tokenizer
+from ..train.evaluate import LAYOUTS, checkpoint_layout, evaluate_accuracy, prompt_ids
 from ..train.loop import RowSampler, add_config_args, config_from_args, opt
 from ..train.optim import build_adamw, set_lr
-from ..train.evaluate import LAYOUTS, checkpoint_layout, evaluate_accuracy, prompt_ids
 from ..train.state import TRAIN_STATE, load_train_state, save_checkpoint, truncate_metrics
 from .losses import (dapo_loss, dr_grpo_advantages, dr_grpo_loss, grpo_advantages, grpo_loss,
                      token_entropy, token_logprobs)
