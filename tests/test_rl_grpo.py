@@ -133,7 +133,8 @@ def test_grpo_command_end_to_end_and_resume(ckpt, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("variant", "ppo", "variant"), ("data", "chess", "data"), ("group_size", 1, "group_size"),
+    ("variant", "ppo", "variant"), ("data", "chess", "unknown task"), ("data", "arithmetic:digits", "key=value"),
+    ("data", "arithmetic:colour=red", "colour"), ("group_size", 1, "group_size"),
     ("temperature", 0.0, "temperature"), ("reward", ["no_such_mod:fn"], "cannot import"),
 ])
 def test_config_errors_name_the_field(field, value, match):
@@ -149,3 +150,10 @@ def test_prompt_layouts_leave_think_open(ckpt, tmp_path):
         rollout = sample_groups(Engine(model, tok), tok, examples, 2, 3, 1.0, None, seed=0, layout=layout)
         assert rollout.prompt_texts[0].startswith(start) and rollout.prompt_texts[0].endswith("<think>\n")
     assert GRPOConfig(model=str(ckpt), out="o").layout == "chat"  # no training state: a chat checkpoint
+
+
+def test_task_settings_from_the_data_spec():
+    from nanoseek.rl.grpo import task_from_spec
+    task = task_from_spec("arithmetic:max_digits=2,ops=+-")
+    assert task.max_digits == 2 and task.ops == "+-"
+    assert all(ex.meta["op"] in "+-" for ex in task.examples("train", 20))

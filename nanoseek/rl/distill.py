@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from ..checkpoint import load_pretrained
 from ..config import ModelConfig
-from ..data.tasks import TASKS, get_task
+from ..data.tasks import TASKS
 from ..engine import Engine
 from ..fsutil import atomic_write_text
 from ..model import Transformer
@@ -47,7 +47,7 @@ from ..train.loss import IGNORE, cross_entropy
 from ..train.optim import build_adamw, set_lr
 from ..train.sft import pack_conversations
 from ..train.state import TRAIN_STATE, save_checkpoint
-from .grpo import render_prompt
+from .grpo import render_prompt, task_from_spec
 from .losses import forward_kl, reverse_kl
 from .rewards import accuracy_reward, format_reward
 
@@ -61,7 +61,7 @@ class DistillConfig:
     teacher: str = opt(None, "teacher checkpoint folder (with its tokenizer)", required=True)
     out: str = opt(None, "run folder to write (student checkpoint, traces.jsonl, distill.json)", required=True)
     student: str = opt("tiny", "student: a preset name or a checkpoint folder")
-    data: str = opt("arithmetic", f"built-in task: {', '.join(TASKS)}")
+    data: str = opt("arithmetic", f"built-in task ({', '.join(TASKS)}), optionally name:key=value,...")
     student_hidden_size: int | None = opt(None, "preset student: hidden size (and MLA/MoE widths scaled with it)")
     student_layers: int | None = opt(None, "preset student: number of layers")
     dense: bool = opt(False, "preset student: dense SwiGLU MLPs instead of MoE")
@@ -83,8 +83,7 @@ class DistillConfig:
     def __post_init__(self):
         if not self.teacher or not self.out:
             raise ValueError("DistillConfig: --teacher and --out are required")
-        if self.data not in TASKS:
-            raise ValueError(f"DistillConfig.data={self.data!r}: expected a built-in task ({', '.join(TASKS)})")
+        task_from_spec(self.data)
         if self.kl is not None and self.kl not in KL:
             raise ValueError(f"DistillConfig.kl={self.kl!r}: expected one of {', '.join(KL)}")
         for name in ("num_prompts", "samples_per_prompt", "traces_per_prompt", "max_new_tokens", "seq_len",
@@ -217,7 +216,7 @@ def distill(cfg: DistillConfig) -> dict:
     (out / "metrics.jsonl").unlink(missing_ok=True)
     tokenizer = Tokenizer.from_pretrained(cfg.teacher)
     teacher = load_pretrained(cfg.teacher, dtype=torch.float32)
-    task = get_task(cfg.data)
+    task = task_from_spec(cfg.data)
     t0, c0 = time.perf_counter(), time.process_time()
     traces, stats = rejection_sample(Engine(teacher, tokenizer), tokenizer,
                                      task.examples("train", cfg.num_prompts, seed=cfg.train.seed),

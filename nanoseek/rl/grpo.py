@@ -83,7 +83,8 @@ class GRPOConfig:
 
     model: str = opt(None, "checkpoint folder to start from (with its tokenizer)", required=True)
     out: str = opt(None, "run folder to write (checkpoint, metrics.jsonl, samples.jsonl, grpo.png)", required=True)
-    data: str = opt("arithmetic", f"built-in task: {', '.join(TASKS)}")
+    data: str = opt("arithmetic", f"built-in task ({', '.join(TASKS)}), optionally with settings: "
+                                  "arithmetic:max_digits=2,ops=+-")
     layout: str | None = opt(None, "prompt layout: chat (template; R1) or text (pretraining's; R1-Zero from a "
                                    "base); default: text for a pretrain checkpoint, else chat", choices=LAYOUTS)
     reward: list[str] = opt(None, "rewards: built-in accuracy/format/code or package.module:function, "
@@ -128,8 +129,7 @@ class GRPOConfig:
 
         if not self.model or not self.out:
             raise ValueError("GRPOConfig: --model and --out are required")
-        if self.data not in TASKS:
-            bad("data", f"expected a built-in task ({', '.join(TASKS)})")
+        task_from_spec(self.data)  # raises, naming the task or setting
         if self.layout is None:
             self.layout = checkpoint_layout(self.model)
         if self.layout not in LAYOUTS:
@@ -154,6 +154,21 @@ class GRPOConfig:
             bad("eps_high", "must be >= 0")
         self.reward = list(self.reward or ["accuracy", "format=0.1"])
         parse_rewards(self.reward)  # fails early on a bad module path
+
+
+def task_from_spec(spec: str):
+    """A built-in task from "name" or "name:key=value,key=value" (integers parsed as such)."""
+    name, _, settings = spec.partition(":")
+    kw = {}
+    for item in filter(None, settings.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"data={spec!r}: task setting {item!r} is not key=value")
+        kw[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    try:
+        return get_task(name, **kw)
+    except TypeError as e:
+        raise ValueError(f"data={spec!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -393,7 +408,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay)
     start = _start_step(cfg, model, optimizer)
     rewards = parse_rewards(cfg.reward)
-    task = get_task(cfg.data)
+    task = task_from_spec(cfg.data)
     train_set = task.examples("train", cfg.num_train, seed=cfg.seed)
     held_out = task.examples("test", cfg.eval_size, seed=cfg.seed)
     order = RowSampler(len(train_set), cfg.prompts_per_step, cfg.seed)
