@@ -84,7 +84,7 @@ def run_grpo(out: Path, model: Path, task: str, minutes: float, args) -> Path:
     if not done(out):
         grpo(GRPOConfig(model=str(model), out=str(out), data=task, steps=10_000, max_cpu_minutes=minutes,
                         prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-                        max_new_tokens=args.max_new_tokens, lr=args.grpo_lr, beta=args.beta,
+                        max_new_tokens=args.max_new_tokens, lr=args.grpo_lr, beta=args.beta, reward=args.reward,
                         micro_batch_size=32, eval_every=args.eval_every, eval_size=args.eval_size,
                         eval_samples=args.eval_samples, sample_every=10, seed=args.seed))
     return out
@@ -112,15 +112,18 @@ def main() -> int:
     p.add_argument("--grpo-minutes", type=float, default=15.0,
                    help="GRPO budget for the teacher in CPU minutes of this process (evaluations not counted): at "
                         "most that many wall-clock minutes on 2 dedicated cores, however busy this machine is")
-    p.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
+    p.add_argument("--grpo-lr", type=float, default=3e-5, help="GRPO learning rate")
+    p.add_argument("--reward", nargs="+", default=["accuracy"],
+                   help="GRPO rewards (the cold start already writes the format; a small format reward's "
+                        "differences, scaled up by the group std, mostly add noise)")
     p.add_argument("--beta", type=float, default=0.04, help="GRPO KL coefficient")
     p.add_argument("--prompts-per-step", type=int, default=8, help="GRPO prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="GRPO G")
     p.add_argument("--max-new-tokens", type=int, default=160, help="generation budget")
     p.add_argument("--eval-size", type=int, default=100, help="held-out problems")
     p.add_argument("--eval-samples", type=int, default=2, help="k samples per held-out problem")
-    p.add_argument("--eval-every", type=int, default=25, help="GRPO held-out evaluation every N steps")
-    p.add_argument("--distill-prompts", type=int, default=200, help="prompts the teacher answers for distillation")
+    p.add_argument("--eval-every", type=int, default=50, help="GRPO held-out evaluation every N steps")
+    p.add_argument("--distill-prompts", type=int, default=1000, help="prompts the teacher answers for distillation")
     p.add_argument("--distill-steps", type=int, default=60, help="student SFT steps on the teacher's traces")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads; on an oversubscribed machine 1 is far faster (OpenMP threads wait for cores)")
