@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "nanoseek.rl.grpo",
     "nanoseek.rl.distill",
     "nanoseek.demo.run",
+    "nanoseek.quant.convert",
 ]
 
 

@@ -14,8 +14,8 @@ On disk a quantized weight keeps its DeepSeek key and its companions sit beside 
     fp8     float8_e4m3fn [N, K]                    <key>_scale_inv fp32 [ceil(N/128), ceil(K/128)]
                                                     (DeepSeek-V3's own layout, checkpoint.fp8_block_*)
 
-The int4 group size g is read back from the shapes (K / scale.shape[1]). Every bound the
-tests check is stated where the rounding happens.
+The int4 group size g is recorded in config.json (quantization_config.group_size). Every
+bound the tests check is stated where the rounding happens.
 """
 
 from __future__ import annotations
@@ -124,22 +124,19 @@ def dequantize_weight(fmt: str, parts: dict[str, torch.Tensor], dtype: torch.dty
     raise ValueError(f"unknown weight format {fmt!r}; expected one of {sorted(COMPANIONS)}")
 
 
-def companion_shapes(fmt: str, shape: tuple[int, int], stored: torch.Tensor | None = None
-                     ) -> dict[str, tuple[int, ...]]:
-    """The shapes a well-formed stored weight of logical `shape` [N, K] has, by suffix.
-
-    For int4 the group count comes from the stored scale (so any valid group size loads).
-    """
+def stored_shapes(fmt: str, shape: tuple[int, int], group_size: int = 128, what: str = "weight"
+                  ) -> dict[str, tuple[int, ...]]:
+    """The shapes a well-formed stored weight of logical `shape` [N, K] has, by suffix."""
     N, K = shape
     if fmt == "int8":
         return {"": (N, K), "_scale": (N,)}
     if fmt == "int4":
-        groups = stored.shape[1] if stored is not None and stored.dim() == 2 else -1
+        groups = K // int4_group_size(K, group_size, what)
         return {"": (N, K // 2), "_scale": (N, groups), "_min": (N, groups)}
     if fmt == "fp8":
         b = FP8_BLOCK
         return {"": (N, K), "_scale_inv": (-(-N // b), -(-K // b))}
-    raise ValueError(f"unknown weight format {fmt!r}")
+    raise ValueError(f"unknown weight format {fmt!r}; expected one of {sorted(COMPANIONS)}")
 
 
 def error_stats(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]:

@@ -1,21 +1,24 @@
 """Quantized modules and the swap that puts them into a built model; the model code is unchanged.
 
     model = Transformer(cfg)                            # or load_pretrained(...)
-    quantize_(model, "int8")                            # nn.Linear -> Int8Linear, Experts -> QuantExperts
-    quantize_(model, "int4", group_size=128, modules_to_not_convert=["embed_tokens", "gate", "lm_head"])
+    quantize_model(model, "int8")                       # nn.Linear -> Int8Linear, Experts -> Int8Experts
+    quantize_model(model, "int4", group_size=128, keep=["embed_tokens", "gate", "kv_b_proj", "lm_head"])
 
-Weights stay quantized in memory; the matrix products are torch's own weight-only kernels:
-``torch._weight_int8pack_mm`` (int8, per-channel scale) and ``torch._weight_int4pack_mm_for_cpu``
-(int4 groups, weights pre-packed by ``torch._convert_weight_to_int4pack_for_cpu``). Both are fast
-only with bf16 activations (fp32 inputs take a reference path measured 10-60x slower on an
-AVX-512 CPU), so on CPU the product runs in bf16 and the result is cast back to the input's dtype.
-Off the CPU, int8 falls back to ``(x @ q^T) * scale`` (exact, the int8 weight cast on the fly)
-and int4 is refused: its kernel-packed layout is CPU-specific here.
+Weights stay quantized in memory and the products are torch's own weight-only CPU kernels:
+``torch._weight_int8pack_mm`` (int8 codes, one bf16 scale per output channel) and
+``torch._weight_int4pack_mm_for_cpu`` (int4 codes in groups, pre-packed by
+``torch._convert_weight_to_int4pack_for_cpu``). Both take bf16 activations only (an fp32 input
+is refused or, for int8, runs ~7x slower on an AVX-512 CPU), so each product casts its input to
+bf16 and its output back to the input's dtype: the rest of the model keeps its dtype.
+Off the CPU there is no such kernel here: int8 multiplies with the codes cast on the fly
+(``(x @ q^T) * scale``, exact) and int4 is refused with a clear error.
 
-``kv_b_proj`` is kept high-precision by default: the absorbed MLA decode reads its dense
-``weight`` ([H, dn+dv, R] view). A quantized linear also has a ``weight`` property that
-dequantizes, so absorbed decoding still works if you quantize it, at the cost of a dequantize per
-call (see BENCHMARKS.md).
+Routed experts: ``model.Experts`` stacks its weights [E, out, in]; ``Int8Experts``/``Int4Experts``
+keep the same stacking, with gate_proj and up_proj fused into one [E, 2I, D] matrix (per-row scales
+make the fusion exact), so each chosen expert costs two kernel calls over only the tokens routed
+to it. ``kv_b_proj`` stays high-precision by default: the absorbed MLA decode reads its dense
+``weight`` ([H, dn+dv, R] view); quantized linears also expose ``weight`` (dequantized on every
+read), so quantizing it works but costs a dequantization per decode step.
 """
 
 from __future__ import annotations
@@ -29,24 +32,56 @@ from torch import nn
 from ..model import Experts, Transformer
 from .formats import int4_group_size, int4_quantize, int4_unpack, int8_quantize
 
-# Name fragments (dotted components of a module name) left in high precision by default.
-# "gate" is the MoE router (never gate_proj); embeddings are looked up, not multiplied, so
-# quantizing them saves memory but no decode time.
+# Dotted name components left in high precision by default. "gate" is the MoE router (never
+# gate_proj); embeddings are looked up, not multiplied, so quantizing them saves no decode time.
 DEFAULT_KEEP = {
     "int8": ["embed_tokens", "gate", "kv_b_proj"],
     "int4": ["embed_tokens", "gate", "kv_b_proj"],
-    "fp8": ["embed_tokens", "gate", "lm_head", "shared_head"],  # DeepSeek-V3's FP8 layout
+    "fp8": ["embed_tokens", "gate", "lm_head", "shared_head"],  # DeepSeek-V3's FP8 checkpoints
 }
 KERNEL_DTYPE = torch.bfloat16
+INT4_TILE = 16  # the int4 CPU kernel packs output rows in tiles of 16
 
 
 def is_kept(module_name: str, keep: list[str]) -> bool:
-    """True if any fragment of `keep` is a run of whole dotted components of `module_name`."""
+    """True if a fragment of `keep` is a run of whole dotted components of `module_name`."""
     return any(re.search(rf"(^|\.){re.escape(frag)}(\.|$)", module_name) for frag in keep)
 
 
+# ----------------------------------------------------------------------------- kernels
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W^T with W = q [N, K] * scale [N] (bf16) -> [M, N] (bf16 on CPU, x's dtype elsewhere)."""
+    if x.device.type == "cpu":
+        return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE), q, scale)
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)  # a per-output-channel scale commutes
+
+
+def int4_mm(x: torch.Tensor, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [M, K] @ W^T with W in the kernel's packed layout (see ``int4_kernel_layout``) -> [M, N'] bf16."""
+    if x.device.type != "cpu":
+        raise RuntimeError("int4 weights run on CPU only here: torch's packed int4 layout is device-specific")
+    return torch._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), q, group_size, scales_and_zeros)
+
+
+def int4_kernel_layout(packed: torch.Tensor, scale: torch.Tensor, wmin: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """On-disk int4 (formats.py: packed [N, K/2], scale/wmin [N, G]) -> the CPU kernel's layout:
+    (uint8 [N', K/2], scales_and_zeros bf16 [G, N', 2]) with N' = N rounded up to 16 (padded rows
+    are zero and their outputs dropped). The kernel reads code q as (q - 8) * scale + zero, so
+    zero = wmin + 8 * scale gives back W = q * scale + wmin."""
+    N = packed.shape[0]
+    pad = -N % INT4_TILE
+    codes = F.pad(int4_unpack(packed).to(torch.int32), (0, 0, 0, pad))
+    q = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    sz = torch.stack((scale.float(), wmin.float() + 8 * scale.float()), dim=-1)  # [N, G, 2]
+    return q, F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+
+
+# ----------------------------------------------------------------------------- linears
+
 class _QuantLinear(nn.Module):
-    """Shared plumbing: flatten x to 2-D, run the kernel in bf16 (on CPU), cast back."""
+    """Shared plumbing: flatten x to 2-D, run the kernel, add the bias, cast back to x's dtype."""
 
     in_features: int
     out_features: int
@@ -60,7 +95,7 @@ class _QuantLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """W dequantized [N, K] in the bias/scale dtype (for code that reads .weight, e.g. absorbed MLA)."""
+        """W dequantized, [N, K] fp32 (for code that reads .weight, e.g. absorbed MLA)."""
         return self.dequantize()
 
     def extra_repr(self) -> str:
@@ -68,167 +103,258 @@ class _QuantLinear(nn.Module):
 
 
 class Int8Linear(_QuantLinear):
-    """y = x W^T with W = q * scale[:, None], q int8 [N, K], scale [N] (per output channel)."""
+    """y = x W^T with W = q * scale[:, None]: q int8 [N, K], scale bf16 [N] (per output channel)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.empty(out_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.zeros(out_features, dtype=KERNEL_DTYPE))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @torch.no_grad()
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """From the on-disk layout (formats.py): q int8 [N, K], scale [N]."""
         self.qweight.copy_(q)
         self.scale.copy_(scale)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.qweight, self.scale.to(KERNEL_DTYPE))
-        return F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)  # per-channel scale commutes
+        return int8_mm(x, self.qweight, self.scale)
 
     def dequantize(self) -> torch.Tensor:
-        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+        return self.qweight.float() * self.scale.float()[:, None]
 
 
 class Int4Linear(_QuantLinear):
-    """y = x W^T with W = q * scale + wmin per group of g inputs, q in 0..15.
+    """y = x W^T with W = q * scale + wmin per group of g inputs, q in 0..15, held in the CPU
+    kernel's layout (``int4_kernel_layout``): qweight uint8 [N', K/2], scales_and_zeros bf16 [K/g, N', 2]."""
 
-    Held in the CPU kernel's packed layout: qweight uint8 [N', K/2] and scales_and_zeros
-    [K/g, N', 2], N' = N rounded up to 16 (the kernel's tile; padded rows are zero, their
-    outputs dropped). The kernel reads code q as (q - 8) * scale + zero, so zero = wmin + 8 * scale.
-    """
-
-    def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
+                 name: str = "weight"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.group_size = int4_group_size(in_features, group_size)
-        padded = -(-out_features // 16) * 16
-        self.register_buffer("qweight", torch.empty(padded, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales_and_zeros", torch.empty(in_features // self.group_size, padded, 2))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.group_size = int4_group_size(in_features, group_size, name)
+        padded = out_features + (-out_features % INT4_TILE)
+        self.register_buffer("qweight", torch.zeros(padded, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros",
+                             torch.zeros(in_features // self.group_size, padded, 2, dtype=KERNEL_DTYPE))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @torch.no_grad()
     def set_quantized(self, packed: torch.Tensor, scale: torch.Tensor, wmin: torch.Tensor) -> None:
-        """From the on-disk layout (see formats.py): packed [N, K/2], scale/wmin [N, K/g]."""
-        if self.qweight.device.type != "cpu":
-            raise ValueError("int4 weights run on CPU only here (the kernel's packed layout is CPU-specific)")
-        pad = self.qweight.shape[0] - self.out_features
-        codes = F.pad(int4_unpack(packed).to(torch.int32), (0, 0, 0, pad))
-        self.qweight.copy_(torch._convert_weight_to_int4pack_for_cpu(codes, 1))
-        sz = torch.stack((scale.float(), wmin.float() + 8 * scale.float()), dim=-1)  # [N, K/g, 2]
-        self.scales_and_zeros.copy_(F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1))
+        """From the on-disk layout (formats.py): packed uint8 [N, K/2], scale/wmin [N, K/g]."""
+        q, sz = int4_kernel_layout(packed, scale, wmin)
+        self.qweight.copy_(q)
+        self.scales_and_zeros.copy_(sz)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), self.qweight, self.group_size,
-                                              self.scales_and_zeros.to(KERNEL_DTYPE))
-        return y[:, :self.out_features]
+        return int4_mm(x, self.qweight, self.scales_and_zeros, self.group_size)[:, :self.out_features]
 
     def dequantize(self) -> torch.Tensor:
-        # The kernel applied to the identity gives W^T exactly (to bf16): no second unpacking routine.
+        # The kernel applied to the identity gives W^T: no second unpacking routine to keep in step.
         eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE, device=self.qweight.device)
-        return self._mm(eye).t().to(self.scales_and_zeros.dtype)
+        return self._mm(eye).t().float()
 
 
-class QuantExperts(nn.Module):
-    """Drop-in for ``model.Experts``: one quantized linear per expert and projection.
+# ----------------------------------------------------------------------------- routed experts
 
-    ``gate_proj[e]``/``up_proj[e]`` map D -> I and ``down_proj[e]`` I -> D; the forward contract
-    (x [N, D], weights [N, K], indices [N, K]) -> [N, D] and the sort-by-expert dispatch are
-    the same as ``Experts.forward``.
+class _QuantExperts(nn.Module):
+    """Drop-in for ``model.Experts`` (x [N, D], weights [N, K], indices [N, K]) -> [N, D].
+
+    Subclasses hold the E experts stacked, gate and up fused: ``_gate_up(h, e)`` -> [n, 2I] and
+    ``_down(h, e)`` -> [n, D] run expert e's kernels on the n tokens routed to it.
     """
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, make_linear):
-        super().__init__()
-        self.gate_proj = nn.ModuleList([make_linear(dim, inter_dim) for _ in range(n_experts)])
-        self.up_proj = nn.ModuleList([make_linear(dim, inter_dim) for _ in range(n_experts)])
-        self.down_proj = nn.ModuleList([make_linear(inter_dim, dim) for _ in range(n_experts)])
+    n_experts: int
+    dim: int
+    inter_dim: int
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        N, K = indices.shape
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=len(self.gate_proj)).tolist()
-        token = order // K
-        xs = x[token]  # [N*K, D], grouped by expert
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            h = xs[start:start + n]
-            outs.append(self.down_proj[e](F.silu(self.gate_proj[e](h)) * self.up_proj[e](h)))
+        y = torch.zeros_like(x)
+        gates = weights.flatten().unsqueeze(-1)  # [N*K, 1] fp32, pair j = (token j // K, its k-th expert)
+        for e, tok, pairs in _group_by_expert(indices, self.n_experts):
+            gate, up = self._gate_up(x[tok], e).float().split(self.inter_dim, dim=-1)
+            h = F.silu(gate) * up * gates[pairs]  # the routing weight scales the narrower activation
+            y.index_add_(0, tok, self._down(h, e).to(x.dtype))
+        return y
+
+    def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert e's (gate [I, D], up [I, D], down [D, I]) dequantized to fp32 (tests, inspection)."""
+        device = self.down_proj.device
+        gate_up = self._gate_up(torch.eye(self.dim, device=device), e).float().t()  # [2I, D]
+        down = self._down(torch.eye(self.inter_dim, device=device), e).float().t()  # [D, I]
+        return gate_up[:self.inter_dim], gate_up[self.inter_dim:], down
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, dim={self.dim}, inter_dim={self.inter_dim}"
+
+
+def _group_by_expert(indices: torch.Tensor, n_experts: int):
+    """Yield (expert e, token rows [n], pair rows [n]) for each expert some token chose.
+
+    Decoding (N*K <= E pairs): grouped in Python from one small list, no sort. Otherwise the
+    pairs are sorted by expert once and each expert gets a contiguous slice."""
+    N, K = indices.shape
+    flat = indices.flatten()
+    if N * K <= n_experts:
+        by_expert: dict[int, list[int]] = {}
+        for j, e in enumerate(flat.tolist()):
+            by_expert.setdefault(e, []).append(j)
+        for e, pairs in by_expert.items():
+            p = torch.tensor(pairs, device=indices.device)
+            yield e, p // K, p
+        return
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            pairs = order[start:start + n]
+            yield e, pairs // K, pairs
             start += n
-        ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+class Int8Experts(_QuantExperts):
+    """Routed experts in int8: gate_up_proj int8 [E, 2I, D] (+ scale [E, 2I]), down_proj int8 [E, D, I]
+    (+ scale [E, D]); one scale per output channel, as ``Int8Linear``."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
+        self.register_buffer("gate_up_proj", torch.zeros(n_experts, 2 * inter_dim, dim, dtype=torch.int8))
+        self.register_buffer("gate_up_scale", torch.zeros(n_experts, 2 * inter_dim, dtype=KERNEL_DTYPE))
+        self.register_buffer("down_proj", torch.zeros(n_experts, dim, inter_dim, dtype=torch.int8))
+        self.register_buffer("down_scale", torch.zeros(n_experts, dim, dtype=KERNEL_DTYPE))
+
+    @torch.no_grad()
+    def set_expert(self, e: int, gate: tuple, up: tuple, down: tuple) -> None:
+        """Expert e from on-disk int8 parts (q, scale) of gate_proj [I, D], up_proj [I, D], down_proj [D, I]."""
+        self.gate_up_proj[e].copy_(torch.cat((gate[0], up[0])))
+        self.gate_up_scale[e].copy_(torch.cat((gate[1], up[1])))
+        self.down_proj[e].copy_(down[0])
+        self.down_scale[e].copy_(down[1])
+
+    def _gate_up(self, h, e):
+        return int8_mm(h, self.gate_up_proj[e], self.gate_up_scale[e])
+
+    def _down(self, h, e):
+        return int8_mm(h, self.down_proj[e], self.down_scale[e])
+
+
+class Int4Experts(_QuantExperts):
+    """Routed experts in int4, each matrix in the CPU kernel's layout (``int4_kernel_layout``):
+    gate_up_proj [E, 2I', D/2] (+ gate_up_scales_and_zeros [E, D/g, 2I', 2]), down_proj [E, D', I/2]
+    (+ down_scales_and_zeros [E, I/g, D', 2]); primes are rounded up to the kernel's tile of 16."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, group_size: int = 128, name: str = "experts"):
+        super().__init__()
+        self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
+        self.group_size = int4_group_size(dim, group_size, f"{name}.gate_proj/up_proj")
+        self.down_group_size = int4_group_size(inter_dim, group_size, f"{name}.down_proj")
+        gu, d = 2 * inter_dim + (-2 * inter_dim % INT4_TILE), dim + (-dim % INT4_TILE)
+        self.register_buffer("gate_up_proj", torch.zeros(n_experts, gu, dim // 2, dtype=torch.uint8))
+        self.register_buffer("gate_up_scales_and_zeros",
+                             torch.zeros(n_experts, dim // self.group_size, gu, 2, dtype=KERNEL_DTYPE))
+        self.register_buffer("down_proj", torch.zeros(n_experts, d, inter_dim // 2, dtype=torch.uint8))
+        self.register_buffer("down_scales_and_zeros",
+                             torch.zeros(n_experts, inter_dim // self.down_group_size, d, 2, dtype=KERNEL_DTYPE))
+
+    @torch.no_grad()
+    def set_expert(self, e: int, gate: tuple, up: tuple, down: tuple) -> None:
+        """Expert e from on-disk int4 parts (packed, scale, wmin) of gate_proj, up_proj, down_proj."""
+        q, sz = int4_kernel_layout(*(torch.cat((g, u)) for g, u in zip(gate, up)))
+        self.gate_up_proj[e].copy_(q)
+        self.gate_up_scales_and_zeros[e].copy_(sz)
+        q, sz = int4_kernel_layout(*down)
+        self.down_proj[e].copy_(q)
+        self.down_scales_and_zeros[e].copy_(sz)
+
+    def _gate_up(self, h, e):
+        y = int4_mm(h, self.gate_up_proj[e], self.gate_up_scales_and_zeros[e], self.group_size)
+        return y[:, :2 * self.inter_dim]
+
+    def _down(self, h, e):
+        return int4_mm(h, self.down_proj[e], self.down_scales_and_zeros[e], self.down_group_size)[:, :self.dim]
 
 
 # ----------------------------------------------------------------------------- the swap
 
-def linear_factory(method: str, group_size: int = 128):
-    """(in_features, out_features, bias) -> an empty quantized linear of `method`."""
+def _new_module(method: str, name: str, module: nn.Module, group_size: int) -> nn.Module:
+    """An empty quantized module of `method` shaped like `module` (an nn.Linear or Experts)."""
+    if isinstance(module, Experts):
+        E, inter, dim = module.gate_proj.shape
+        if method == "int8":
+            return Int8Experts(E, dim, inter)
+        return Int4Experts(E, dim, inter, group_size, name)
+    bias = module.bias is not None
     if method == "int8":
-        return lambda k, n, bias=False: Int8Linear(k, n, bias)
-    if method == "int4":
-        return lambda k, n, bias=False: Int4Linear(k, n, group_size, bias)
-    raise ValueError(f"unknown quantization method {method!r}; in-memory quantization takes 'int8' or 'int4'")
+        return Int8Linear(module.in_features, module.out_features, bias)
+    return Int4Linear(module.in_features, module.out_features, group_size, bias, name)
 
 
 def swap_modules(model: Transformer, method: str, group_size: int = 128,
-                 modules_to_not_convert: list[str] | None = None) -> dict[str, nn.Module]:
-    """Replace every nn.Linear / Experts not kept by empty quantized modules (works on meta models).
-
-    Returns {module name: original module} for the modules replaced, so a caller can fill them.
-    """
-    keep = DEFAULT_KEEP[method] if modules_to_not_convert is None else list(modules_to_not_convert)
-    make = linear_factory(method, group_size)
+                 keep: list[str] | None = None) -> dict[str, nn.Module]:
+    """Replace every nn.Linear / Experts whose name `keep` does not match by an empty quantized
+    module (on the same device, meta included). Returns {name: original module} for the caller to fill."""
+    if method not in ("int8", "int4"):
+        raise ValueError(f"unknown quantization method {method!r}; weights held quantized in memory are "
+                         "'int8' or 'int4' (fp8 checkpoints load dequantized)")
+    keep = DEFAULT_KEEP[method] if keep is None else list(keep)
+    if model.config.tie_word_embeddings and is_kept("lm_head", keep) != is_kept("model.embed_tokens", keep):
+        raise ValueError("lm_head is tied to embed_tokens (tie_word_embeddings): keep both or neither")
     replaced: dict[str, nn.Module] = {}
     for name, module in list(model.named_modules()):
-        if not name or is_kept(name, keep) or not isinstance(module, (nn.Linear, Experts)):
+        if not isinstance(module, (nn.Linear, Experts)) or is_kept(name, keep):
             continue
-        if isinstance(module, nn.Linear):
-            new = make(module.in_features, module.out_features, module.bias is not None)
-        else:
-            E, inter, dim = module.gate_proj.shape
-            new = QuantExperts(E, dim, inter, make)
-        ref = next(module.parameters())
-        new = new.to(device=ref.device, dtype=ref.dtype)  # float buffers follow the model; codes stay integer
+        device = next(module.parameters()).device
+        with torch.device(device):
+            new = _new_module(method, name, module, group_size)
+        if getattr(new, "bias", None) is not None:
+            new.bias = nn.Parameter(torch.empty_like(module.bias))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         replaced[name] = module
     return replaced
 
 
-@torch.no_grad()
-def quantize_(model: Transformer, method: str = "int8", group_size: int = 128,
-              modules_to_not_convert: list[str] | None = None) -> Transformer:
-    """Quantize a built model's weights in place (weight-only, no calibration: every expert included).
+def quantization_config(method: str, group_size: int, keep: list[str] | None) -> dict:
+    """What config.json records (``quantization_config``) for a model quantized this way."""
+    qc = {"quant_method": method, "modules_to_not_convert": DEFAULT_KEEP[method] if keep is None else list(keep)}
+    if method == "int4":
+        qc["group_size"] = group_size
+    return qc
 
-    method "int8" (per output channel) or "int4" (groups of `group_size` inputs). Modules whose
-    name contains a fragment of `modules_to_not_convert` (default DEFAULT_KEEP[method]) stay as they are.
+
+@torch.no_grad()
+def quantize_model(model: Transformer, method: str = "int8", group_size: int = 128,
+                   keep: list[str] | None = None) -> Transformer:
+    """Quantize a built model's weights in place and return it: weight-only, no calibration data,
+    so every routed expert is covered.
+
+    method "int8" (per output channel) or "int4" (asymmetric groups of `group_size` inputs).
+    Modules with a name component in `keep` (default DEFAULT_KEEP[method]: embeddings, the router,
+    kv_b_proj) stay as they are; norms are never touched.
     """
-    if getattr(model.lm_head, "weight", None) is model.model.embed_tokens.weight and \
-            not is_kept("lm_head", modules_to_not_convert or DEFAULT_KEEP[method]):
-        raise ValueError("lm_head is tied to embed_tokens: keep both or neither (add 'lm_head' to the kept modules)")
-    replaced = swap_modules(model, method, group_size, modules_to_not_convert)
+    replaced = swap_modules(model, method, group_size, keep)
+
+    def parts(w, what):  # the on-disk layout's tensors, as the modules' setters take them
+        return int8_quantize(w) if method == "int8" else int4_quantize(w, group_size, what)
+
     for name, old in replaced.items():
         new = model.get_submodule(name)
-        if isinstance(old, nn.Linear):
-            _fill(new, old.weight, method, group_size, name)
+        if isinstance(old, Experts):
+            for e in range(old.gate_proj.shape[0]):
+                new.set_expert(e, *(parts(getattr(old, p)[e], f"{name}.{e}.{p}")
+                                    for p in ("gate_proj", "up_proj", "down_proj")))
+        else:
+            new.set_quantized(*parts(old.weight, name))
             if old.bias is not None:
                 new.bias.copy_(old.bias)
-        else:
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                for e, w in enumerate(getattr(old, proj)):
-                    _fill(getattr(new, proj)[e], w, method, group_size, f"{name}.{e}.{proj}")
-    model.config = model.config.replace(quantization_config={
-        "quant_method": method, "group_size": group_size,
-        "modules_to_not_convert": DEFAULT_KEEP[method] if modules_to_not_convert is None
-        else list(modules_to_not_convert)})
+    model.config = model.config.replace(quantization_config=quantization_config(method, group_size, keep))
     return model
 
 
-def _fill(module: _QuantLinear, w: torch.Tensor, method: str, group_size: int, what: str) -> None:
-    if method == "int8":
-        module.set_quantized(*int8_quantize(w))
-    else:
-        module.set_quantized(*int4_quantize(w, group_size, what))
+def quantize_(model: Transformer, method: str = "int8", group_size: int = 128,
+              modules_to_not_convert: list[str] | None = None) -> Transformer:
+    """``quantize_model`` under torchao's in-place spelling (the demo's call)."""
+    return quantize_model(model, method, group_size, modules_to_not_convert)
