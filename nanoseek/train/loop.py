@@ -45,7 +45,7 @@ from ..model import document_mask
 from ..plots import plot_curves, plot_expert_load, read_metrics
 from .balance import CollapseMonitor, load_max_over_mean, moe_layer_ids, step_loads, update_expert_bias
 from .distributed import DistEnv, all_reduce_sum, barrier, data_parallel
-from .loss import IGNORE, cross_entropy, mtp_loss, mtp_targets, sequence_balance_loss
+from .loss import IGNORE, linear_cross_entropy, mtp_loss, mtp_targets, sequence_balance_loss
 from .optim import build_adamw, set_lr, warmup_cosine, warmup_stable_decay
 from .state import TRAIN_STATE, load_train_state, save_checkpoint, truncate_metrics
 
@@ -201,15 +201,19 @@ def check_rows(rows, vocab_size: int) -> None:
 # ----------------------------------------------------------------------------- model plumbing
 
 class TrainForward(nn.Module):
-    """forward_train + the main head as one module, so DDP sees (and syncs) a plain forward."""
+    """forward_train + the main head's loss as one module, so DDP sees (and syncs) a plain forward.
+
+    The head and cross-entropy are fused (loss.linear_cross_entropy): the [B, T, V] logits are
+    never stored for backward.
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, positions, mask):
+    def forward(self, input_ids, positions, mask, targets, num_tokens):
         hidden, mtp_logits = self.model.forward_train(input_ids, positions, mask)
-        return self.model.lm_head(hidden), mtp_logits
+        return linear_cross_entropy(hidden, self.model.lm_head.weight, targets, num_tokens), mtp_logits
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -339,8 +343,8 @@ def train_step(forward: nn.Module, model: nn.Module, optimizer, rows, row_ids: t
         last = i == len(starts) - 1
         with forward.no_sync() if env.distributed and not last else contextlib.nullcontext():
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits, mtp_logits = forward(input_ids[sl], document_positions(doc_ids[sl]), attention_mask(doc_ids[sl]))
-            ce = cross_entropy(logits, targets[sl], counts[0])
+                ce, mtp_logits = forward(input_ids[sl], document_positions(doc_ids[sl]), attention_mask(doc_ids[sl]),
+                                         targets[sl], counts[0])
             mtp = mtp_loss(mtp_logits, [t[sl] for t in deep_targets], counts[1:]).to(ce.device)
             bal = torch.zeros((), device=ce.device)
             real = doc_ids[sl] >= 0  # padding (doc id -1) is routed but neither balanced nor counted
