@@ -56,6 +56,7 @@ class DemoConfig:
     # inference benchmarks
     bench_prompts: int = 8
     bench_tokens: int = 128
+    bench_repeats: int = 3  # timed rounds (medians), the variants compared interleaved
     samples: int = 4
 
     @classmethod
@@ -65,9 +66,10 @@ class DemoConfig:
     @classmethod
     def quick(cls, **changes) -> "DemoConfig":
         return dataclasses.replace(cls(
-            pretrain_examples=3000, pretrain_steps=40, sft_examples=300, sft_steps=10, grpo_steps=2,
-            grpo_prompts=4, grpo_group=4, max_new_tokens=128, eval_examples=16, student_pretrain_steps=15,
-            distill_prompts=16, distill_steps=6, bench_prompts=2, bench_tokens=32, samples=2), **changes)
+            pretrain_examples=2000, pretrain_steps=30, batch_size=8, sft_examples=200, sft_steps=6, grpo_steps=2,
+            grpo_prompts=2, grpo_group=4, max_new_tokens=96, eval_examples=8, student_pretrain_steps=10,
+            distill_prompts=8, distill_steps=4, bench_prompts=1, bench_tokens=24, bench_repeats=2, samples=2),
+            **changes)
 
     def __post_init__(self):
         from ..data.tasks import TASKS

@@ -252,7 +252,7 @@ def prompts_for_bench(ctx: Context, tokenizer: Tokenizer) -> list[list[int]]:
     return [prompt_ids(tokenizer, ex, "chat") for ex in ctx.held_out(ctx.cfg.bench_prompts)]
 
 
-def decode_speeds(models: dict, prompts: list[list[int]], max_new_tokens: int, repeats: int = 3) -> dict:
+def decode_speeds(models: dict, prompts: list[list[int]], max_new_tokens: int, repeats: int) -> dict:
     """Batch-1 greedy decoding, each (name -> (model, generate kwargs)) timed on every prompt in
     interleaved rounds, so a shared machine's slow moments hit every variant alike. Median tokens/s."""
     engines = {name: (Engine(model), kw) for name, (model, kw) in models.items()}
@@ -287,7 +287,8 @@ def stage_quantize(ctx: Context) -> dict:
     tok = Tokenizer.from_pretrained(final)
     models = {"fp32": load_pretrained(final, dtype=torch.float32), "bf16": load_pretrained(final, dtype=torch.bfloat16),
               "int8": quantize_(load_pretrained(final, dtype=torch.float32), "int8")}
-    speeds = decode_speeds({k: (m, {}) for k, m in models.items()}, prompts_for_bench(ctx, tok), ctx.cfg.bench_tokens)
+    speeds = decode_speeds({k: (m, {}) for k, m in models.items()}, prompts_for_bench(ctx, tok), ctx.cfg.bench_tokens,
+                           ctx.cfg.bench_repeats)
     rows = {}
     for fmt, model in models.items():
         loss = evaluate_loss(model, tok, ctx.task, layout="chat", seq_len=ctx.cfg.seq_len, examples=ctx.held_out())
@@ -314,7 +315,7 @@ def stage_inference(ctx: Context) -> dict:
     v3 = estimate(ModelConfig.preset("deepseek-v3"))
     prompts = prompts_for_bench(ctx, Tokenizer.from_pretrained(final))
     runs = decode_speeds({"plain": (model, {}), "mtp": (model, {"speculative": "mtp"})}, prompts,
-                         ctx.cfg.bench_tokens)
+                         ctx.cfg.bench_tokens, ctx.cfg.bench_repeats)
     plain, spec = runs["plain"], runs["mtp"]
     return {"model": final.name,
             "cache": {"mla_bytes_per_token": mla, "mha_bytes_per_token": mha, "reduction": 1 - mla / mha,

@@ -1,0 +1,148 @@
+"""`nanoseek demo --quick`: end to end, interrupted and resumed, and its report read back against the run."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nanoseek import cli
+from nanoseek.demo import report, stages
+from nanoseek.demo.run import STATE_FILE, DemoConfig, run_demo
+
+SECTIONS = ["## Time per stage", "## Tokenizer and models", "## Pretraining and SFT: loss",
+            "## Expert load: auxiliary-loss-free balancing",
+            "## Reasoning accuracy: pass@1 before and after GRPO (held-out)", "## Distilled vs RL-only student",
+            "## int8 quantization vs full precision", "## Inference: MLA cache and MTP speculative decoding",
+            "## Sample answers with their reasoning"]
+FIGURES = ["stage_times", "loss", "balance", "expert_load", "accuracy", "grpo", "students", "quant", "inference"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Run the quick demo, cut off in its last stage; then run it again and record what ran."""
+    out = tmp_path_factory.mktemp("demo")
+    original = list(stages.STAGES)
+    last = original[-1]
+
+    def interrupt(ctx):
+        raise Interrupted("simulated interruption")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(stages, "STAGES", original[:-1] + [stages.Stage(last.name, last.title, interrupt)])
+    with pytest.raises(Interrupted):
+        cli.main(["demo", "--quick", "--out", str(out)])
+    before = json.loads((out / STATE_FILE).read_text())
+    report_before = (out / "report.md").exists()
+
+    called = []
+
+    def counting(stage):
+        def fn(ctx):
+            called.append(stage.name)
+            return stage.fn(ctx)
+        return stages.Stage(stage.name, stage.title, fn)
+
+    mp.setattr(stages, "STAGES", [counting(s) for s in original])
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
+    mp.undo()
+    after = json.loads((out / STATE_FILE).read_text())
+    return {"out": out, "before": before, "after": after, "called": called, "report_before": report_before,
+            "last": last.name, "names": [s.name for s in original]}
+
+
+def test_interrupted_demo_resumes_at_the_unfinished_stage(demo, capsys):
+    before, after = demo["before"], demo["after"]
+    assert list(before["stages"]) == demo["names"][:-1]  # every stage but the interrupted one finished
+    assert not demo["report_before"]
+    assert demo["called"] == [demo["last"]]  # the second run only ran the missing stage
+    for name, entry in before["stages"].items():
+        assert after["stages"][name] == entry  # finished stages kept as they were
+    assert all(after["stages"][n]["status"] == "done" for n in demo["names"])
+
+
+def test_report_has_every_section_and_plot(demo):
+    out = demo["out"]
+    text = (out / "report.md").read_text()
+    positions = [text.index(s) for s in SECTIONS]
+    assert positions == sorted(positions)
+    assert text.count("Paper: ") >= 7  # each effect beside what the DeepSeek paper reports
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert sorted(Path(i).stem for i in images) == sorted(FIGURES)
+    for rel in images:
+        data = (out / rel).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, rel
+
+
+def _table_row(text: str, section: str, first_cell: str) -> list[str]:
+    """The cells of the row starting with `first_cell` in the first table under `section`."""
+    for line in text[text.index(section):].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row {first_cell!r}")
+
+
+def test_report_figures_come_from_the_run(demo):
+    out, state = demo["out"], demo["after"]
+    results = {n: s["result"] for n, s in state["stages"].items()}
+    text = (out / "report.md").read_text()
+    cfg = DemoConfig.quick()
+
+    # accuracy rows: the numbers measured by the evaluate stage on the held-out split
+    for name in ("pretrain", "sft", "grpo"):
+        ev = results["evaluate"][name]
+        assert ev["n"] == cfg.eval_examples and ev["pass@1"] == ev["correct"] / ev["n"]
+        row = _table_row(text, "## Reasoning accuracy", name)
+        assert row[1] == f"{100 * ev['pass@1']:.1f}%" and row[2] == f"{ev['correct']} / {ev['n']}"
+    assert results["evaluate"]["grpo"] == results["grpo"]["eval"]
+
+    # training figures: the last row of the stage's own metrics.jsonl
+    rows = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == cfg.pretrain_steps == results["pretrain"]["steps"]
+    assert f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}" in text
+
+    # cache bytes: the teacher's own config; int8 row: the quantize stage's measurements
+    mcfg = json.loads((out / "grpo" / "config.json").read_text())
+    mla = (mcfg["kv_lora_rank"] + mcfg["qk_rope_head_dim"]) * mcfg["num_hidden_layers"] * 2
+    assert results["inference"]["cache"]["mla_bytes_per_token"] == mla
+    assert f"Latent cache: {mla:,} bytes/token" in text
+    int8 = results["quantize"]["formats"]["int8"]
+    assert _table_row(text, "## int8", "int8")[2] == f"{int8['held_out_loss']:.4f}"
+
+    # re-rendered from changed results, the report changes with them: nothing is a constant
+    state["stages"]["evaluate"]["result"]["sft"].update({"pass@1": 0.625, "correct": 10})
+    other = out / "rerender"
+    other.mkdir()
+    (other / "pretrain").symlink_to(out / "pretrain")
+    changed = report.write_report(other, state).read_text()
+    assert _table_row(changed, "## Reasoning accuracy", "sft")[1:3] == ["62.5%", f"10 / {cfg.eval_examples}"]
+
+
+def test_samples_show_reasoning_and_next_commands(demo, capsys):
+    samples = demo["after"]["stages"]["samples"]["result"]["samples"]
+    assert len(samples) == DemoConfig.quick().samples
+    text = (demo["out"] / "report.md").read_text()
+    for s in samples:
+        assert f"**{s['prompt']}**" in text
+    # the resumed run printed the commands to try next, on a model folder that exists
+    run_demo(demo["out"], DemoConfig.quick())  # everything finished: only the report and the hints
+    printed = capsys.readouterr().out
+    model = re.search(r"nanoseek chat --model (\S+)", printed).group(1)
+    assert Path(model, "config.json").exists() and f"nanoseek serve --model {model}" in printed
+    assert "finished earlier" in printed
+
+
+def test_resume_with_other_sizes_is_refused(demo):
+    with pytest.raises(ValueError, match="was started with"):
+        run_demo(demo["out"], DemoConfig.full())
+
+
+def test_corrupt_state_file_is_named(tmp_path):
+    (tmp_path / STATE_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=STATE_FILE):
+        run_demo(tmp_path, DemoConfig.quick())
