@@ -27,7 +27,7 @@ venv: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 
 demo: $(VENV)/.installed
-	$(BIN)/nanoseek smoke $(DEMO_ARGS)
+	$(BIN)/nanoseek demo $(DEMO_ARGS)
 
 # The web-chat test drives Debian's Chromium with Playwright (never a downloaded browser).
 browser:
