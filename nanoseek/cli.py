@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "nanoseek.rl.distill",
     "nanoseek.demo.run",
     "nanoseek.quant.convert",
+    "nanoseek.serve",
 ]
 
 

@@ -22,6 +22,7 @@ speculative rollback is just setting the row's length back.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -91,6 +92,13 @@ class LatentCache:
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished requests leave the batch)."""
         self.kv = self.kv[:, rows]
+
+    def view(self, start: int, stop: int) -> "LatentCache":
+        """A cache over batch rows start..stop-1 that shares this one's storage: forwards through
+        it write into these rows (a server prefills one slot, or decodes its first n slots)."""
+        part = copy.copy(self)
+        part.kv = self.kv[:, start:stop]
+        return part
 
 
 def attention_mask(positions: torch.Tensor, attend_len: int) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""Serving scheduler: continuous batching equals Engine.generate, joins, cancels, prefix cache, queue."""
+
+import pytest
+import torch
+from conftest import randomize_
+
+from nanoseek.config import ModelConfig
+from nanoseek.engine import Engine
+from nanoseek.model import Transformer
+from nanoseek.serve.scheduler import PrefixCache, QueueFull, SamplingParams, Scheduler
+from nanoseek.tokenizer import Tokenizer
+
+PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17, 18], [40] * 20, [7, 7, 100, 200, 300, 9]]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(eos_token_id=None, max_position_embeddings=256)
+    return Engine(randomize_(Transformer(cfg), scale=0.1))
+
+
+def collect(sched, prompt, params):
+    """Submit and return (events, request); events accumulate as the scheduler steps."""
+    events = []
+    return events, sched.submit(prompt, params, events.append)
+
+
+def ids_of(events):
+    return [t for e in events for t in e.token_ids]
+
+
+def drain(sched, limit=10_000):
+    for _ in range(limit):
+        if not sched.step() and sched.waiting == 0:
+            return
+    raise AssertionError("the scheduler did not finish")
+
+
+def test_batched_greedy_equals_engine_generate_per_prompt(engine):
+    sched = Scheduler(engine, max_batch=8, prefix_cache_bytes=0)
+    runs = [collect(sched, p, SamplingParams(max_tokens=12 + i)) for i, p in enumerate(PROMPTS)]
+    drain(sched)
+    for (events, req), p in zip(runs, PROMPTS):
+        assert ids_of(events) == engine.generate([p], len(req.out))[0] == req.out
+        assert events[-1].finish_reason == "length" and sum(e.finish_reason is not None for e in events) == 1
+    assert sched.stats["rows_decoded"] > sched.stats["steps"]  # rows really shared steps
+
+
+def test_requests_join_mid_stream_and_more_requests_than_slots(engine):
+    sched = Scheduler(engine, max_batch=2, prefix_cache_bytes=0)
+    first = collect(sched, PROMPTS[0], SamplingParams(max_tokens=20))
+    for _ in range(5):
+        sched.step()
+    later = [collect(sched, p, SamplingParams(max_tokens=9)) for p in PROMPTS[1:]]
+    assert len(sched.rows) == 1
+    sched.step()
+    assert len(sched.rows) == 2 and sched.waiting == len(PROMPTS) - 2  # one joined, the rest wait
+    drain(sched)
+    for (events, _), p in zip([first] + later, PROMPTS):
+        assert ids_of(events) == engine.generate([p], 20 if p is PROMPTS[0] else 9)[0]
+
+
+def test_seeded_sampling_is_per_request_and_matches_the_engine(engine):
+    sched = Scheduler(engine, max_batch=4, prefix_cache_bytes=0)
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=7)
+    a = collect(sched, PROMPTS[2], params)
+    noise = collect(sched, PROMPTS[0], SamplingParams(max_tokens=10, temperature=1.0, seed=1))
+    drain(sched)
+    want = engine.generate([PROMPTS[2]], 10, temperature=0.9, top_p=0.95, seed=7)[0]
+    assert ids_of(a[0]) == want and ids_of(noise[0]) != want
+
+
+def test_cancel_frees_the_slot(engine):
+    sched = Scheduler(engine, max_batch=1, prefix_cache_bytes=0)
+    events, req = collect(sched, PROMPTS[0], SamplingParams(max_tokens=100))
+    waiting, _ = collect(sched, PROMPTS[1], SamplingParams(max_tokens=5))
+    sched.step()
+    sched.step()
+    assert sched.rows == [req] and sched.waiting == 1
+    req.cancel()
+    drain(sched)
+    assert events[-1].finish_reason == "cancelled" and len(ids_of(events)) < 100
+    assert ids_of(waiting) == engine.generate([PROMPTS[1]], 5)[0]
+    assert sched.rows == []
+
+
+def test_eos_ends_a_request(engine):
+    want = engine.generate([PROMPTS[0]], 8)[0]
+    eos = want[3]
+    cfg = engine.config.replace(eos_token_id=eos)
+    eng = Engine(engine.model, None)
+    eng.config = cfg
+    sched = Scheduler(eng, max_batch=2, prefix_cache_bytes=0)
+    events, req = collect(sched, PROMPTS[0], SamplingParams(max_tokens=8))
+    drain(sched)
+    assert ids_of(events) == want[:want.index(eos)] and events[-1].finish_reason == "stop"
+
+
+def test_prefix_cache_suffix_prefill_matches_whole_prefill(engine):
+    """Latents copied from the prefix cache + prefill of the rest == prefill of the whole prompt."""
+    prompt = list(range(20, 60))  # 40 tokens: two 16-token blocks cached, 8 left to prefill
+    sched = Scheduler(engine, max_batch=2, block=16)
+    first = collect(sched, prompt, SamplingParams(max_tokens=10))
+    drain(sched)
+    second = collect(sched, prompt[:36] + [1, 2, 3], SamplingParams(max_tokens=10))
+    drain(sched)
+    assert first[0][-1].cached_tokens == 0 and second[0][-1].cached_tokens == 32
+    assert second[0][-1].prompt_tokens == 39
+    assert ids_of(first[0]) == engine.generate([prompt], 10)[0]
+    assert ids_of(second[0]) == engine.generate([prompt[:36] + [1, 2, 3]], 10)[0]
+    assert sched.stats["cached_tokens"] == 32
+
+    # the logits themselves, copy + suffix against one whole forward
+    with torch.inference_mode():
+        cache = engine.new_cache(1, 64)
+        whole = engine.logits(engine.forward(torch.tensor([prompt]), torch.arange(40)[None], cache, absorb=False))
+        split = engine.new_cache(1, 64)
+        split.kv[:, 0, :32] = sched.prefix.lookup(prompt, 39)
+        tail = engine.logits(engine.forward(torch.tensor([prompt[32:]]), torch.arange(32, 40)[None], split,
+                                            absorb=False))
+    torch.testing.assert_close(tail[0], whole[0, 32:], rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_cache_is_lru_bounded_and_keeps_a_token_to_prefill():
+    block = torch.ones(2, 4, 3)
+    pc = PrefixCache(max_bytes=3 * block.nbytes, block=4)
+    pc.insert(list(range(8)), torch.ones(2, 8, 3))
+    assert pc.lookup(list(range(8)), 7).shape == (2, 4, 3)  # the last token is always prefilled
+    assert pc.lookup(list(range(8)) + [9], 8).shape == (2, 8, 3)
+    assert pc.lookup([1] + list(range(1, 9)), 8) is None  # differs in the first block
+    pc.insert(list(range(100, 108)), torch.ones(2, 8, 3))
+    assert pc.bytes <= pc.max_bytes and len(pc.blocks) == 3
+    assert PrefixCache(0).lookup([1, 2, 3], 2) is None
+
+
+def test_text_stop_sequences_and_held_back_text(engine):
+    tok = Tokenizer.train(["abc def ghi", "hello world"] * 10, vocab_size=300)
+    eng = Engine(engine.model, tok)
+    ids = eng.generate([[5, 6, 7]], 30)[0]
+    text = tok.decode(ids)
+    stop = text[10:13]
+    sched = Scheduler(eng, max_batch=2, prefix_cache_bytes=0)
+    events, _ = collect(sched, [5, 6, 7], SamplingParams(max_tokens=30, stop=[stop]))
+    drain(sched)
+    out = "".join(e.text for e in events)
+    assert out == text[:text.find(stop)] and events[-1].finish_reason == "stop"
+    assert all(stop not in e.text for e in events)
+
+
+def test_queue_full_and_bad_requests(engine):
+    sched = Scheduler(engine, max_batch=1, queue_size=2)
+    sched.submit([1, 2], SamplingParams(max_tokens=2))
+    sched.submit([1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(QueueFull):
+        sched.submit([1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="exceed the context"):
+        sched.submit([1] * 250, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="token ids"):
+        sched.submit([], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="temperature"):
+        sched.submit([1], SamplingParams(max_tokens=2, temperature=-1))
+
+
+def test_thread_runs_requests_and_stops(engine):
+    import threading
+    sched = Scheduler(engine, max_batch=4).start()
+    try:
+        done = [threading.Event() for _ in PROMPTS]
+        outs = [[] for _ in PROMPTS]
+
+        def listener(i):
+            def on_event(e):
+                outs[i].extend(e.token_ids)
+                if e.finish_reason:
+                    done[i].set()
+            return on_event
+        for i, p in enumerate(PROMPTS):
+            sched.submit(p, SamplingParams(max_tokens=6), listener(i))
+        assert all(d.wait(30) for d in done)
+        assert outs == engine.generate(PROMPTS, 6)
+    finally:
+        sched.stop()
+    assert not sched._thread.is_alive()
