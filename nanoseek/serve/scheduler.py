@@ -178,7 +178,7 @@ class Scheduler:
         self.eos = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_id is not None:
             self.eos.add(self.tokenizer.eos_id)
-        self.stats = dict(steps=0, rows_decoded=0, prompt_tokens=0, cached_tokens=0, finished=0)
+        self.stats = dict(steps=0, rows_decoded=0, prompt_tokens=0, cached_tokens=0, finished=0, cancelled=0)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -332,6 +332,7 @@ class Scheduler:
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         req.finish_reason = reason
+        self.stats["cancelled"] += reason == "cancelled"
         self._emit(req, len(req.text), error)
 
     def _leave(self) -> None:
