@@ -158,7 +158,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, to: str, 
             save_file(shard, str(tmp / file.name), metadata={"format": "pt"})
             weight_map.update({key: file.name for key in shard})
         bar.close()
-        if len(by_file) > 1:
+        if len(by_file) > 1 or (src / "model.safetensors.index.json").exists():  # shards keep their names
             names = set(weight_map.values())
             index = {"metadata": {"total_size": sum((tmp / name).stat().st_size for name in names)},
                      "weight_map": dict(sorted(weight_map.items(), key=lambda kv: _natural_key(kv[0])))}
@@ -237,7 +237,8 @@ def load_quantized(path: str | os.PathLike, cfg: ModelConfig | None = None, dtyp
     _init_buffers(model, device)
     params = dict(model.named_parameters())
     params.update(model.named_buffers())
-    companions = {key + s for key in files for s in COMPANIONS[method] if key + s in files}
+    # a companion is skipped on its own even when its weight is missing: the error then names the weight
+    companions = {key + s for key in files.keys() | targets for s in COMPANIONS[method] if key + s in files}
     experts: dict[tuple[str, int], dict[str, tuple]] = {}
     seen: set[str] = set()
     by_file: dict[Path, list[str]] = {}
