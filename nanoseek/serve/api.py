@@ -70,6 +70,7 @@ class _Common(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens whatever comes (benchmarks)
 
 
 class ChatRequest(_Common):
@@ -183,7 +184,7 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
     def params(body: _Common, max_tokens: int, i: int) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         seed = None if body.seed is None else body.seed + i  # n choices differ but stay reproducible
-        return SamplingParams(max_tokens, body.temperature, body.top_p, seed, stop)
+        return SamplingParams(max_tokens, body.temperature, body.top_p, seed, stop, body.ignore_eos)
 
     def submit(jobs: list[tuple[list[int], SamplingParams]], events: asyncio.Queue) -> list:
         """Queue every choice; all or nothing. Events arrive as (choice index, Event)."""
@@ -206,6 +207,8 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
 
     async def next_event(request: Request, events: asyncio.Queue):
         """The next (index, Event), or None once the client has gone away."""
+        if not events.empty():  # the common case while streaming: no timer needed
+            return events.get_nowait()
         while True:
             try:
                 return await asyncio.wait_for(events.get(), timeout=1.0)

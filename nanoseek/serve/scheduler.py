@@ -56,6 +56,7 @@ class SamplingParams:
     top_p: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # text stop sequences (need a tokenizer)
+    ignore_eos: bool = False  # run to max_tokens (benchmarks)
 
 
 @dataclass
@@ -300,7 +301,8 @@ class Scheduler:
         """Account one new token of `req`: EOS, text, stop sequences, max_tokens; emit what is final."""
         req.last = token
         stops = req.params.stop
-        if token in self.eos:
+        ended = token in self.eos and not req.params.ignore_eos
+        if ended:
             req.finish_reason = "stop"
         else:
             req.out.append(token)
@@ -314,7 +316,7 @@ class Scheduler:
                     req.text, req.finish_reason = req.text[:cut], "stop"
             if req.finish_reason is None and len(req.out) >= req.params.max_tokens:
                 req.finish_reason = "length"
-        if req.finish_reason is not None and req.stream is not None and token in self.eos:
+        if ended and req.stream is not None:
             rest = req.stream.flush()
             cut = _stop_at(req.text + rest, stops, len(req.text)) if stops else None
             req.text = (req.text + rest)[:cut]

@@ -1,0 +1,228 @@
+"""Serving throughput and prefix-cache latency through the real HTTP server.
+
+    python benchmarks/bench_serve.py                       # random-weight model built here, ~2 minutes
+    python benchmarks/bench_serve.py --model runs/sft --out benchmarks/RESULTS_serve.md
+
+Starts `nanoseek serve` on loopback in its own process (OMP_NUM_THREADS=--threads), then drives it
+with streaming /v1/completions clients (asyncio + httpx, in this process) over HTTP:
+
+1. Continuous batching: 1, 8 and 32 concurrent clients, each sending requests one after another
+   (different prompts, max_tokens fixed). Requests use the `ignore_eos` extension field (as in
+   vLLM) so every request makes exactly max_tokens tokens whatever the weights. Reported: requests/s
+   and total generated tokens/s; the target is >= 3x the tokens/s of one client with 8 clients.
+2. Prefix cache: a fresh ~1,000-token prompt sent twice; the second time its latents come from the
+   prefix cache. Reported: time to first token and total latency, cold vs cached (median of
+   --repeats different prompts); the target is >= 3x faster the second time.
+
+Clients and server share the machine's cores, so the figures are conservative. Without --model the model is a random-weight DeepSeek-V3-style
+config (below) with a tokenizer trained here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from nanoseek.checkpoint import save_pretrained
+from nanoseek.config import ModelConfig
+from nanoseek.generate import load
+from nanoseek.model import Transformer
+from nanoseek.tokenizer import Tokenizer
+
+WORDS = ("the model reads every token once and writes its latent into the cache so that later "
+         "queries attend in latent space experts route tokens by affinity and balance their load").split()
+
+
+def build_model(path: Path) -> None:
+    """A random-weight small DeepSeek-V3-style model (4 layers, width 256, 8 routed experts)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+                                             q_lora_rank=128, kv_lora_rank=64, max_position_embeddings=2048)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.05)
+    save_pretrained(model, path)
+    Tokenizer.train([" ".join(random.Random(i).choices(WORDS, k=40)) for i in range(200)],
+                    vocab_size=512).save_pretrained(path)
+
+
+def text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choices(WORDS, k=words))
+
+
+async def stream_once(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed completion -> {ttft, total, tokens, cached}."""
+    t0 = time.perf_counter()
+    ttft, usage = None, None
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            elif ttft is None and event["choices"]:  # the first text (or the end, if all of it
+                ttft = time.perf_counter() - t0       # was a half UTF-8 character held back)
+    return dict(ttft=ttft, total=time.perf_counter() - t0, tokens=usage["completion_tokens"],
+                cached=usage["prompt_tokens_details"]["cached_tokens"], prompt_tokens=usage["prompt_tokens"])
+
+
+async def throughput(base: str, model: str, clients: int, per_client: int, max_tokens: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    prompts = [[text(rng, 12) for _ in range(per_client)] for _ in range(clients)]
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+        async def worker(mine):
+            return [await stream_once(client, model, p, max_tokens) for p in mine]
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(m) for m in prompts)) for r in rs]
+        wall = time.perf_counter() - t0
+    tokens = sum(r["tokens"] for r in results)
+    return dict(clients=clients, requests=len(results), tokens=tokens, wall=wall,
+                rps=len(results) / wall, tps=tokens / wall)
+
+
+async def prefix_cache(base: str, model: str, words: int, repeats: int, max_tokens: int) -> list[dict]:
+    rows = []
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        for i in range(repeats):
+            prompt = text(random.Random(1000 + i), words)  # new each time: the first send is cold
+            cold = await stream_once(client, model, prompt, max_tokens)
+            warm = await stream_once(client, model, prompt, max_tokens)
+            rows.append(dict(cold=cold, warm=warm))
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(base: str, server: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"nanoseek serve exited: {server.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("nanoseek serve did not come up")
+
+
+def machine(threads: int) -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                    platform.processor())
+    except OSError:
+        name = platform.processor()
+    return f"{name}, {os.cpu_count()} cores visible, torch {torch.__version__}, server with {threads} torch thread(s)"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint folder (default: a random-weight model built here)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for the model (1: on a shared 2-core machine 2 threads stall each other)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per request in the throughput runs")
+    ap.add_argument("--concurrency", default="1,8,32", help="client counts to measure")
+    ap.add_argument("--requests", type=int, default=64,
+                    help="requests per run, split among the clients (one client sends an eighth of them)")
+    ap.add_argument("--prefix-words", type=int, default=1000, help="words in the prefix-cache prompt (~1 token each)")
+    ap.add_argument("--repeats", type=int, default=5, help="prompts sent twice in the prefix-cache test")
+    ap.add_argument("--out", default="benchmarks/RESULTS_serve.md", help="markdown file for the results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tmp = None
+    path = args.model
+    if path is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
+        path = tmp.name
+        build_model(Path(path))
+    engine = load(path)  # only for the parameter count and dtype; the server loads its own copy
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    # The server is the real command in its own process, as clients would meet it.
+    server = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", path, "--port", str(port),
+                               "--served-model-name", "bench", "--max-batch", "32", "--queue-size", "128"],
+                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    print(f"model: {args.model or 'random-weight (built here)'}, {engine.model.num_params():,} parameters; "
+          f"serving on {base}")
+    try:
+        wait_until_up(base, server)
+        asyncio.run(throughput(base, "bench", 2, 1, 8, seed=99))  # warm-up
+        runs = []
+        for c in (int(x) for x in args.concurrency.split(",")):
+            per = max(1, args.requests // c) if c > 1 else max(1, args.requests // 8)
+            r = asyncio.run(throughput(base, "bench", c, per, args.max_tokens, seed=c))
+            runs.append(r)
+            print(f"{c:>3} clients: {r['requests']} requests, {r['tokens']} tokens in {r['wall']:.1f}s: "
+                  f"{r['rps']:.2f} requests/s, {r['tps']:.1f} tokens/s "
+                  f"({r['tps'] / runs[0]['tps']:.2f}x one client)")
+        pc = asyncio.run(prefix_cache(base, "bench", args.prefix_words, args.repeats, 8))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if tmp is not None:
+            tmp.cleanup()
+
+    med = {k: {m: statistics.median(r[k][m] for r in pc) for m in ("ttft", "total")} for k in ("cold", "warm")}
+    prompt_tokens, cached = pc[0]["warm"]["prompt_tokens"], pc[0]["warm"]["cached"]
+    ttft_x, total_x = med["cold"]["ttft"] / med["warm"]["ttft"], med["cold"]["total"] / med["warm"]["total"]
+    print(f"prefix cache, {prompt_tokens}-token prompt ({cached} cached the second time), 8 new tokens: "
+          f"time to first token {med['cold']['ttft'] * 1e3:.0f} -> {med['warm']['ttft'] * 1e3:.0f} ms "
+          f"({ttft_x:.1f}x), total {med['cold']['total'] * 1e3:.0f} -> {med['warm']['total'] * 1e3:.0f} ms "
+          f"({total_x:.1f}x)")
+
+    command = "python " + " ".join([sys.argv[0].replace(str(Path.cwd()) + "/", "")] + sys.argv[1:])
+    lines = [
+        "# Serving benchmark (`nanoseek serve`)", "",
+        f"Command: `{command}`  ", f"Machine: {machine(args.threads)}  ",
+        f"Model: {args.model or 'random-weight DeepSeek-V3-style (4 layers, width 256, 8 routed experts), built by the script'}"
+        f", {engine.model.num_params():,} parameters, {engine.dtype}.  ",
+        "Clients: streaming `/v1/completions` over HTTP on loopback from a separate process; greedy, "
+        f"`ignore_eos` so each request makes exactly {args.max_tokens} tokens.", "",
+        "## Continuous batching", "",
+        "| concurrent clients | requests | tokens | wall (s) | requests/s | tokens/s | vs 1 client |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall']:.1f} | {r['rps']:.2f} | "
+          f"{r['tps']:.1f} | {r['tps'] / runs[0]['tps']:.2f}x |" for r in runs), "",
+        "## Prefix cache", "",
+        f"A fresh {prompt_tokens}-token prompt sent twice ({cached} tokens served from the prefix cache the "
+        f"second time), 8 new tokens, median of {args.repeats} prompts.", "",
+        "| | time to first token (ms) | total (ms) |", "|---|---:|---:|",
+        f"| first send (cold) | {med['cold']['ttft'] * 1e3:.0f} | {med['cold']['total'] * 1e3:.0f} |",
+        f"| second send (cached) | {med['warm']['ttft'] * 1e3:.0f} | {med['warm']['total'] * 1e3:.0f} |",
+        f"| speedup | {ttft_x:.1f}x | {total_x:.1f}x |", "",
+    ]
+    Path(args.out).write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
