@@ -7,7 +7,7 @@ from conftest import randomize_
 from nanoseek.config import ModelConfig
 from nanoseek.engine import Engine
 from nanoseek.model import Transformer
-from nanoseek.serve.scheduler import PrefixCache, QueueFull, SamplingParams, Scheduler
+from nanoseek.serve.scheduler import NotRunning, PrefixCache, QueueFull, SamplingParams, Scheduler, _held
 from nanoseek.tokenizer import Tokenizer
 
 PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17, 18], [40] * 20, [7, 7, 100, 200, 300, 9]]
@@ -134,6 +134,63 @@ def test_prefix_cache_is_lru_bounded_and_keeps_a_token_to_prefill():
     assert PrefixCache(0).lookup([1, 2, 3], 2) is None
 
 
+def test_prefix_cache_evicts_children_before_their_parents():
+    pc = PrefixCache(max_bytes=2 * torch.ones(2, 4, 3).nbytes, block=4)
+    pc.insert(list(range(12)), torch.ones(2, 12, 3))  # three blocks, room for two: the last one goes
+    assert pc.lookup(list(range(12)), 12).shape == (2, 8, 3)
+
+
+def test_held_back_text_is_the_longest_suffix_that_begins_a_stop():
+    import random
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice("ab") for _ in range(rng.randrange(0, 12)))
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randrange(1, 6))) for _ in range(rng.randrange(1, 4))]
+        naive = max((n for s in stops for n in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:n])),
+                    default=0)
+        assert _held(text, stops) == naive, (text, stops)
+
+
+def test_a_request_whose_sampling_fails_ends_alone(engine):
+    """temperature=1e-40 passes validation but overflows fp32 logits: that request fails, no other."""
+    sched = Scheduler(engine, max_batch=4, prefix_cache_bytes=0)
+    good = collect(sched, PROMPTS[0], SamplingParams(max_tokens=12))
+    bad_at_join = collect(sched, PROMPTS[1], SamplingParams(max_tokens=12, temperature=1e-40))
+    bad_later = collect(sched, PROMPTS[2], SamplingParams(max_tokens=12, temperature=1.0, seed=0))
+    sched.step()
+    bad_later[1].params.temperature = 1e-40  # now the failure comes in a shared decode step
+    drain(sched)
+    assert ids_of(good[0]) == engine.generate([PROMPTS[0]], 12)[0] and good[0][-1].finish_reason == "length"
+    for events, _ in (bad_at_join, bad_later):
+        assert events[-1].finish_reason == "error" and "failed" in events[-1].error
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failing_or_stopped_scheduler_ends_every_request(engine, monkeypatch):
+    import threading
+
+    def listen():
+        done, events = threading.Event(), []
+        return done, events, lambda e: (events.append(e), e.finish_reason and done.set())
+
+    for kill in ("crash", "stop"):
+        sched = Scheduler(engine, max_batch=1, prefix_cache_bytes=0)
+        if kill == "crash":
+            monkeypatch.setattr(sched, "step", lambda: 1 / 0)
+        runs = [listen() for _ in range(3)]
+        for p, (_, _, on_event) in zip(PROMPTS, runs):  # queued before the thread starts: all wait
+            sched.submit(p, SamplingParams(max_tokens=200), on_event)
+        sched.start()
+        if kill == "stop":
+            sched.stop()
+        assert all(done.wait(30) for done, _, _ in runs)
+        for _, events, _ in runs:
+            assert events[-1].finish_reason == "error"
+        sched._thread.join(30)
+        with pytest.raises(NotRunning):
+            sched.submit([1], SamplingParams(max_tokens=1))
+
+
 def test_text_stop_sequences_and_held_back_text(engine):
     tok = Tokenizer.train(["abc def ghi", "hello world"] * 10, vocab_size=300)
     eng = Engine(engine.model, tok)
@@ -160,6 +217,8 @@ def test_queue_full_and_bad_requests(engine):
         sched.submit([], SamplingParams(max_tokens=2))
     with pytest.raises(ValueError, match="temperature"):
         sched.submit([1], SamplingParams(max_tokens=2, temperature=-1))
+    with pytest.raises(ValueError, match="non-empty"):
+        sched.submit([1], SamplingParams(max_tokens=2, stop=[""]))
 
 
 def test_thread_runs_requests_and_stops(engine):

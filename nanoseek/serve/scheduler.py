@@ -113,8 +113,14 @@ def _stop_at(text: str, stops: list[str], start: int) -> int | None:
 
 def _held(text: str, stops: list[str]) -> int:
     """Characters at the end of `text` that could be the start of a stop sequence."""
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1)
-                if text.endswith(s[:n])), default=0)
+    held = 0
+    for s in stops:  # runs for every token of every row: only the tail's places where s[0] occurs are tried
+        tail = text[len(text) - min(len(s) - 1, len(text)):]
+        i = tail.find(s[0])
+        while i >= 0 and not s.startswith(tail[i:]):
+            i = tail.find(s[0], i + 1)
+        held = max(held, len(tail) - i if i >= 0 else 0)
+    return held
 
 
 class PrefixCache:
@@ -151,12 +157,15 @@ class PrefixCache:
         """Remember the full blocks of `tokens`, whose latents are kv [layers, >= len(tokens), width]."""
         if not self.max_bytes:
             return
-        for i, key in enumerate(self._keys(tokens, len(tokens) // self.block)):
+        keys = self._keys(tokens, len(tokens) // self.block)
+        for i, key in enumerate(keys):
             if key in self.blocks:
                 continue
             latents = kv[:, i * self.block:(i + 1) * self.block].clone()
             self.blocks[key] = latents
             self.bytes += latents.nbytes
+        for key in reversed(keys):  # parents most recent: a child never outlives the blocks before it
+            self.blocks.move_to_end(key)
         while self.bytes > self.max_bytes and self.blocks:
             self.bytes -= self.blocks.popitem(last=False)[1].nbytes
 
@@ -182,6 +191,8 @@ class Scheduler:
         self.stats = dict(steps=0, rows_decoded=0, prompt_tokens=0, cached_tokens=0, finished=0, cancelled=0)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._lock = threading.Lock()  # submit vs. the loop's exit: no request is queued after the last drain
+        self._closed = False
 
     # ------------------------------------------------------------------ API side (any thread)
     def submit(self, prompt: list[int], params: SamplingParams,
@@ -196,15 +207,18 @@ class Scheduler:
             raise ValueError(f"{len(prompt)} prompt tokens + max_tokens={params.max_tokens} exceed the "
                              f"context of {self.context} tokens")
         validate_sampling(params.temperature, None, params.top_p)
+        if not all(isinstance(s, str) and s for s in params.stop):
+            raise ValueError(f"stop={params.stop!r}: stop sequences must be non-empty strings")
         if params.stop and self.tokenizer is None:
             raise ValueError("text stop sequences need a tokenizer")
-        if self._thread is not None and not self._thread.is_alive():
-            raise NotRunning("the scheduler is not running")
         req = Request(prompt, params, on_event, self.tokenizer, self.engine.device)
-        try:
-            self.incoming.put_nowait(req)
-        except queue.Full:
-            raise QueueFull(f"{self.incoming.maxsize} requests are already waiting") from None
+        with self._lock:
+            if self._closed:
+                raise NotRunning("the scheduler is not running")
+            try:
+                self.incoming.put_nowait(req)
+            except queue.Full:
+                raise QueueFull(f"{self.incoming.maxsize} requests are already waiting") from None
         return req
 
     def start(self) -> "Scheduler":
@@ -223,16 +237,33 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the loop (scheduler thread)
     def _loop(self) -> None:
-        while not self._stopping.is_set():
-            if not self.rows:  # idle: sleep until a request arrives
-                try:
-                    self._admit(self.incoming.get(timeout=0.1))
-                except queue.Empty:
-                    continue
-            self.step()
+        reason = "the server is shutting down"
+        try:
+            while not self._stopping.is_set():
+                if not self.rows:  # idle: sleep until a request arrives
+                    try:
+                        self._admit(self.incoming.get(timeout=0.1))
+                    except queue.Empty:
+                        continue
+                self.step()
+        except BaseException as e:  # a bug here: say so to every request instead of leaving them waiting
+            reason = f"the scheduler failed: {type(e).__name__}: {e}"
+            raise
+        finally:
+            self._close(reason)
+
+    def _close(self, reason: str) -> None:
+        """Refuse new requests; end the running and the waiting ones with an error."""
+        with self._lock:
+            self._closed = True
         for req in self.rows:
-            self._finish(req, "cancelled")
-        self._leave()
+            self._finish(req, "error", reason)
+        self.rows.clear()
+        while True:
+            try:
+                self._finish(self.incoming.get_nowait(), "error", reason)
+            except queue.Empty:
+                return
 
     def step(self) -> int:
         """Admit waiting requests into free slots, then one decode step for every running row.
@@ -272,6 +303,7 @@ class Scheduler:
             hidden = self.engine.forward(ids, positions, self.cache.view(slot, slot + 1), absorb=False)
             logits = self.engine.logits(hidden[0, -1])
             self.prefix.insert(prompt, self.cache.kv[:, slot])
+            token = req.pick(logits)
         except Exception as e:
             self._finish(req, "error", f"prefill failed: {type(e).__name__}: {e}")
             return
@@ -279,7 +311,7 @@ class Scheduler:
         self.stats["prompt_tokens"] += n
         self.stats["cached_tokens"] += start
         self.rows.append(req)
-        self._deliver(req, req.pick(logits))
+        self._deliver(req, token)
 
     @torch.inference_mode()
     def _decode(self) -> None:
@@ -294,7 +326,10 @@ class Scheduler:
         self.stats["rows_decoded"] += len(rows)
         for i, req in enumerate(rows):
             req.length += 1
-            self._deliver(req, greedy[i] if req.params.temperature <= 0 else req.pick(logits[i]))
+            try:  # one row's settings may fail to sample (a temperature too small for fp32): only it ends
+                self._deliver(req, greedy[i] if req.params.temperature <= 0 else req.pick(logits[i]))
+            except Exception as e:
+                self._finish(req, "error", f"sampling failed: {type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------ outputs
     def _deliver(self, req: Request, token: int) -> None:
