@@ -147,6 +147,9 @@ def test_wrong_or_missing_key_is_401(server):
         bad.models.list()
     r = httpx.get(server["base"] + "/v1/models")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1", "/docs", "/openapi.json"):
+        r = post(server, path, {"model": "tiny", "messages": user("hi"), "prompt": "x"}, key="wrong")
+        assert r.status_code == 401, path  # every route but the page and /health, even unknown ones
     assert httpx.get(server["base"] + "/").status_code == 200  # the page itself asks for the key
 
 
@@ -165,6 +168,10 @@ def test_wrong_or_missing_key_is_401(server):
     ("/v1/chat/completions", {"model": "tiny", "messages": user("hi"), "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": "tiny", "prompt": 5}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["a"] * 5}, 400, "stop"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ""}, 400, "stop"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["a" * 1001]}, 400, "stop"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "seed": 2**64}, 400, "seed"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["x"] * 16, "n": 16}, 400, "queue"),
 ])
 def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, path, body, status, needle):
     r = post(server, path, body)
@@ -173,6 +180,13 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, path, body, sta
     assert needle in err["message"] and set(err) == {"message", "type", "param", "code"}
     ok = server["client"].chat.completions.create(model="tiny", messages=user("hi"), max_tokens=2)
     assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_a_request_that_fails_to_sample_is_a_500_and_others_go_on(server):
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": "the", "max_tokens": 4, "temperature": 1e-40})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    ok = server["client"].completions.create(model="tiny", prompt="the", max_tokens=4, temperature=0)
+    assert ok.choices[0].finish_reason == "length" and server["sched"]._thread.is_alive()
 
 
 def test_32_concurrent_streams_equal_sequential_greedy(server):

@@ -58,7 +58,8 @@ def add_parser(sub) -> None:
                    help="address to listen on; anything beyond loopback needs an API key")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=None,
-                   help="required as 'Authorization: Bearer KEY' on /v1 (default: $NANOSEEK_API_KEY)")
+                   help="required as 'Authorization: Bearer KEY' everywhere but / and /health "
+                        "(default: $NANOSEEK_API_KEY)")
     p.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM); serves https with --ssl-keyfile")
     p.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder name)")

@@ -40,7 +40,10 @@ log = logging.getLogger("nanoseek.serve")
 Temperature = Annotated[float, Field(strict=True, ge=0, le=2)]
 TopP = Annotated[float, Field(strict=True, gt=0, le=1)]
 MaxTokens = Annotated[StrictInt, Field(ge=1)]
-Stop = StrictStr | Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(max_length=4)] | None
+StopText = Annotated[StrictStr, Field(min_length=1, max_length=1000)]  # checked after every token: bounded
+Stop = StopText | Annotated[list[StopText], Field(max_length=4)] | None
+Seed = Annotated[StrictInt, Field(ge=-(2**63), lt=2**63)]  # what torch.Generator.manual_seed takes, + n
+PUBLIC = {"/", "/health"}  # everything else needs the key when there is one
 
 
 class TextPart(BaseModel):
@@ -66,7 +69,7 @@ class _Common(BaseModel):
     top_p: TopP = 1.0
     n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
     stop: Stop = None
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
@@ -147,7 +150,7 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
+        if api_key and request.url.path not in PUBLIC:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
                 return error_response(401, "invalid or missing API key (Authorization: Bearer KEY)",
@@ -188,6 +191,9 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
 
     def submit(jobs: list[tuple[list[int], SamplingParams]], events: asyncio.Queue) -> list:
         """Queue every choice; all or nothing. Events arrive as (choice index, Event)."""
+        if len(jobs) > scheduler.incoming.maxsize:  # could never be queued at once: not worth a retry
+            raise APIError(400, f"{len(jobs)} choices (prompts x n) exceed the server's queue of "
+                           f"{scheduler.incoming.maxsize}", param="n")
         loop = asyncio.get_running_loop()
         reqs = []
         try:
