@@ -241,3 +241,13 @@ def test_thread_runs_requests_and_stops(engine):
     finally:
         sched.stop()
     assert not sched._thread.is_alive()
+
+
+def test_an_unseeded_request_leaves_the_global_rng_alone(engine):
+    sched = Scheduler(engine, max_batch=2, prefix_cache_bytes=0)
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    a = sched.submit([1, 2], SamplingParams(max_tokens=2, temperature=1.0))
+    b = sched.submit([1, 2], SamplingParams(max_tokens=2, temperature=1.0))
+    assert torch.equal(torch.rand(3), want) and a.generator.initial_seed() != b.generator.initial_seed()

@@ -80,7 +80,10 @@ class Request:
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:  # its own random seed: torch.seed() would reseed the global CPU and CUDA generators
+                self.generator.seed()
         self.stream = TextStream(tokenizer) if tokenizer is not None else None
         self.out: list[int] = []  # generated ids, EOS excluded
         self.text = ""  # decoded text so far (cut at a stop sequence)
