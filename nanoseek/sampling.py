@@ -31,7 +31,9 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None =
     """
     if temperature <= 0:
         raise ValueError("sampling_probs needs temperature > 0; greedy is argmax")
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shift by the max first: the top logit becomes 0, so a tiny T (1e-40) gives -inf elsewhere, not inf - inf
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -77,3 +77,10 @@ def test_stop_matching_and_hold_back():
     assert held_back([5, 7], [[7, 8, 9]]) == 1
     assert held_back([7, 8], [[7, 8, 9], [8, 1]]) == 2
     assert held_back([5, 6], [[7, 8]]) == 0
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_overflowing():
+    logits = torch.tensor([[3.0, 1.0, 2.5, -1.0], [0.0, 0.5, 0.2, 0.4]])
+    probs = sampling_probs(logits, 1e-40)
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 4).float())
+    assert torch.equal(sample(logits, 1e-40, generator=torch.Generator().manual_seed(0)), logits.argmax(-1))
