@@ -172,13 +172,19 @@ def stage_sft(ctx: Context) -> dict:
 
 
 def _grpo(ctx: Context, name: str, start: str, steps: int, max_minutes: float | None = None) -> dict:
-    """nanoseek.rl.grpo from DIR/start (accuracy + format rewards), resuming a run cut short."""
+    """nanoseek.rl.grpo from DIR/start, resuming a run cut short.
+
+    The accuracy reward alone: with a 0.1 format bonus, groups whose answers are all wrong differ
+    only by the bonus, and the group-std normalisation blows those differences up to full-size
+    advantages; at this scale that collapsed pass@1 (58% -> 4% in 40 steps at lr 3e-4; see
+    BENCHMARKS.md, GRPO).
+    """
     from ..rl.grpo import GRPOConfig, grpo
     cfg, out = ctx.cfg, ctx.dir(name)
     t0 = time.perf_counter()
     grpo(GRPOConfig(model=str(ctx.dir(start)), out=str(out), data=cfg.task, steps=steps,
                     prompts_per_step=cfg.grpo_prompts, group_size=cfg.grpo_group, max_new_tokens=cfg.max_new_tokens,
-                    lr=cfg.grpo_lr, eval_every=0, eval_size=cfg.eval_examples, sample_every=max(1, steps // 4),
+                    lr=cfg.grpo_lr, reward=["accuracy"], eval_every=0, eval_size=cfg.eval_examples, sample_every=max(1, steps // 4),
                     checkpoint_every=max(1, steps // 4), max_minutes=max_minutes, seed=cfg.seed,
                     resume=(out / TRAIN_STATE).exists()))
     rows = read_metrics(out / "metrics.jsonl")
@@ -193,7 +199,7 @@ def _grpo(ctx: Context, name: str, start: str, steps: int, max_minutes: float | 
 
 
 def stage_grpo(ctx: Context) -> dict:
-    """GRPO (DeepSeekMath, DeepSeek-R1) from the SFT model: accuracy + format rewards, group-normalised."""
+    """GRPO (DeepSeekMath, DeepSeek-R1) from the SFT model: the accuracy reward, group-normalised."""
     return _grpo(ctx, "grpo", "sft", ctx.cfg.grpo_steps)
 
 
