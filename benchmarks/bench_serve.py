@@ -1,7 +1,7 @@
 """Serving throughput and prefix-cache latency through the real HTTP server.
 
     python benchmarks/bench_serve.py                       # random-weight model built here, ~2 minutes
-    python benchmarks/bench_serve.py --model runs/sft --out benchmarks/RESULTS_serve.md
+    python benchmarks/bench_serve.py --model runs/sft --out runs/bench_serve.md
 
 Starts `nanoseek serve` on loopback in its own process (OMP_NUM_THREADS=--threads), then drives it
 with streaming /v1/completions clients (asyncio + httpx, in this process) over HTTP:
@@ -152,7 +152,7 @@ def main() -> int:
                     help="requests per run, split among the clients (one client sends an eighth of them)")
     ap.add_argument("--prefix-words", type=int, default=1000, help="words in the prefix-cache prompt (~1 token each)")
     ap.add_argument("--repeats", type=int, default=5, help="prompts sent twice in the prefix-cache test")
-    ap.add_argument("--out", default="benchmarks/RESULTS_serve.md", help="markdown file for the results")
+    ap.add_argument("--out", default=None, help="also write the results table to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -219,8 +219,10 @@ def main() -> int:
         f"| second send (cached) | {med['warm']['ttft'] * 1e3:.0f} | {med['warm']['total'] * 1e3:.0f} |",
         f"| speedup | {ttft_x:.1f}x | {total_x:.1f}x |", "",
     ]
-    Path(args.out).write_text("\n".join(lines), encoding="utf-8")
-    print(f"wrote {args.out}")
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines), encoding="utf-8")
+        print(f"wrote {args.out}")
     return 0
 
 
