@@ -151,14 +151,29 @@ def test_held_back_text_is_the_longest_suffix_that_begins_a_stop():
         assert _held(text, stops) == naive, (text, stops)
 
 
-def test_a_request_whose_sampling_fails_ends_alone(engine):
-    """temperature=1e-40 passes validation but overflows fp32 logits: that request fails, no other."""
+POISON = 0.123  # a temperature whose sampling raises (fail_to_sample), standing in for any kernel error
+
+
+def fail_to_sample(monkeypatch):
+    from nanoseek.serve import scheduler
+    real = scheduler.sample
+
+    def sample(logits, temperature, *args):
+        if temperature == POISON:
+            raise RuntimeError("probability tensor contains inf or nan")
+        return real(logits, temperature, *args)
+    monkeypatch.setattr(scheduler, "sample", sample)
+
+
+def test_a_request_whose_sampling_fails_ends_alone(engine, monkeypatch):
+    """A row whose sampling raises, at join or in a shared decode step, fails alone."""
+    fail_to_sample(monkeypatch)
     sched = Scheduler(engine, max_batch=4, prefix_cache_bytes=0)
     good = collect(sched, PROMPTS[0], SamplingParams(max_tokens=12))
-    bad_at_join = collect(sched, PROMPTS[1], SamplingParams(max_tokens=12, temperature=1e-40))
+    bad_at_join = collect(sched, PROMPTS[1], SamplingParams(max_tokens=12, temperature=POISON))
     bad_later = collect(sched, PROMPTS[2], SamplingParams(max_tokens=12, temperature=1.0, seed=0))
     sched.step()
-    bad_later[1].params.temperature = 1e-40  # now the failure comes in a shared decode step
+    bad_later[1].params.temperature = POISON  # now the failure comes in a shared decode step
     drain(sched)
     assert ids_of(good[0]) == engine.generate([PROMPTS[0]], 12)[0] and good[0][-1].finish_reason == "length"
     for events, _ in (bad_at_join, bad_later):

@@ -329,7 +329,7 @@ class Scheduler:
         self.stats["rows_decoded"] += len(rows)
         for i, req in enumerate(rows):
             req.length += 1
-            try:  # one row's settings may fail to sample (a temperature too small for fp32): only it ends
+            try:  # one row's sampling may raise (a kernel error on its settings): only that row ends
                 self._deliver(req, greedy[i] if req.params.temperature <= 0 else req.pick(logits[i]))
             except Exception as e:
                 self._finish(req, "error", f"sampling failed: {type(e).__name__}: {e}")
