@@ -54,7 +54,7 @@ def test_type_send_and_see_the_streamed_reply(base_url, tmp_path):
             page.goto(base_url + "/")
             page.fill("#apikey", KEY)
             page.dispatch_event("#apikey", "change")
-            for turn, text in enumerate(["What is 12+30?", "And 7*6?"]):
+            for turn, text in enumerate(["What is 12 + 30?", "What is 47 * 6?"]):
                 page.fill("#input", text)
                 page.click("#send")
                 reply = page.locator(".msg.assistant").nth(turn)
