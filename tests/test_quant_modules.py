@@ -10,7 +10,7 @@ from torch import nn
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.engine import Engine
-from nanoseek.model import Experts, Gate, RMSNorm
+from nanoseek.model import Experts, Gate, Linear, RMSNorm
 from nanoseek.quant import quantize_model
 from nanoseek.quant.formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
 from nanoseek.quant.modules import Int4Experts, Int4Linear, Int8Experts, Int8Linear, swap_modules
@@ -136,10 +136,10 @@ def test_swap_keeps_modules_and_quantizes_every_expert(method):
     assert type(names["model.embed_tokens"]) is nn.Embedding
     for name, m in names.items():
         if name.endswith("kv_b_proj"):
-            assert type(m) is nn.Linear and torch.equal(m.weight, ref.get_submodule(name).weight)
+            assert type(m) is Linear and torch.equal(m.weight, ref.get_submodule(name).weight)
         if isinstance(m, (Gate, RMSNorm)):
             assert torch.equal(m.weight, ref.get_submodule(name).weight)
-    assert not [n for n, m in names.items() if type(m) is nn.Linear and not n.endswith("kv_b_proj")]
+    assert not [n for n, m in names.items() if type(m) is Linear and not n.endswith("kv_b_proj")]
     lin, exp = (Int8Linear, Int8Experts) if method == "int8" else (Int4Linear, Int4Experts)
     assert isinstance(model.lm_head, lin) and isinstance(model.model.layers[0].mlp.down_proj, lin)
     moe = model.moe_layers()
@@ -159,8 +159,8 @@ def test_swap_keeps_modules_and_quantizes_every_expert(method):
 
 def test_custom_keep_list_and_tied_embeddings():
     model = quantize_model(tiny(), "int8", keep=["embed_tokens", "gate", "lm_head", "o_proj"])
-    assert type(model.lm_head) is nn.Linear
-    assert all(type(layer.self_attn.o_proj) is nn.Linear for layer in model.model.layers)
+    assert type(model.lm_head) is Linear
+    assert all(type(layer.self_attn.o_proj) is Linear for layer in model.model.layers)
     assert isinstance(model.model.layers[1].self_attn.kv_b_proj, Int8Linear)  # not kept this time
     assert model.config.quantization_config["modules_to_not_convert"] == ["embed_tokens", "gate", "lm_head", "o_proj"]
     with pytest.raises(ValueError, match="tied"):
