@@ -20,19 +20,18 @@ Held-out loss: a tiny model pretrained in this script on the built-in arithmetic
 converted by ``convert_checkpoint`` (what ``nanoseek quantize`` runs) and loaded by ``load_pretrained``,
 then scored by ``train.evaluate.evaluate_loss`` on the task's test split; relative to bf16.
 
-OMP_WAIT_POLICY defaults to PASSIVE here: on a machine whose cores other processes also use,
-OpenMP's spinning threads otherwise make every op wait for a descheduled peer (~100x slower steps).
+On a machine whose cores other processes also use, run it with OMP_WAIT_POLICY=PASSIVE (OpenMP's
+spinning threads otherwise make every op wait for a descheduled peer, ~100x slower steps); on an
+idle machine leave it unset, as the other benchmarks do: passive threads wake late for every
+parallel region, which costs the fp32 decode's split products (model.linear) most.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
-
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import gc  # noqa: E402
+import os  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -167,7 +166,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-          f"{os.environ['OMP_WAIT_POLICY']}")
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     decode = bench_decode(args)
     print(f"\nDecode, batch 1, context {args.context}, {args.new_tokens} tokens x {args.rounds} rounds "
           f"(median step):\n")

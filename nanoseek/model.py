@@ -27,6 +27,7 @@ from .config import ModelConfig
 
 
 GEMV_BLOCKS = 4  # output-row blocks of a decoding product, one bmm (see `linear`)
+GEMV_MIN_NUMEL = 1 << 18  # 1 MB of fp32: smaller weights stay in cache, where F.linear beats a bmm dispatch
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,11 +37,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     on a 2-core AMD EPYC, fp32: 250 us for 1024x1024, ~15 GB/s; two rows take twice as long). Cut
     into GEMV_BLOCKS blocks of output rows, the same product is one bmm whose blocks run on every
     core: 92 us for one row, 131 us for two. Decoding is mostly these products, so this is most of
-    its speed. Same sums in another order; the autograd and the many-row paths are F.linear.
+    its speed. Same sums in another order; the autograd, many-row and small-weight paths are F.linear.
     """
     rows, N = x.numel() // x.shape[-1], weight.shape[0]
     if (rows > 2 or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or N % GEMV_BLOCKS or not weight.is_contiguous()
+            or weight.numel() < GEMV_MIN_NUMEL or N % GEMV_BLOCKS or not weight.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, bias)
     K = x.shape[-1]

@@ -156,8 +156,9 @@ def test_meta_device_build_of_real_shapes():
 @pytest.mark.parametrize("shape", [(1024,), (1, 1, 1024), (2, 1, 1024), (1, 2, 1024), (3, 1024)])
 def test_linear_matches_f_linear_on_every_path(shape):
     """model.linear's decoding path (1-2 rows, blocks of output rows as one bmm) and its fallback."""
-    from nanoseek.model import linear
+    from nanoseek.model import GEMV_MIN_NUMEL, linear
     w, b = torch.randn(516, 1024), torch.randn(516)
+    assert w.numel() >= GEMV_MIN_NUMEL  # large enough for the bmm path
     x = torch.randn(shape)
     with torch.no_grad():
         assert torch.allclose(linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4)
