@@ -240,15 +240,31 @@ def test_repeated_system_prompt_is_served_from_the_prefix_cache(server):
 
 # ----------------------------------------------------------------------------- in-process apps
 
+LOCAL = "http://127.0.0.1:8000"  # TestClient's default Host, "testserver", is refused by a keyless app
+
+
+def test_a_keyless_server_answers_only_requests_addressed_to_this_machine(server):
+    """DNS rebinding: a page on evil.example resolving its name to 127.0.0.1 must not reach the API."""
+    app = create_app(server["sched"], "tiny")
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", ""):
+        r = TestClient(app, base_url="http://x").get("/v1/models", headers={"host": host})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", host
+    for host in ("127.0.0.1:8000", "localhost", "[::1]:8000", "127.0.0.2"):
+        assert TestClient(app, base_url="http://x").get("/v1/models", headers={"host": host}).status_code == 200
+    # with a key the Host header does not matter: the key is what an attacker's page lacks
+    keyed = TestClient(create_app(server["sched"], "tiny", api_key=KEY), base_url="http://evil.example")
+    assert keyed.get("/v1/models", headers={"authorization": f"Bearer {KEY}"}).status_code == 200
+
+
 def test_queue_full_is_429_and_a_dead_scheduler_503(server):
     sched = Scheduler(server["engine"], max_batch=1, queue_size=1)  # never started: nothing drains
     sched.submit([1, 2], SamplingParams(max_tokens=1))
-    client = TestClient(create_app(sched, "tiny"))
+    client = TestClient(create_app(sched, "tiny"), base_url=LOCAL)
     r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": user("hi")})
     assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
     dead = Scheduler(server["engine"], max_batch=1).start()
     dead.stop()
-    r = TestClient(create_app(dead, "tiny")).post("/v1/chat/completions",
+    r = TestClient(create_app(dead, "tiny"), base_url=LOCAL).post("/v1/chat/completions",
                                                   json={"model": "tiny", "messages": user("hi")})
     assert r.status_code == 503
 
@@ -266,7 +282,7 @@ def test_bare_tokenizer_json_serves_with_the_builtin_template(tmp_path):
     assert engine.tokenizer.bos_id is None and engine.tokenizer.eos_id is None
     sched = Scheduler(engine, max_batch=2).start()
     try:
-        client = TestClient(create_app(sched, "bare"))
+        client = TestClient(create_app(sched, "bare"), base_url=LOCAL)
         r = client.post("/v1/chat/completions", json={"model": "bare", "messages": user("hi"), "max_tokens": 5,
                                                         "temperature": 0})
         assert r.status_code == 200, r.text

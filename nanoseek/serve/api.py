@@ -125,6 +125,16 @@ def _loopback_only(host: str) -> bool:
         return False
 
 
+def _addressed_to_loopback(host_header: str) -> bool:
+    """True when a request's Host header names this machine (localhost, 127.x, [::1], any port)."""
+    from urllib.parse import urlsplit
+    try:
+        name = urlsplit("//" + host_header).hostname
+    except ValueError:
+        return False
+    return bool(name) and (name == "localhost" or name.endswith(".localhost") or _loopback_only(name))
+
+
 def check_listen(host: str, api_key: str | None) -> None:
     """Refuse to listen beyond loopback without an API key."""
     if not api_key and not _loopback_only(host):
@@ -150,6 +160,13 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
+        # A keyless server listens on loopback only, but a web page the user visits can still reach
+        # it by pointing its own name at 127.0.0.1 (DNS rebinding): answer only requests addressed
+        # to this machine by name.
+        if not api_key and not _addressed_to_loopback(request.headers.get("host", "")):
+            return error_response(403, f"Host {request.headers.get('host', '')!r} is not this machine: a server "
+                                       "without an API key answers only requests addressed to localhost or "
+                                       "127.0.0.1 (set --api-key to serve other names)", code="host_not_allowed")
         if api_key and request.url.path not in PUBLIC:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
