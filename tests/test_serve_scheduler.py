@@ -236,6 +236,19 @@ def test_queue_full_and_bad_requests(engine):
         sched.submit([1], SamplingParams(max_tokens=2, stop=[""]))
 
 
+def test_cancelled_waiting_requests_give_their_queue_places_to_live_ones(engine):
+    sched = Scheduler(engine, max_batch=1, queue_size=2, prefix_cache_bytes=0)  # not started: nothing drains
+    gone_events, gone = collect(sched, [1, 2], SamplingParams(max_tokens=2))
+    live_events, _ = collect(sched, [3, 4], SamplingParams(max_tokens=2))
+    gone.cancel()  # its client disconnected while it waited
+    late_events, _ = collect(sched, [5, 6], SamplingParams(max_tokens=2))  # takes the cancelled one's place
+    assert gone_events[-1].finish_reason == "cancelled" and sched.waiting == 2
+    with pytest.raises(QueueFull):  # no cancelled request left to drop
+        sched.submit([7], SamplingParams(max_tokens=2))
+    drain(sched)
+    assert live_events[-1].finish_reason == late_events[-1].finish_reason == "length"
+
+
 def test_thread_runs_requests_and_stops(engine):
     import threading
     sched = Scheduler(engine, max_batch=4).start()

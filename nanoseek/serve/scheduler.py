@@ -221,8 +221,25 @@ class Scheduler:
             try:
                 self.incoming.put_nowait(req)
             except queue.Full:
-                raise QueueFull(f"{self.incoming.maxsize} requests are already waiting") from None
+                if not self._drop_cancelled_waiting():
+                    raise QueueFull(f"{self.incoming.maxsize} requests are already waiting") from None
+                self.incoming.put_nowait(req)
         return req
+
+    def _drop_cancelled_waiting(self) -> int:
+        """Take cancelled requests (their clients gone) out of the full queue, so they do not hold
+        places a live request is refused for; returns how many left."""
+        q = self.incoming
+        with q.mutex:
+            dropped = [r for r in q.queue if r.cancelled]
+            if dropped:
+                live = [r for r in q.queue if not r.cancelled]
+                q.queue.clear()
+                q.queue.extend(live)
+                q.not_full.notify(len(dropped))
+        for req in dropped:
+            self._finish(req, "cancelled")
+        return len(dropped)
 
     def start(self) -> "Scheduler":
         self._thread = threading.Thread(target=self._loop, name="nanoseek-scheduler", daemon=True)
