@@ -1,11 +1,21 @@
 import os
-import warnings
 
 import pytest
 import torch
 
 # Two cores: keep every test process from oversubscribing them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny matrices gain nothing from a second one, and on a shared
+    2-core machine OpenMP's spinning threads slow every op ~100x whenever another process holds the
+    other core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

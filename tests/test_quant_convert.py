@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
@@ -19,14 +18,7 @@ from nanoseek.quant.modules import Int4Experts, Int4Linear, Int8Experts, Int8Lin
 WIDE = dict(hidden_size=256, intermediate_size=768, moe_intermediate_size=128, q_lora_rank=128, kv_lora_rank=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices gain nothing from a second thread, and on a shared 2-core machine OpenMP's
-    spinning threads slow every op ~100x whenever another process holds the other core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(**kw):

@@ -16,14 +16,7 @@ from nanoseek.quant.formats import int4_dequantize, int4_quantize, int8_dequanti
 from nanoseek.quant.modules import Int4Experts, Int4Linear, Int8Experts, Int8Linear, swap_modules
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices gain nothing from a second thread, and on a shared 2-core machine OpenMP's
-    spinning threads slow every op ~100x whenever another process holds the other core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel(a, b):
