@@ -21,17 +21,14 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
-import warnings
 from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train_step import CONFIG as STEP_CONFIG  # noqa: E402  (benchmarks/ is not a package)
-from bench_train_step import time_pair, transformers_loss  # noqa: E402
+from bench_train_step import add_step_args, same_weights, time_pair, transformers_loss  # noqa: E402
 
-from nanoseek import ModelConfig, Transformer, save_pretrained  # noqa: E402
 from nanoseek.train.distributed import DistEnv  # noqa: E402
 from nanoseek.train.loop import TrainConfig, TrainForward, matmul_peak_flops, train_step, training_flops_per_token  # noqa: E402
 from nanoseek.train.optim import build_adamw  # noqa: E402
@@ -76,23 +73,16 @@ def profile(fn, rows: int = 20) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=8, help="sequences per step")
-    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    add_step_args(p)
     p.add_argument("--iters", type=int, default=3, help="timed steps per library and mode (median reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of each step")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(**CONFIG)
-    base = Transformer(cfg)
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        save_pretrained(base, d)
-        ref_base = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    base, ref_base = same_weights(CONFIG)
+    cfg = base.config
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
     y = x.roll(-1, 1)
     rows = SimpleNamespace(input_ids=x, doc_ids=torch.zeros_like(x), targets=y)

@@ -64,6 +64,25 @@ def transformers_loss(model):
     return loss_of
 
 
+def add_step_args(p: argparse.ArgumentParser) -> None:
+    """The flags both training benchmarks take (besides --iters)."""
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def same_weights(config: dict):
+    """A seeded nanoseek Transformer and transformers' model loaded from its save_pretrained folder."""
+    import transformers
+    torch.manual_seed(0)
+    ours = Transformer(ModelConfig(**config))
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_pretrained(ours, d)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    return ours, ref
+
+
 def time_pair(fns, iters: int) -> list[float]:
     for fn in fns:  # warm-up
         fn()
@@ -78,22 +97,15 @@ def time_pair(fns, iters: int) -> list[float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=8, help="sequences per step")
-    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    add_step_args(p)
     p.add_argument("--iters", type=int, default=7, help="timed iterations (median reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(**CONFIG)
-    ours = Transformer(cfg)
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        save_pretrained(ours, d)
-        ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    ours, ref = same_weights(CONFIG)
+    cfg = ours.config
     ours.train()
     ref.train()
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
