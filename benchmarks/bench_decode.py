@@ -35,7 +35,7 @@ import warnings
 import torch
 
 from nanoseek import ModelConfig, Transformer, save_pretrained
-from nanoseek.engine import Engine
+from nanoseek.inference import Engine
 
 VOCAB, DENSE_FFN, EXPERT_FFN = 8192, 2816, 512
 CONFIG = dict(model_type="deepseek_v3", vocab_size=VOCAB, hidden_size=1024, intermediate_size=DENSE_FFN,
@@ -127,8 +127,8 @@ def speculative_report(path: str, n_prompts: int, new_tokens: int, repeats: int)
         for mode in times:
             for p in prompts:  # batch 1, as the target is stated
                 t = time.perf_counter()
-                outs.setdefault(mode, []).append(engine.generate([p], new_tokens, speculative=mode))
-                times[mode].append((time.perf_counter() - t) / len(outs[mode][-1][0]))
+                outs.setdefault(mode, []).append(engine.generate([p], new_tokens, speculative=mode)[0].tokens)
+                times[mode].append((time.perf_counter() - t) / len(outs[mode][-1]))
                 for k in ("accepted", "drafted", "new_tokens", "row_forwards"):
                     stats.setdefault(mode, {}).setdefault(k, 0)
                     stats[mode][k] += engine.stats[k]

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import CONFIG, VOCAB, nanoseek_steps  # noqa: E402
 
 from nanoseek import ModelConfig, Transformer, load_pretrained  # noqa: E402
-from nanoseek.engine import Engine  # noqa: E402
+from nanoseek.inference import Engine  # noqa: E402
 from nanoseek.quant import convert_checkpoint, quantize_model  # noqa: E402
 
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nanoseek.checkpoint import load_pretrained  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.data import get_task  # noqa: E402
-from nanoseek.engine import Engine  # noqa: E402
+from nanoseek.inference import Engine  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
 from nanoseek.rl.distill import DistillConfig, distill  # noqa: E402
 from nanoseek.rl.grpo import GRPOConfig, grpo, render_prompt  # noqa: E402
@@ -99,7 +99,7 @@ def plain_decode(path: Path, task_name: str, batch: int, group: int, max_new_tok
     for r in range(repeats):
         t0 = time.perf_counter()
         outs = engine.generate([p for p in prompts for _ in range(group)], max_new_tokens, temperature=1.0, seed=r)
-        rates.append(sum(map(len, outs)) / (time.perf_counter() - t0))
+        rates.append(sum(len(o.tokens) for o in outs) / (time.perf_counter() - t0))
     return {"tokens_per_s": statistics.median(rates), "batch": batch * group}
 
 

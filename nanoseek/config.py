@@ -152,6 +152,15 @@ class ModelConfig:
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
     @property
+    def latent_cache_width(self) -> int:
+        """Numbers MLA caches per layer and token: the latent c_KV and the rotary key k^R."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def cache_bytes_per_token(self, itemsize: int, layers: int | None = None) -> int:
+        """Latent-cache bytes per token over `layers` (default: the main model's) at this element size."""
+        return self.latent_cache_width * (self.num_hidden_layers if layers is None else layers) * itemsize
+
+    @property
     def softmax_scale(self) -> float:
         """1/sqrt(d_h + d_h^R), times YaRN's mscale^2 when the context is extended."""
         scale = self.qk_head_dim ** -0.5

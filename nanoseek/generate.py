@@ -19,53 +19,18 @@ import time
 
 import torch
 
-from .checkpoint import load_pretrained
-from .engine import Engine
-from .tokenizer import Tokenizer
+from .chat import TextStream, chat_prompt, held_suffix
+from .inference import Engine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 def load(path: str, dtype: str = "auto", compile: bool = False) -> Engine:
-    """An Engine over the checkpoint at `path` with the tokenizer saved next to it."""
+    """An Engine over the checkpoint at `path` (dtype "auto": the checkpoint's torch_dtype)."""
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
-    tokenizer = Tokenizer.from_pretrained(path)
-    model = load_pretrained(path, dtype=None if dtype == "auto" else DTYPES[dtype])
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocab_size is {model.config.vocab_size}")
-    return Engine(model, tokenizer, compile=compile)
-
-
-class TextStream:
-    """Turns a growing list of token ids into text increments.
-
-    Byte-level BPE can split one UTF-8 character over several tokens: the text is re-decoded from
-    the first not-yet-printed token and an increment ending in a half character waits for the rest.
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.start = 0  # first token whose text is not fully printed
-        self.printed = ""  # text of ids[start:] already given out
-
-    def push(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids[self.start:])
-        if text.endswith("\ufffd"):
-            return ""
-        new = text[len(self.printed):]
-        self.start, self.printed = len(self.ids), ""
-        return new
-
-    def flush(self) -> str:
-        """Whatever is still held back (a half character stays as U+FFFD)."""
-        new = self.tokenizer.decode(self.ids[self.start:])[len(self.printed):]
-        self.start = len(self.ids)
-        return new
+    return Engine.from_pretrained(path, dtype=None if dtype == "auto" else DTYPES[dtype], compile=compile)
 
 
 class ReplyPrinter:
@@ -95,7 +60,7 @@ class ReplyPrinter:
             self._write(head + sep, dim=True)
             self._write(tail, dim=False)
             return
-        keep = next((k for k in range(len(self.think_end) - 1, 0, -1) if text.endswith(self.think_end[:k])), 0)
+        keep = held_suffix(text, [self.think_end])
         self.pending = text[len(text) - keep:] if keep else ""
         self._write(text[:len(text) - keep], dim=True)
 
@@ -104,13 +69,6 @@ class ReplyPrinter:
         self.pending = ""
         self.out.write("\n")
         self.out.flush()
-
-
-def chat_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the conversation followed by the generation prompt."""
-    if tokenizer.own_template is not None:
-        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    return tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
 
 
 def sampling_args(args) -> dict:
@@ -134,7 +92,7 @@ def run_generate(args) -> int:
     engine = load(args.model, args.dtype, args.compile)
     tok = engine.tokenizer
     if args.chat:
-        prompts = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in args.prompt]
+        prompts = [chat_prompt(tok, [{"role": "user", "content": p}])[0] for p in args.prompt]
     else:
         prompts = [tok.encode(p, add_bos=tok.bos_id is not None) for p in args.prompt]
     t0 = time.perf_counter()
@@ -158,7 +116,7 @@ def run_generate(args) -> int:
     else:
         outs = engine.generate(prompts, args.max_new_tokens, **sampling_args(args))
         for i, (p, out) in enumerate(zip(args.prompt, outs)):
-            text = tok.decode(out)
+            text = tok.decode(out.tokens)
             if args.chat:
                 reasoning, answer = tok.split_reasoning(text)
                 print(f"--- [{i}] <think>\n{reasoning}\n</think>\n{answer}")
@@ -194,11 +152,11 @@ def run_chat(args) -> int:
         if not text:
             continue
         messages.append({"role": "user", "content": text})
-        ids = chat_prompt(tok, messages)
+        ids = chat_prompt(tok, messages)[0]
         # Drop the oldest turns while the conversation leaves no room for a reply.
         while len(ids) + min(args.max_new_tokens, 16) > context and len(messages) > len(system) + 1:
             del messages[len(system):len(system) + 2]
-            ids = chat_prompt(tok, messages)
+            ids = chat_prompt(tok, messages)[0]
         if len(ids) >= context:
             print(f"(this message alone is {len(ids)} tokens, over the model's {context}; not sent)")
             messages.pop()

@@ -37,3 +37,8 @@ def randomize_(model, seed: int = 0, scale: float = 0.05):
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
     return model
+
+
+def tokens(completions):
+    """The new token ids of each of ``Engine.generate``'s completions."""
+    return [c.tokens for c in completions]

@@ -1,15 +1,18 @@
 """Engine: latent cache, absorbed decode, batching, stops, MTP speculative decoding, bad requests."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import randomize_, tokens
 
 from nanoseek.config import ModelConfig
-from nanoseek.engine import Engine, LatentCache, attention_mask
+from nanoseek.inference.cache import LatentCache, attention_mask
+from nanoseek.inference.engine import Engine
 from nanoseek.model import MoE, Transformer
-from nanoseek.sampling import sampling_probs
+from nanoseek.inference.sampling import sampling_probs
 
 PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
 
@@ -55,6 +58,36 @@ def uncached_greedy(model, prompt, n):
 
 # ----------------------------------------------------------------------------- cache and attention
 
+def test_greedy_tokens_equal_those_recorded_before_the_inference_core():
+    """tests/fixtures/greedy_tokens.json holds Engine.generate's greedy tokens (plain and MTP, on a
+    random and an MTP-friendly model) from the code before the shared inference core."""
+    want = json.loads((Path(__file__).parent / "fixtures" / "greedy_tokens.json").read_text())
+    prompts, n = want["prompts"], want["max_new_tokens"]
+    torch.manual_seed(0)
+    model = tiny()
+    assert tokens(Engine(model).generate(prompts, n)) == want["plain"]
+    assert tokens(Engine(model).generate(prompts, n, speculative="mtp")) == want["plain_mtp"]
+    friendly = Engine(mtp_friendly(tiny()))
+    assert tokens(friendly.generate(prompts, n)) == want["friendly"]
+    assert tokens(friendly.generate(prompts, n, speculative="mtp")) == want["friendly_mtp"]
+    assert 0 < friendly.stats["acceptance_rate"] < 1  # both outcomes of verification were exercised
+
+
+def test_prefix_reuse_restores_cached_blocks_and_keeps_the_output():
+    model = tiny()
+    prompt = list(range(20, 60))
+    engine = Engine(model, prefix_cache_bytes=1 << 20)
+    first = engine.generate([prompt], 8)[0]
+    again = engine.generate([prompt, prompt[:36] + [1, 2, 3]], 8)
+    plain = Engine(model).generate([prompt, prompt[:36] + [1, 2, 3]], 8)
+    assert first.cached_tokens == 0 and [c.cached_tokens for c in again] == [32, 32]
+    assert tokens(again) == tokens(plain) and again[0].tokens == first.tokens
+    spec = engine.generate([prompt], 8, speculative="mtp")[0]  # MTP over restored latents: same output
+    assert spec.cached_tokens == 32 and spec.tokens == first.tokens
+    engine.prefix.clear()
+    assert engine.generate([prompt], 8)[0].cached_tokens == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cache_bytes_per_token_is_the_latent_formula(dtype):
     model = tiny().to(dtype)
@@ -86,9 +119,9 @@ def test_cached_greedy_equals_uncached_argmax():
     engine = Engine(model)
     outs = engine.generate(PROMPTS, 10)
     for prompt, out in zip(PROMPTS, outs):
-        assert out == uncached_greedy(model, prompt, 10)
+        assert out.tokens == uncached_greedy(model, prompt, 10)
     assert engine.stats["tokens_per_forward"] == 1.0
-    assert engine.stats["finish_reasons"] == ["length"] * 3
+    assert [out.finish_reason for out in outs] == ["length"] * 3
 
 
 def test_absorbed_and_expanded_attention_agree():
@@ -116,8 +149,8 @@ def test_absorbed_and_expanded_attention_agree():
 
 def test_batch_of_different_lengths_equals_each_alone():
     engine = Engine(tiny())
-    batch = engine.generate(PROMPTS, 8)
-    assert batch == [engine.generate([p], 8)[0] for p in PROMPTS]
+    batch = tokens(engine.generate(PROMPTS, 8))
+    assert batch == [engine.generate([p], 8)[0].tokens for p in PROMPTS]
 
 
 def test_whole_cache_decode_step_equals_the_sliced_one():
@@ -126,9 +159,9 @@ def test_whole_cache_decode_step_equals_the_sliced_one():
     model = tiny()
     static = Engine(model)
     static._compiled_decode = static._decode_whole
-    assert static.generate(PROMPTS, 8) == Engine(model).generate(PROMPTS, 8)
+    assert tokens(static.generate(PROMPTS, 8)) == tokens(Engine(model).generate(PROMPTS, 8))
     sampled = dict(temperature=1.0, top_k=20, seed=1)
-    assert static.generate(PROMPTS, 8, **sampled) == Engine(model).generate(PROMPTS, 8, **sampled)
+    assert tokens(static.generate(PROMPTS, 8, **sampled)) == tokens(Engine(model).generate(PROMPTS, 8, **sampled))
 
 
 def test_decoding_reads_only_the_routed_experts():
@@ -154,28 +187,28 @@ def test_stream_yields_what_generate_returns():
     chunks = list(engine.stream(PROMPTS, 6))
     assert len(chunks) == 6  # one yield per forward
     joined = [sum((c[i] for c in chunks), []) for i in range(len(PROMPTS))]
-    assert joined == engine.generate(PROMPTS, 6)
+    assert joined == tokens(engine.generate(PROMPTS, 6))
 
 
 # ----------------------------------------------------------------------------- sampling and stops
 
 def test_seed_reproduces_sampling():
     engine = Engine(tiny())
-    a = engine.generate(PROMPTS, 8, temperature=1.0, top_k=20, top_p=0.9, seed=3)
-    b = engine.generate(PROMPTS, 8, temperature=1.0, top_k=20, top_p=0.9, seed=3)
-    c = engine.generate(PROMPTS, 8, temperature=1.0, top_k=20, top_p=0.9, seed=4)
+    a = tokens(engine.generate(PROMPTS, 8, temperature=1.0, top_k=20, top_p=0.9, seed=3))
+    b = tokens(engine.generate(PROMPTS, 8, temperature=1.0, top_k=20, top_p=0.9, seed=3))
+    c = tokens(engine.generate(PROMPTS, 8, temperature=1.0, top_k=20, top_p=0.9, seed=4))
     assert a == b and a != c
 
 
 def test_eos_and_stop_sequences_end_generation():
     model = tiny()
-    full = Engine(model).generate([PROMPTS[0]], 10)[0]
+    full = Engine(model).generate([PROMPTS[0]], 10)[0].tokens
     # EOS: the model's eos id ends the row and is not returned
     eos = full[4]
     model.config = model.config.replace(eos_token_id=[999, eos])
     engine = Engine(model)
     out = engine.generate([PROMPTS[0]], 10)[0]
-    assert out == full[:full.index(eos)] and engine.stats["finish_reasons"] == ["stop"]
+    assert out.tokens == full[:full.index(eos)] and out.finish_reason == "stop"
     model.config = model.config.replace(eos_token_id=None)
     # a stop sequence ends it too, excluded, and a stream never shows its first tokens
     engine = Engine(model)
@@ -183,8 +216,8 @@ def test_eos_and_stop_sequences_end_generation():
     cut = next(i for i in range(len(full) - 1) if full[i:i + 2] == stop)
     chunks = list(engine.stream([PROMPTS[0]], 10, stop=[[1000, 1001, 1002], stop]))
     assert sum((c[0] for c in chunks), []) == full[:cut]
-    assert engine.stats["finish_reasons"] == ["stop"]
-    assert engine.generate([PROMPTS[0]], 10, stop=[[1000, 1001]]) == [full]
+    assert engine.generate([PROMPTS[0]], 10, stop=[[1000, 1001, 1002], stop])[0].finish_reason == "stop"
+    assert tokens(engine.generate([PROMPTS[0]], 10, stop=[[1000, 1001]])) == [full]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -192,7 +225,7 @@ def test_eos_and_stop_sequences_end_generation():
     (dict(prompts=[[1, 2], []]), r"prompts\[1\] is empty"),
     (dict(prompts=[[1, 5000]]), "outside"),
     (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(max_new_tokens=1024), "exceed the model's context of 1024"),
+    (dict(max_new_tokens=1024), "exceed the context of 1024"),
     (dict(temperature=-0.1), "temperature"),
     (dict(temperature=1.0, top_p=0.0), "top_p"),
     (dict(temperature=1.0, top_p=1.5), "top_p"),
@@ -216,28 +249,28 @@ def test_speculative_needs_an_mtp_module():
 
 def test_mtp_speculative_greedy_equals_plain_greedy():
     engine = Engine(mtp_friendly(tiny()))
-    plain = engine.generate(PROMPTS, 24)
-    spec = engine.generate(PROMPTS, 24, speculative="mtp")
+    plain = tokens(engine.generate(PROMPTS, 24))
+    spec = tokens(engine.generate(PROMPTS, 24, speculative="mtp"))
     assert spec == plain
     stats = engine.stats
     assert 0.2 < stats["acceptance_rate"] < 0.95  # both the accept and the rollback path ran
     assert stats["tokens_per_forward"] == pytest.approx(
         1 + stats["accepted"] / stats["row_forwards"], abs=0.15)
     # rows alone (their own acceptance pattern) give the same tokens as in the batch
-    assert [engine.generate([p], 24, speculative="mtp")[0] for p in PROMPTS] == plain
+    assert [engine.generate([p], 24, speculative="mtp")[0].tokens for p in PROMPTS] == plain
     # an untrained MTP module is rarely right, and the output still does not change
     raw = Engine(tiny())
-    assert raw.generate(PROMPTS, 12, speculative="mtp") == raw.generate(PROMPTS, 12)
+    assert tokens(raw.generate(PROMPTS, 12, speculative="mtp")) == tokens(raw.generate(PROMPTS, 12))
 
 
 def test_mtp_speculative_respects_stops_and_length():
     engine = Engine(mtp_friendly(tiny()))
-    full = engine.generate([PROMPTS[0]], 16)[0]
+    full = engine.generate([PROMPTS[0]], 16)[0].tokens
     for n in (1, 2, 7):
-        assert engine.generate([PROMPTS[0]], n, speculative="mtp")[0] == full[:n]
+        assert engine.generate([PROMPTS[0]], n, speculative="mtp")[0].tokens == full[:n]
     stop = full[6:8]
     cut = next(i for i in range(len(full) - 1) if full[i:i + 2] == stop)
-    assert engine.generate([PROMPTS[0]], 16, stop=[stop], speculative="mtp")[0] == full[:cut]
+    assert engine.generate([PROMPTS[0]], 16, stop=[stop], speculative="mtp")[0].tokens == full[:cut]
 
 
 @torch.no_grad()
@@ -281,7 +314,7 @@ def test_speculative_sampling_keeps_the_models_distribution(temperature, top_k, 
     assert 0.5 * (broken - exact).abs().sum() > 2 * tol
 
     for speculative in (None, "mtp"):
-        outs = engine.generate([prompt] * N, 3, temperature, top_k, top_p, seed=0, speculative=speculative)
+        outs = tokens(engine.generate([prompt] * N, 3, temperature, top_k, top_p, seed=0, speculative=speculative))
         codes = torch.tensor([(a * 8 + b) * 8 + c for a, b, c in outs])
         empirical = torch.bincount(codes, minlength=512).double() / N
         tv = 0.5 * (empirical - exact.double()).abs().sum().item()

@@ -9,8 +9,9 @@ from conftest import randomize_
 from nanoseek import cli
 from nanoseek.checkpoint import save_pretrained
 from nanoseek.config import ModelConfig
-from nanoseek.engine import Engine
-from nanoseek.generate import ReplyPrinter, TextStream, chat_prompt, load
+from nanoseek.inference import Engine
+from nanoseek.chat import chat_prompt
+from nanoseek.generate import ReplyPrinter, load
 from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
 
@@ -39,7 +40,7 @@ def test_generate_prints_the_engines_greedy_continuation(ckpt, capsys):
     code, out, _ = run_cli(["generate", "--model", ckpt, "--prompt", "12+30=", "--max-new-tokens", "12"], capsys)
     engine = load(ckpt)
     tok = engine.tokenizer
-    ids = engine.generate([tok.encode("12+30=", add_bos=True)], 12)[0]
+    ids = engine.generate([tok.encode("12+30=", add_bos=True)], 12)[0].tokens
     assert code == 0
     assert out == "12+30=" + tok.decode(ids) + "\n"
 
@@ -69,14 +70,14 @@ def test_generate_chat_wraps_the_prompt_in_the_template(ckpt, capsys):
                            capsys)
     engine = load(ckpt)
     tok = engine.tokenizer
-    ids = engine.generate([chat_prompt(tok, [{"role": "user", "content": "7*6?"}])], 6)[0]
+    ids = engine.generate([chat_prompt(tok, [{"role": "user", "content": "7*6?"}])[0]], 6)[0].tokens
     assert code == 0
     assert out == "<think>\n" + tok.decode(ids) + "\n"
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "/nonexistent/ckpt"], "no tokenizer.json"),
-    (["--max-new-tokens", "5000"], "exceed the model's context"),
+    (["--max-new-tokens", "5000"], "exceed the context"),
     (["--temperature", "-1"], "temperature"),
     (["--top-p", "1.5"], "top_p"),
 ])
@@ -99,15 +100,15 @@ def test_chat_keeps_history_resets_and_exits(ckpt, capsys, monkeypatch):
     assert code == 0 and len(seen) == 3
     assert out.count("<think>") == 3 and "(history cleared)" in out
     tok = Tokenizer.from_pretrained(ckpt)
-    first = chat_prompt(tok, [{"role": "user", "content": "hello"}])
+    first = chat_prompt(tok, [{"role": "user", "content": "hello"}])[0]
     assert seen[0] == first and seen[2] == first  # /reset forgot the first exchange
     # The second turn carries the first exchange: the template keeps the answer, drops reasoning.
-    reply = Engine(load(ckpt).model, tok).generate([first], 6)[0]
+    reply = Engine(load(ckpt).model, tok).generate([first], 6)[0].tokens
     reasoning, answer = tok.split_reasoning(tok.decode(reply))
     history = [{"role": "user", "content": "hello"},
                {"role": "assistant", "content": answer, "reasoning_content": reasoning},
                {"role": "user", "content": "how are you"}]
-    assert seen[1] == chat_prompt(tok, history)
+    assert seen[1] == chat_prompt(tok, history)[0]
 
 
 def test_chat_ends_on_end_of_input(ckpt, capsys, monkeypatch):
@@ -131,10 +132,3 @@ def test_reply_printer_sets_reasoning_apart_even_when_split_across_chunks():
     assert text.rindex(reset) <= answer_start
 
 
-def test_text_stream_waits_for_whole_characters():
-    tok = Tokenizer.train(TEXTS, vocab_size=270)  # small: multi-byte characters span several tokens
-    ids = tok.encode("héllo ✓ wörld")
-    stream = TextStream(tok)
-    pieces = [stream.push([i]) for i in ids] + [stream.flush()]
-    assert "".join(pieces) == "héllo ✓ wörld"
-    assert all("\ufffd" not in p for p in pieces)

@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
+from conftest import tokens
 from safetensors.torch import load_file, save_file
 
 from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
 from nanoseek.checkpoint import CheckpointError, fp8_block_quantize, hf_state_dict
 from nanoseek.cli import main as cli
-from nanoseek.engine import Engine
+from nanoseek.inference import Engine
 from nanoseek.quant import convert_checkpoint
 from nanoseek.quant.modules import Int4Experts, Int4Linear, Int8Experts, Int8Linear
 
@@ -110,7 +111,7 @@ def test_load_keeps_weights_quantized_and_logits_close(wide, fmt):
     rel = float((b - a).norm() / a.norm())
     # int8: the 3%. int4 (g=64, ~9% noise per weight, compounding over 4 random layers): 35%
     assert rel < (0.03 if fmt == "int8" else 0.35), rel
-    out = Engine(loaded).generate([[1, 2, 3]], 6)
+    out = tokens(Engine(loaded).generate([[1, 2, 3]], 6))
     assert len(out[0]) == 6
 
 

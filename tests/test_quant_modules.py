@@ -5,11 +5,12 @@ import copy
 
 import pytest
 import torch
+from conftest import tokens
 import torch.nn.functional as F
 from torch import nn
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.engine import Engine
+from nanoseek.inference import Engine
 from nanoseek.model import Experts, Gate, Linear, RMSNorm
 from nanoseek.quant import quantize_model
 from nanoseek.quant.formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
@@ -182,7 +183,7 @@ def test_generation_runs_and_decode_matches_full_forward(method):
     model = quantize_model(tiny(), method, group_size=32)
     engine = Engine(model)
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
-    outs = engine.generate(prompts, 8)
+    outs = tokens(engine.generate(prompts, 8))
     assert [len(o) for o in outs] == [8, 8] and all(0 <= t < 1024 for o in outs for t in o)
     # greedy decoding with the latent cache and absorbed MLA gives the tokens a plain forward picks
     for p, out in zip(prompts, outs):
@@ -190,4 +191,4 @@ def test_generation_runs_and_decode_matches_full_forward(method):
         with torch.no_grad():
             picks = model(seq)[0, len(p) - 1:-1].argmax(-1).tolist()
         assert picks == out
-    assert engine.generate(prompts, 8, speculative="mtp") == outs  # MTP drafts through quantized modules
+    assert tokens(engine.generate(prompts, 8, speculative="mtp")) == outs  # MTP drafts through quantized modules

@@ -11,6 +11,7 @@ from nanoseek.checkpoint import load_pretrained, save_pretrained
 from nanoseek.cli import main
 from nanoseek.config import ModelConfig
 from nanoseek.data.tasks import get_task
+from nanoseek.inference import Completion
 from nanoseek.model import Transformer
 from nanoseek.rl import distill as distill_module
 from nanoseek.rl.distill import DistillConfig, build_student, distill, rejection_sample
@@ -34,13 +35,11 @@ class CannedEngine:
     """Stands in for the teacher's Engine: returns fixed completions (ids) and finish reasons."""
 
     def __init__(self, tokenizer, texts, reasons):
-        self.outs = [tokenizer.encode(t) for t in texts]
-        self.reasons = reasons
+        self.outs = [Completion(tokenizer.encode(t), why) for t, why in zip(texts, reasons)]
         self.stats = {}
 
     def generate(self, prompts, max_new_tokens, **kw):
         assert len(prompts) == len(self.outs)
-        self.stats = {"finish_reasons": list(self.reasons)}
         return self.outs
 
 

@@ -8,12 +8,13 @@ import textwrap
 
 import pytest
 import torch
+from conftest import tokens
 
 from nanoseek.checkpoint import load_pretrained, save_pretrained
 from nanoseek.cli import main
 from nanoseek.config import ModelConfig
 from nanoseek.data.tasks import get_task
-from nanoseek.engine import Engine
+from nanoseek.inference import Engine
 from nanoseek.model import Transformer
 from nanoseek.rl.grpo import GRPOConfig, engine_logprobs, grpo_step, sample_groups, sequence_batch
 from nanoseek.rl.sandbox import run_python
@@ -65,8 +66,8 @@ def test_engine_samples_from_updated_weights_after_each_step(ckpt, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(live, fresh))
         assert max(float((a - b).abs().max()) for a, b in zip(live, stale)) > 1e-3
         # and sampling with a seed gives exactly what a fresh engine on the updated weights gives
-        a = engine.generate(probe.prompts, 6, temperature=1.0, seed=7)
-        b = Engine(copy.deepcopy(model), tok).generate(probe.prompts, 6, temperature=1.0, seed=7)
+        a = tokens(engine.generate(probe.prompts, 6, temperature=1.0, seed=7))
+        b = tokens(Engine(copy.deepcopy(model), tok).generate(probe.prompts, 6, temperature=1.0, seed=7))
         assert a == b
 
 

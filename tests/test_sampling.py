@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nanoseek.sampling import (find_stop, greedy_accept, held_back, sample, sampling_probs,
+from nanoseek.inference.sampling import (greedy_accept, sample, sampling_probs,
                                speculative_accept, validate_sampling)
 
 
@@ -66,17 +66,6 @@ def test_speculative_accept_law():
     # identical draft and target: every draft is kept
     accepted, _ = speculative_accept(P[:100], p[None, None].expand(100, 1, -1), drafts[:100], generator=g)
     assert accepted.eq(1).all()
-
-
-def test_stop_matching_and_hold_back():
-    eos = {1}
-    assert find_stop([5, 6, 1, 7], 0, [], eos) == 2
-    assert find_stop([5, 6, 7, 8], 0, [[7, 8]], eos) == 2
-    assert find_stop([5, 6, 7, 8], 3, [[7, 8]], eos) == 2  # a match ending in the new tokens
-    assert find_stop([7, 8, 5], 2, [[7, 8]], eos) is None  # already checked earlier
-    assert held_back([5, 7], [[7, 8, 9]]) == 1
-    assert held_back([7, 8], [[7, 8, 9], [8, 1]]) == 2
-    assert held_back([5, 6], [[7, 8]]) == 0
 
 
 def test_a_tiny_temperature_samples_the_argmax_instead_of_overflowing():

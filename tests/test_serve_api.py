@@ -16,11 +16,12 @@ from fastapi.testclient import TestClient  # noqa: E402
 from nanoseek import cli  # noqa: E402
 from nanoseek.checkpoint import save_pretrained  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
-from nanoseek.generate import chat_prompt, load  # noqa: E402
+from nanoseek.chat import chat_prompt  # noqa: E402
+from nanoseek.generate import load  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
 from nanoseek.serve.api import check_listen, create_app, serve_in_thread  # noqa: E402
-from nanoseek.serve.reasoning import ReasoningSplitter, split_all  # noqa: E402
-from nanoseek.serve.scheduler import Scheduler, SamplingParams  # noqa: E402
+from nanoseek.inference import SamplingParams  # noqa: E402
+from nanoseek.inference.scheduler import Scheduler  # noqa: E402
 from nanoseek.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE, Tokenizer  # noqa: E402
 
 KEY = "sk-test-key"
@@ -43,7 +44,7 @@ def server(tmp_path_factory):
     app = create_app(sched, "tiny", api_key=KEY)
     uv, thread, port = serve_in_thread(app)
     base = f"http://127.0.0.1:{port}"
-    yield dict(base=base, engine=engine, sched=sched,
+    yield dict(base=base, engine=engine, sched=sched, path=str(path),
                client=openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=60))
     uv.should_exit = True
     thread.join(timeout=10)
@@ -60,28 +61,6 @@ def user(text):
     return [{"role": "user", "content": text}]
 
 
-# ----------------------------------------------------------------------------- reasoning split
-
-@pytest.mark.parametrize("text, inside", [
-    ("\nadd the units\n</think>\n\n42", True),
-    ("<think>\nadd</think>42 is it", True),
-    ("<think>\nadd the units\n</think>\n\n42", False),
-    ("just an answer", False),
-    ("still thinking, no end", True),
-    ("  \n", True),
-])
-def test_reasoning_split_whole_and_in_any_pieces(text, inside):
-    whole = split_all(text, inside)
-    if inside or text.lstrip().startswith("<think>"):
-        assert whole == Tokenizer.train(["x"], 300).split_reasoning(text)
-    else:
-        assert whole == ("", text.strip())
-    for size in (1, 2, 3, 7):  # markers and whitespace split across pieces
-        s = ReasoningSplitter(inside)
-        parts = [s.feed(text[i:i + size]) for i in range(0, len(text), size)] + [s.flush()]
-        assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == whole
-
-
 # ----------------------------------------------------------------------------- endpoints
 
 def test_models_and_health(server):
@@ -95,9 +74,9 @@ def test_chat_whole_and_streamed_agree_and_split_reasoning(server):
     messages = user("What is 12+30?")
     resp = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=24)
     msg = resp.choices[0].message
-    want = tok.decode(engine.generate([chat_prompt(tok, messages)], 24)[0])
+    want = tok.decode(engine.generate([chat_prompt(tok, messages)[0]], 24)[0].tokens)
     assert ((msg.reasoning_content or ""), msg.content) == tok.split_reasoning(want)
-    assert resp.usage.prompt_tokens == len(chat_prompt(tok, messages))
+    assert resp.usage.prompt_tokens == len(chat_prompt(tok, messages)[0])
     assert resp.usage.completion_tokens == 24 and resp.choices[0].finish_reason == "length"
 
     stream = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=24,
@@ -116,17 +95,44 @@ def test_chat_whole_and_streamed_agree_and_split_reasoning(server):
     assert usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again: its blocks were cached
 
 
+def test_mtp_speculative_server_streams_plain_greedy_and_top_k_filters(server, capsys):
+    """`nanoseek serve --speculative mtp`: streamed and whole completions equal Engine.generate's plain
+    greedy tokens and `nanoseek generate`'s (plain and MTP); top_k=1 samples the argmax."""
+    engine = server["engine"]
+    tok = engine.tokenizer
+    sched = Scheduler(engine, max_batch=4, speculative="mtp").start()
+    uv, thread, port = serve_in_thread(create_app(sched, "tiny", api_key=KEY))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+        for prompt in ("12+30=", "the answer"):
+            want = tok.decode(engine.generate([tok.encode(prompt, add_bos=True)], 12)[0].tokens)
+            kw = dict(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+            streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+            assert streamed == client.completions.create(**kw).choices[0].text == want
+            for extra in ([], ["--speculative", "mtp"]):
+                argv = ["generate", "--model", server["path"], "--prompt", prompt, "--max-new-tokens", "12"]
+                assert cli.main(argv + extra) == 0 and capsys.readouterr().out == prompt + want + "\n"
+        assert sched.stats["drafted"] > 0 and sched.stats["accepted"] >= 0
+        top1 = client.completions.create(model="tiny", prompt="7*6=", max_tokens=8, temperature=1.0,
+                                         extra_body={"top_k": 1})
+        assert top1.choices[0].text == tok.decode(engine.generate([tok.encode("7*6=", add_bos=True)], 8)[0].tokens)
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+        sched.stop()
+
+
 def test_completions_plain_fim_echo_stop_and_n(server):
     client, engine = server["client"], server["engine"]
     tok = engine.tokenizer
     resp = client.completions.create(model="tiny", prompt="12+30=", max_tokens=10, temperature=0)
     ids = tok.encode("12+30=", add_bos=True)
-    assert resp.choices[0].text == tok.decode(engine.generate([ids], 10)[0])
+    assert resp.choices[0].text == tok.decode(engine.generate([ids], 10)[0].tokens)
     fim = client.completions.create(model="tiny", prompt="def f(x):", suffix="\nprint(f(2))", max_tokens=8,
                                     temperature=0)
     fim_ids = tok.encode(f"{tok.bos_token}{FIM_BEGIN}def f(x):{FIM_HOLE}\nprint(f(2)){FIM_END}")
     assert fim.usage.prompt_tokens == len(fim_ids)
-    assert fim.choices[0].text == tok.decode(engine.generate([fim_ids], 8)[0])
+    assert fim.choices[0].text == tok.decode(engine.generate([fim_ids], 8)[0].tokens)
     echo = client.completions.create(model="tiny", prompt="7*6=", max_tokens=4, temperature=0, echo=True)
     assert echo.choices[0].text.startswith("7*6=")
     full = resp.choices[0].text
@@ -188,7 +194,7 @@ def test_a_request_that_fails_to_sample_is_a_500_and_others_go_on(server, monkey
     r = post(server, "/v1/completions", {"model": "tiny", "prompt": "the", "max_tokens": 4, "temperature": POISON})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     ok = server["client"].completions.create(model="tiny", prompt="the", max_tokens=4, temperature=0)
-    assert ok.choices[0].finish_reason == "length" and server["sched"]._thread.is_alive()
+    assert ok.choices[0].finish_reason == "length" and server["sched"].alive
 
 
 def test_32_concurrent_streams_equal_sequential_greedy(server):

@@ -2,12 +2,14 @@
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import randomize_, tokens
 
 from nanoseek.config import ModelConfig
-from nanoseek.engine import Engine
+from nanoseek.inference import Engine
 from nanoseek.model import Transformer
-from nanoseek.serve.scheduler import NotRunning, PrefixCache, QueueFull, SamplingParams, Scheduler, _held
+from nanoseek.inference.cache import PrefixCache
+from nanoseek.inference.engine import SamplingParams
+from nanoseek.inference.scheduler import NotRunning, QueueFull, Scheduler
 from nanoseek.tokenizer import Tokenizer
 
 PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17, 18], [40] * 20, [7, 7, 100, 200, 300, 9]]
@@ -42,7 +44,7 @@ def test_batched_greedy_equals_engine_generate_per_prompt(engine):
     runs = [collect(sched, p, SamplingParams(max_tokens=12 + i)) for i, p in enumerate(PROMPTS)]
     drain(sched)
     for (events, req), p in zip(runs, PROMPTS):
-        assert ids_of(events) == engine.generate([p], len(req.out))[0] == req.out
+        assert ids_of(events) == engine.generate([p], len(req.out))[0].tokens == req.out
         assert events[-1].finish_reason == "length" and sum(e.finish_reason is not None for e in events) == 1
     assert sched.stats["rows_decoded"] > sched.stats["steps"]  # rows really shared steps
 
@@ -58,7 +60,7 @@ def test_requests_join_mid_stream_and_more_requests_than_slots(engine):
     assert len(sched.rows) == 2 and sched.waiting == len(PROMPTS) - 2  # one joined, the rest wait
     drain(sched)
     for (events, _), p in zip([first] + later, PROMPTS):
-        assert ids_of(events) == engine.generate([p], 20 if p is PROMPTS[0] else 9)[0]
+        assert ids_of(events) == engine.generate([p], 20 if p is PROMPTS[0] else 9)[0].tokens
 
 
 def test_seeded_sampling_is_per_request_and_matches_the_engine(engine):
@@ -67,7 +69,7 @@ def test_seeded_sampling_is_per_request_and_matches_the_engine(engine):
     a = collect(sched, PROMPTS[2], params)
     noise = collect(sched, PROMPTS[0], SamplingParams(max_tokens=10, temperature=1.0, seed=1))
     drain(sched)
-    want = engine.generate([PROMPTS[2]], 10, temperature=0.9, top_p=0.95, seed=7)[0]
+    want = engine.generate([PROMPTS[2]], 10, temperature=0.9, top_p=0.95, seed=7)[0].tokens
     assert ids_of(a[0]) == want and ids_of(noise[0]) != want
 
 
@@ -81,12 +83,12 @@ def test_cancel_frees_the_slot(engine):
     req.cancel()
     drain(sched)
     assert events[-1].finish_reason == "cancelled" and len(ids_of(events)) < 100
-    assert ids_of(waiting) == engine.generate([PROMPTS[1]], 5)[0]
+    assert ids_of(waiting) == engine.generate([PROMPTS[1]], 5)[0].tokens
     assert sched.rows == []
 
 
 def test_eos_ends_a_request(engine):
-    want = engine.generate([PROMPTS[0]], 8)[0]
+    want = engine.generate([PROMPTS[0]], 8)[0].tokens
     eos = want[3]
     cfg = engine.config.replace(eos_token_id=eos)
     eng = Engine(engine.model, None)
@@ -107,8 +109,8 @@ def test_prefix_cache_suffix_prefill_matches_whole_prefill(engine):
     drain(sched)
     assert first[0][-1].cached_tokens == 0 and second[0][-1].cached_tokens == 32
     assert second[0][-1].prompt_tokens == 39
-    assert ids_of(first[0]) == engine.generate([prompt], 10)[0]
-    assert ids_of(second[0]) == engine.generate([prompt[:36] + [1, 2, 3]], 10)[0]
+    assert ids_of(first[0]) == engine.generate([prompt], 10)[0].tokens
+    assert ids_of(second[0]) == engine.generate([prompt[:36] + [1, 2, 3]], 10)[0].tokens
     assert sched.stats["cached_tokens"] == 32
 
     # the logits themselves, copy + suffix against one whole forward
@@ -116,7 +118,7 @@ def test_prefix_cache_suffix_prefill_matches_whole_prefill(engine):
         cache = engine.new_cache(1, 64)
         whole = engine.logits(engine.forward(torch.tensor([prompt]), torch.arange(40)[None], cache, absorb=False))
         split = engine.new_cache(1, 64)
-        split.kv[:, 0, :32] = sched.prefix.lookup(prompt, 39)
+        split.restore(0, sched.batch.prefix.lookup(prompt, 39))
         tail = engine.logits(engine.forward(torch.tensor([prompt[32:]]), torch.arange(32, 40)[None], split,
                                             absorb=False))
     torch.testing.assert_close(tail[0], whole[0, 32:], rtol=1e-5, atol=1e-5)
@@ -140,29 +142,18 @@ def test_prefix_cache_evicts_children_before_their_parents():
     assert pc.lookup(list(range(12)), 12).shape == (2, 8, 3)
 
 
-def test_held_back_text_is_the_longest_suffix_that_begins_a_stop():
-    import random
-    rng = random.Random(0)
-    for _ in range(2000):
-        text = "".join(rng.choice("ab") for _ in range(rng.randrange(0, 12)))
-        stops = ["".join(rng.choice("ab") for _ in range(rng.randrange(1, 6))) for _ in range(rng.randrange(1, 4))]
-        naive = max((n for s in stops for n in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:n])),
-                    default=0)
-        assert _held(text, stops) == naive, (text, stops)
-
-
 POISON = 0.123  # a temperature whose sampling raises (fail_to_sample), standing in for any kernel error
 
 
 def fail_to_sample(monkeypatch):
-    from nanoseek.serve import scheduler
-    real = scheduler.sample
+    from nanoseek.inference import engine
+    real = engine.sample
 
     def sample(logits, temperature, *args):
         if temperature == POISON:
             raise RuntimeError("probability tensor contains inf or nan")
         return real(logits, temperature, *args)
-    monkeypatch.setattr(scheduler, "sample", sample)
+    monkeypatch.setattr(engine, "sample", sample)
 
 
 def test_a_request_whose_sampling_fails_ends_alone(engine, monkeypatch):
@@ -175,7 +166,7 @@ def test_a_request_whose_sampling_fails_ends_alone(engine, monkeypatch):
     sched.step()
     bad_later[1].params.temperature = POISON  # now the failure comes in a shared decode step
     drain(sched)
-    assert ids_of(good[0]) == engine.generate([PROMPTS[0]], 12)[0] and good[0][-1].finish_reason == "length"
+    assert ids_of(good[0]) == engine.generate([PROMPTS[0]], 12)[0].tokens and good[0][-1].finish_reason == "length"
     for events, _ in (bad_at_join, bad_later):
         assert events[-1].finish_reason == "error" and "failed" in events[-1].error
 
@@ -201,7 +192,8 @@ def test_a_failing_or_stopped_scheduler_ends_every_request(engine, monkeypatch):
         assert all(done.wait(30) for done, _, _ in runs)
         for _, events, _ in runs:
             assert events[-1].finish_reason == "error"
-        sched._thread.join(30)
+        sched.stop()
+        assert not sched.alive
         with pytest.raises(NotRunning):
             sched.submit([1], SamplingParams(max_tokens=1))
 
@@ -209,7 +201,7 @@ def test_a_failing_or_stopped_scheduler_ends_every_request(engine, monkeypatch):
 def test_text_stop_sequences_and_held_back_text(engine):
     tok = Tokenizer.train(["abc def ghi", "hello world"] * 10, vocab_size=300)
     eng = Engine(engine.model, tok)
-    ids = eng.generate([[5, 6, 7]], 30)[0]
+    ids = eng.generate([[5, 6, 7]], 30)[0].tokens
     text = tok.decode(ids)
     stop = text[10:13]
     sched = Scheduler(eng, max_batch=2, prefix_cache_bytes=0)
@@ -265,10 +257,10 @@ def test_thread_runs_requests_and_stops(engine):
         for i, p in enumerate(PROMPTS):
             sched.submit(p, SamplingParams(max_tokens=6), listener(i))
         assert all(d.wait(30) for d in done)
-        assert outs == engine.generate(PROMPTS, 6)
+        assert outs == tokens(engine.generate(PROMPTS, 6))
     finally:
         sched.stop()
-    assert not sched._thread.is_alive()
+    assert not sched.alive
 
 
 def test_an_unseeded_request_leaves_the_global_rng_alone(engine):

@@ -19,7 +19,7 @@ from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.generate import load  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
 from nanoseek.serve.api import create_app, serve_in_thread  # noqa: E402
-from nanoseek.serve.scheduler import Scheduler  # noqa: E402
+from nanoseek.inference.scheduler import Scheduler  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer, save_pretrained
 from nanoseek.data import get_task, load_data
+from nanoseek.inference import Completion
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import evaluate as ev
 
@@ -29,7 +30,7 @@ def model(tokenizer):
 
 
 class ScriptedEngine:
-    """Stands in for nanoseek.engine.Engine: answers each prompt with script(prompt_index, sample)."""
+    """Stands in for nanoseek.inference.Engine: answers each prompt with script(prompt_index, sample)."""
     script = None
     calls = []
 
@@ -39,8 +40,7 @@ class ScriptedEngine:
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=None, seed=None):
         ScriptedEngine.calls.append((len(prompts), temperature, top_p))
         texts = [ScriptedEngine.script(prompt) for prompt in prompts]
-        self.stats["finish_reasons"] = ["stop"] * len(prompts)
-        return [self.tokenizer.encode(t) for t in texts]
+        return [Completion(self.tokenizer.encode(t), "stop") for t in texts]
 
 
 def scripted(monkeypatch, tokenizer, answer_of):

@@ -1,6 +1,6 @@
 """The demo's stages, in the order they run. Each takes the Context and returns a JSON-able dict.
 
-Stages call the library (nanoseek.train, nanoseek.rl, nanoseek.quant, nanoseek.engine) as Python
+Stages call the library (nanoseek.train, nanoseek.rl, nanoseek.quant, nanoseek.inference) as Python
 functions; nothing here trains, samples or quantizes by itself. Folders under the demo's --out:
 
     init/ student_init/   untrained teacher and student with the demo's tokenizer
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..checkpoint import load_pretrained, save_pretrained
 from ..config import ModelConfig
 from ..data import extract_answer, get_task, load_data
-from ..engine import Engine
+from ..inference import Engine
 from ..estimate import estimate
 from ..model import Transformer
 from ..plots import read_metrics
@@ -270,7 +270,7 @@ def decode_speeds(models: dict, prompts: list[list[int]], max_new_tokens: int, r
         for p in prompts:
             for name, (engine, kw) in engines.items():
                 t0 = time.perf_counter()
-                out = engine.generate([p], max_new_tokens, **kw)[0]
+                out = engine.generate([p], max_new_tokens, **kw)[0].tokens
                 rates[name].append(len(out) / (time.perf_counter() - t0))
                 if r == 0:
                     s, st = engine.stats, stats[name]
@@ -344,8 +344,8 @@ def stage_samples(ctx: Context) -> dict:
     outs = engine.generate([prompt_ids(tok, ex, "chat") for ex in examples], ctx.cfg.max_new_tokens,
                            temperature=R1_TEMPERATURE, top_p=R1_TOP_P, seed=ctx.cfg.seed)
     samples = []
-    for ex, ids, why in zip(examples, outs, engine.stats["finish_reasons"]):
-        text = tok.decode(ids)
+    for ex, out in zip(examples, outs):
+        text, why = tok.decode(out.tokens), out.finish_reason
         reasoning, answer = tok.split_reasoning(text)
         samples.append({"prompt": ex.prompt, "reasoning": reasoning, "answer": answer, "expected": ex.answer,
                         "correct": bool(ctx.task.check(extract_answer(text), ex)), "finish": why})

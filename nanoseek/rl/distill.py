@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..checkpoint import load_pretrained
 from ..config import ModelConfig
 from ..data.tasks import TASKS
-from ..engine import Engine
+from ..inference import Engine
 from ..fsutil import atomic_write_text
 from ..model import Transformer
 from ..tokenizer import Tokenizer
@@ -114,13 +114,12 @@ def rejection_sample(engine: Engine, tokenizer: Tokenizer, examples: list, sampl
         rendered = [render_prompt(tokenizer, ex) for ex in chunk]
         outs = engine.generate([ids for _, ids in rendered for _ in range(samples_per_prompt)], max_new_tokens,
                                temperature=temperature, top_p=top_p, seed=seed + a)
-        reasons = engine.stats["finish_reasons"]
         for j, (ex, (prompt_text, _)) in enumerate(zip(chunk, rendered)):
             kept = set()
             for i in range(j * samples_per_prompt, (j + 1) * samples_per_prompt):
-                text = tokenizer.decode(outs[i])
+                text = tokenizer.decode(outs[i].tokens)
                 stats["samples"] += 1
-                ok = reasons[i] == "stop" and accuracy_reward(prompt_text, text, ex) == 1.0
+                ok = outs[i].finish_reason == "stop" and accuracy_reward(prompt_text, text, ex) == 1.0
                 stats["correct"] += ok
                 if ok and format_reward(prompt_text, text) == 1.0 and len(kept) < traces_per_prompt \
                         and text not in kept:

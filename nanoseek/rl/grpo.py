@@ -12,7 +12,7 @@ One step, readable top to bottom in `grpo_step`:
   1. take `prompts_per_step` training problems (a seeded permutation: batches are a function of
      the step) and render each through the chat template, or pretraining's text layout for
      R1-Zero from a base model (both end in an open <think>);
-  2. sample G completions per prompt with nanoseek.engine.Engine over the trainer's own model
+  2. sample G completions per prompt with nanoseek.inference.Engine over the trainer's own model
      object: the engine holds no copy, so every rollout uses the weights of the last optimizer step;
   3. score every completion with the reward functions (rewards.py) and turn the rewards into
      group-relative advantages (losses.py);
@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from ..checkpoint import load_pretrained
 from ..data.tasks import TASKS, extract_answer, get_task
-from ..engine import Engine
+from ..inference import Engine
 from ..fsutil import atomic_write_bytes
 from ..tokenizer import Tokenizer
 from ..train.evaluate import LAYOUTS, checkpoint_layout, evaluate_accuracy, prompt_ids
@@ -203,12 +203,12 @@ def sample_groups(engine: Engine, tokenizer: Tokenizer, examples: list, group_si
     outs = engine.generate([p for p in prompts for _ in range(group_size)], max_new_tokens,
                            temperature=temperature, top_p=top_p, seed=seed)
     seconds = time.perf_counter() - t0
-    reasons = list(engine.stats["finish_reasons"])
+    reasons = [out.finish_reason for out in outs]
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else engine.config.eos_token_ids[0]
-    completions = [out + [eos] if why == "stop" else out for out, why in zip(outs, reasons)]
-    texts = [tokenizer.decode(out) for out in outs]
+    completions = [out.tokens + [eos] if out.finish_reason == "stop" else out.tokens for out in outs]
+    texts = [tokenizer.decode(out.tokens) for out in outs]
     return Rollout(examples, [t for t, _ in rendered], prompts, completions, texts, reasons, seconds,
-                   sum(len(o) for o in outs))
+                   sum(len(o.tokens) for o in outs))
 
 
 def score_rollout(rollout: Rollout, rewards: list, group_size: int) -> tuple[torch.Tensor, dict]:

@@ -8,8 +8,8 @@
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-...")
     client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "2+2?"}])
 
-scheduler.py runs the model (continuous batching, prefix cache), api.py speaks HTTP,
-reasoning.py splits <think> reasoning from the answer, static/index.html is the chat page.
+api.py speaks HTTP over the inference core's scheduler (nanoseek.inference.scheduler: continuous
+batching, prefix cache, MTP speculation); static/index.html is the chat page.
 FastAPI and uvicorn are imported only when the command runs.
 """
 
@@ -23,8 +23,8 @@ def run(args) -> int:
     import uvicorn
 
     from ..generate import load
+    from ..inference.scheduler import Scheduler
     from .api import check_listen, create_app
-    from .scheduler import Scheduler
 
     api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
     check_listen(args.host, api_key)
@@ -35,7 +35,8 @@ def run(args) -> int:
         raise ValueError(f"{args.model}: no tokenizer.json")
     name = args.served_model_name or Path(args.model).resolve().name
     scheduler = Scheduler(engine, max_batch=args.max_batch, queue_size=args.queue_size,
-                          prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), context=args.context).start()
+                          prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), context=args.context,
+                          speculative=args.speculative).start()
     if args.log_requests:
         import logging
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -67,6 +68,8 @@ def add_parser(sub) -> None:
     p.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot; more get 429")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per slot, prompt + completion (default: the model's max_position_embeddings)")
+    p.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="mtp: the MTP module drafts a token that the model verifies (same output when greedy)")
     p.add_argument("--prefix-cache-mb", type=float, default=256, help="memory for cached prompt latents (0: off)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: the checkpoint's torch_dtype)")

@@ -30,15 +30,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from ..generate import chat_prompt
+from ..chat import ReasoningSplitter, chat_prompt
+from ..inference import SamplingParams
+from ..inference.scheduler import NotRunning, QueueFull
 from ..tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE
-from .reasoning import ReasoningSplitter
-from .scheduler import NotRunning, QueueFull, SamplingParams
 
 log = logging.getLogger("nanoseek.serve")
 
 Temperature = Annotated[float, Field(strict=True, ge=0, le=2)]
 TopP = Annotated[float, Field(strict=True, gt=0, le=1)]
+TopK = Annotated[StrictInt, Field(ge=-1)]  # vLLM's extension; -1 or 0: no top-k filter
 MaxTokens = Annotated[StrictInt, Field(ge=1)]
 StopText = Annotated[StrictStr, Field(min_length=1, max_length=1000)]  # checked after every token: bounded
 Stop = StopText | Annotated[list[StopText], Field(max_length=4)] | None
@@ -67,6 +68,7 @@ class _Common(BaseModel):
     model: StrictStr
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
+    top_k: TopK | None = None
     n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
     stop: Stop = None
     seed: Seed | None = None
@@ -204,7 +206,8 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
     def params(body: _Common, max_tokens: int, i: int) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         seed = None if body.seed is None else body.seed + i  # n choices differ but stay reproducible
-        return SamplingParams(max_tokens, body.temperature, body.top_p, seed, stop, body.ignore_eos)
+        top_k = body.top_k if body.top_k and body.top_k > 0 else None
+        return SamplingParams(max_tokens, body.temperature, top_k, body.top_p, seed, stop, ignore_eos=body.ignore_eos)
 
     def submit(jobs: list[tuple[list[int], SamplingParams]], events: asyncio.Queue) -> list:
         """Queue every choice; all or nothing. Events arrive as (choice index, Event)."""
@@ -360,11 +363,9 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
                 msg["reasoning_content"] = m.reasoning_content
             messages.append(msg)
         try:
-            ids = chat_prompt(tok, messages)
-            prompt_text = tok.apply_chat_template(messages, add_generation_prompt=True)
+            ids, inside = chat_prompt(tok, messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        inside = prompt_text.rstrip().endswith(tok.think_start)
         max_tokens = max_tokens_for(ids, body.max_completion_tokens or body.max_tokens)
         jobs = [(ids, params(body, max_tokens, i)) for i in range(body.n)]
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

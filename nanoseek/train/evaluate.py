@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..checkpoint import load_pretrained
 from ..data import Example, extract_answer, get_task, pack_chat, tokenize_documents
 from ..data.tasks import TASKS, Task
-from ..engine import Engine
+from ..inference import Engine
 from ..fsutil import atomic_write_text
 from ..tokenizer import THINK_START, Tokenizer
 from .distributed import default_device
@@ -99,15 +99,14 @@ def evaluate_accuracy(model, tokenizer: Tokenizer, task: str | Task = "arithmeti
         prompts = [prompt_ids(tokenizer, ex, layout) for ex in chunk for _ in range(k)]
         outs = engine.generate(prompts, max_new_tokens, temperature=temperature,
                                top_p=top_p if temperature > 0 else None, seed=seed + a)
-        finishes = engine.stats["finish_reasons"]
         for j, ex in enumerate(chunk):
             mine = []
             for i in range(j * k, (j + 1) * k):
-                completion = tokenizer.decode(outs[i])
+                completion = tokenizer.decode(outs[i].tokens)
                 answer = extract_answer(completion)
                 mine.append({"prompt": ex.prompt, "completion": completion, "answer": answer,
                              "expected": ex.answer, "correct": bool(task.check(answer, ex)),
-                             "finish": finishes[i], "tokens": len(outs[i])})
+                             "finish": outs[i].finish_reason, "tokens": len(outs[i].tokens)})
             samples += mine
             per_problem.append(mine)
         bar.update(len(chunk))

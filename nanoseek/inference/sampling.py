@@ -1,5 +1,5 @@
-"""Token choice for the engine: greedy, temperature / top-k / top-p sampling, the speculative
-acceptance rules, and stop-sequence matching. Pure functions on tensors and token lists.
+"""Token choice for the inference core: greedy, temperature / top-k / top-p sampling, and the
+speculative acceptance rules. Pure functions on tensors.
 
     probs = sampling_probs(logits, temperature=0.8, top_k=50, top_p=0.95)   # [..., V]
     ids = sample(logits, temperature=0.8, generator=g)                      # [...]
@@ -100,32 +100,3 @@ def speculative_accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     # p == q on the support leaves no residual mass; rejection then has probability 0, but guard it
     residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p.gather(1, idx).squeeze(1))
     return accepted, draw(residual, generator)
-
-
-# ----------------------------------------------------------------------------- stop sequences
-
-def find_stop(tokens: list[int], start: int, stops: list[list[int]], eos: set[int]) -> int | None:
-    """Where the output ends if it hits an EOS id or a stop sequence among tokens[start:].
-
-    Returns the length to keep (EOS and the stop sequence excluded), or None when nothing ends
-    it. Only matches ending at or after ``start`` are looked for, so each token is checked once.
-    """
-    for end in range(start, len(tokens)):
-        if tokens[end] in eos:
-            return end
-        for s in stops:
-            n = len(s)
-            if end + 1 >= n and tokens[end + 1 - n:end + 1] == s:
-                return end + 1 - n
-    return None
-
-
-def held_back(tokens: list[int], stops: list[list[int]]) -> int:
-    """How many trailing tokens could still be the start of a stop sequence (a stream holds them)."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(tokens)), best, -1):
-            if tokens[-n:] == s[:n]:
-                best = n
-                break
-    return best
