@@ -189,7 +189,7 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, path, body, sta
 
 
 def test_a_request_that_fails_to_sample_is_a_500_and_others_go_on(server, monkeypatch):
-    from test_serve_scheduler import POISON, fail_to_sample
+    from test_inference_scheduler import POISON, fail_to_sample
     fail_to_sample(monkeypatch)
     r = post(server, "/v1/completions", {"model": "tiny", "prompt": "the", "max_tokens": 4, "temperature": POISON})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"

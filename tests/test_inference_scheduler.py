@@ -7,7 +7,6 @@ from conftest import randomize_, tokens
 from nanoseek.config import ModelConfig
 from nanoseek.inference import Engine
 from nanoseek.model import Transformer
-from nanoseek.inference.cache import PrefixCache
 from nanoseek.inference.engine import SamplingParams
 from nanoseek.inference.scheduler import NotRunning, QueueFull, Scheduler
 from nanoseek.tokenizer import Tokenizer
@@ -73,6 +72,22 @@ def test_seeded_sampling_is_per_request_and_matches_the_engine(engine):
     assert ids_of(a[0]) == want and ids_of(noise[0]) != want
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_mtp_speculative_scheduler_equals_the_engine_with_top_k(engine, sampled):
+    """The server's scheduler drafts with MTP and verifies like Engine.generate(speculative="mtp"),
+    rows joining and leaving; top-k and a seed give the engine's tokens for the same request."""
+    sched = Scheduler(engine, max_batch=3, prefix_cache_bytes=0, speculative="mtp")
+    kw = dict(temperature=0.8, top_k=20, seed=11) if sampled else {}
+    runs = [collect(sched, p, SamplingParams(max_tokens=10 + i, **kw)) for i, p in enumerate(PROMPTS)]
+    drain(sched)
+    for (events, req), p in zip(runs, PROMPTS):
+        want = engine.generate([p], req.params.max_tokens, speculative="mtp", **kw)[0].tokens
+        assert ids_of(events) == want
+        if not sampled:
+            assert want == engine.generate([p], req.params.max_tokens)[0].tokens  # = plain greedy
+    assert sched.stats["drafted"] > 0
+
+
 def test_cancel_frees_the_slot(engine):
     sched = Scheduler(engine, max_batch=1, prefix_cache_bytes=0)
     events, req = collect(sched, PROMPTS[0], SamplingParams(max_tokens=100))
@@ -122,24 +137,6 @@ def test_prefix_cache_suffix_prefill_matches_whole_prefill(engine):
         tail = engine.logits(engine.forward(torch.tensor([prompt[32:]]), torch.arange(32, 40)[None], split,
                                             absorb=False))
     torch.testing.assert_close(tail[0], whole[0, 32:], rtol=1e-5, atol=1e-5)
-
-
-def test_prefix_cache_is_lru_bounded_and_keeps_a_token_to_prefill():
-    block = torch.ones(2, 4, 3)
-    pc = PrefixCache(max_bytes=3 * block.nbytes, block=4)
-    pc.insert(list(range(8)), torch.ones(2, 8, 3))
-    assert pc.lookup(list(range(8)), 7).shape == (2, 4, 3)  # the last token is always prefilled
-    assert pc.lookup(list(range(8)) + [9], 8).shape == (2, 8, 3)
-    assert pc.lookup([1] + list(range(1, 9)), 8) is None  # differs in the first block
-    pc.insert(list(range(100, 108)), torch.ones(2, 8, 3))
-    assert pc.bytes <= pc.max_bytes and len(pc.blocks) == 3
-    assert PrefixCache(0).lookup([1, 2, 3], 2) is None
-
-
-def test_prefix_cache_evicts_children_before_their_parents():
-    pc = PrefixCache(max_bytes=2 * torch.ones(2, 4, 3).nbytes, block=4)
-    pc.insert(list(range(12)), torch.ones(2, 12, 3))  # three blocks, room for two: the last one goes
-    assert pc.lookup(list(range(12)), 12).shape == (2, 8, 3)
 
 
 POISON = 0.123  # a temperature whose sampling raises (fail_to_sample), standing in for any kernel error

@@ -1,4 +1,4 @@
-"""Sampling filters, acceptance rules and stop matching, on hand-made distributions."""
+"""Sampling filters and speculative acceptance rules, on hand-made distributions."""
 
 import pytest
 import torch

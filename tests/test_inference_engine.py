@@ -9,7 +9,6 @@ import torch
 from conftest import randomize_, tokens
 
 from nanoseek.config import ModelConfig
-from nanoseek.inference.cache import LatentCache, attention_mask
 from nanoseek.inference.engine import Engine
 from nanoseek.model import MoE, Transformer
 from nanoseek.inference.sampling import sampling_probs
@@ -99,19 +98,6 @@ def test_cache_bytes_per_token_is_the_latent_formula(dtype):
     assert cache.kv.dtype == dtype
     assert cache.kv.numel() * cache.kv.element_size() == expected * 2 * 10  # nothing else is stored
     assert engine.new_cache(1, 10, mtp_layers=1).kv.shape[0] == cfg.num_hidden_layers + 1
-
-
-def test_cache_writes_at_each_rows_own_positions():
-    cache = LatentCache(num_layers=1, batch_size=2, max_len=6, width=3, dtype=torch.float32)
-    cache.prepare(torch.tensor([[1], [4]]))
-    keys = cache.update(0, torch.tensor([[[1.0, 1, 1]], [[2.0, 2, 2]]]))
-    assert keys.shape == (2, 5, 3)
-    assert cache.kv[0, 0, 1].tolist() == [1, 1, 1] and cache.kv[0, 1, 4].tolist() == [2, 2, 2]
-    assert cache.kv[0].abs().sum() == 9
-    mask = attention_mask(torch.tensor([[1], [4]]), 5)
-    assert mask.shape == (2, 1, 1, 5)
-    assert mask[0, 0, 0].tolist() == [True, True, False, False, False]
-    assert mask[1, 0, 0].tolist() == [True] * 5
 
 
 def test_cached_greedy_equals_uncached_argmax():
