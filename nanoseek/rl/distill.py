@@ -43,7 +43,7 @@ from ..tokenizer import Tokenizer
 from ..train.loop import (RowSampler, TrainConfig, add_config_args, attention_mask, config_from_args,
                           document_positions, opt, train)
 from ..train.evaluate import evaluate_accuracy
-from ..train.loss import IGNORE, cross_entropy
+from ..train.losses import IGNORE, cross_entropy
 from ..train.optim import build_adamw, set_lr
 from ..train.sft import pack_conversations
 from ..train.state import TRAIN_STATE, save_checkpoint

@@ -1,6 +1,6 @@
 """Training: pretraining and SFT with DeepSeek-V3's objectives, one shared loop.
 
-    loss.py         cross-entropy, the MTP loss, the sequence-wise balance loss
+    losses.py       cross-entropy, the MTP loss, the sequence-wise balance loss
     balance.py      aux-loss-free bias update, expert-load stats, router-collapse warning
     optim.py        AdamW parameter groups, warmup+cosine and warmup-stable-decay schedules
     state.py        checkpoints with optimizer/RNG/data state; exact resume

@@ -40,7 +40,7 @@ from ..fsutil import atomic_write_text
 from ..tokenizer import THINK_START, Tokenizer
 from .distributed import default_device
 from .loop import add_config_args, attention_mask, config_from_args, document_positions, opt
-from .loss import cross_entropy
+from .losses import cross_entropy
 from .state import TRAIN_STATE
 
 LAYOUTS = ("chat", "text")

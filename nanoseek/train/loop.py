@@ -50,7 +50,7 @@ from ..model import document_mask
 from ..plots import plot_curves, plot_expert_load, read_metrics
 from .balance import CollapseMonitor, load_max_over_mean, moe_layer_ids, step_loads, update_expert_bias
 from .distributed import DistEnv, all_reduce_sum, barrier, data_parallel
-from .loss import IGNORE, linear_cross_entropy, mtp_loss, mtp_targets, sequence_balance_loss
+from .losses import IGNORE, linear_cross_entropy, mtp_loss, mtp_targets, sequence_balance_loss
 from .optim import build_adamw, set_lr, warmup_cosine, warmup_stable_decay
 from .state import TRAIN_STATE, load_train_state, save_checkpoint, truncate_metrics
 
@@ -208,7 +208,7 @@ def check_rows(rows, vocab_size: int) -> None:
 class TrainForward(nn.Module):
     """forward_train + the main head's loss as one module, so DDP sees (and syncs) a plain forward.
 
-    The head and cross-entropy are fused (loss.linear_cross_entropy): the [B, T, V] logits are
+    The head and cross-entropy are fused (losses.linear_cross_entropy): the [B, T, V] logits are
     never stored for backward.
     """
 
