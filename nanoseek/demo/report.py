@@ -9,15 +9,15 @@ the paper and section they come from. Figures use matplotlib's Agg canvas (nanos
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..fsutil import atomic_write_bytes, atomic_write_text
-from ..plots import plot_expert_load, read_metrics
+from ..fsutil import atomic_write_text
+from ..plots import plot_expert_load, read_metrics, save_png
+
+DPI = 100  # the report's figures: smaller files than the training plots
 
 # What the papers report for each effect the demo reproduces in miniature.
 PAPER = {
@@ -43,14 +43,6 @@ PAPER_MTP_SPEEDUP = 1.8
 PAPER_CACHE_REDUCTION = 0.933
 PAPER_R1_ZERO_AIME = (15.6, 71.0)
 PAPER_DISTILL_AIME = {"RL only": 47.0, "distilled": 72.6}
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig)
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
 def _figure(w: float = 6.4, h: float = 3.6, cols: int = 1):
@@ -87,7 +79,7 @@ def fig_stage_times(state: dict, path: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
     ax.set_title(f"time per stage (total {sum(secs):.0f}s)")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 def fig_losses(out: Path, path: Path) -> Path | None:
@@ -109,7 +101,7 @@ def fig_losses(out: Path, path: Path) -> Path | None:
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize="x-small")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 def fig_balance(out: Path, path_lines: Path, path_heat: Path) -> list[Path]:
@@ -126,7 +118,7 @@ def fig_balance(out: Path, path_lines: Path, path_heat: Path) -> list[Path]:
     ax.set_ylabel("max load / mean load")
     ax.set_title("pretraining: expert load, aux-loss-free bias (1 = balanced)")
     ax.legend(fontsize="x-small")
-    paths = [_save(fig, path_lines)]
+    paths = [save_png(fig, path_lines, dpi=DPI)]
     window = rows[-max(1, len(rows) // 10):]
     if window and window[-1].get("expert_load"):
         import torch
@@ -151,7 +143,7 @@ def fig_accuracy(state: dict, path: Path) -> Path | None:
     axes[0].set_title("this run: greedy pass@1 on the test split")
     _bars(axes[1], ["R1-Zero\nbefore RL", "R1-Zero\nafter RL"], list(PAPER_R1_ZERO_AIME), "{:.1f}%", color="gray")
     axes[1].set_title("DeepSeek-R1: AIME 2024 pass@1")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 def fig_grpo(out: Path, path: Path) -> Path | None:
@@ -168,7 +160,7 @@ def fig_grpo(out: Path, path: Path) -> Path | None:
             ax.plot(*zip(*pts), marker="." if len(pts) < 20 else None)
         ax.set_title(f"GRPO: {title}")
         ax.set_xlabel("step")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 def fig_students(state: dict, path: Path) -> Path | None:
@@ -186,7 +178,7 @@ def fig_students(state: dict, path: Path) -> Path | None:
     axes[0].set_title("this run: smaller student, held-out pass@1")
     _bars(axes[1], list(PAPER_DISTILL_AIME), list(PAPER_DISTILL_AIME.values()), "{:.1f}%", color="gray")
     axes[1].set_title("DeepSeek-R1, Qwen-32B: AIME 2024 pass@1")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 def fig_quant(r: dict, path: Path) -> Path:
@@ -198,7 +190,7 @@ def fig_quant(r: dict, path: Path) -> Path:
     axes[1].set_title("batch-1 decode tokens/s")
     _bars(axes[2], fmts, [r["formats"][f]["weight_bytes"] / 2**20 for f in fmts], "{:.2f}")
     axes[2].set_title("weights + buffers (MiB)")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 def fig_inference(r: dict, path: Path) -> Path:
@@ -215,7 +207,7 @@ def fig_inference(r: dict, path: Path) -> Path:
     _bars(axes[2], ["this run", "DeepSeek-V3"], [m["speedup"], PAPER_MTP_SPEEDUP], "{:.2f}x", color=["C0", "gray"])
     axes[2].axhline(1.0, color="gray", ls="--", lw=0.8)
     axes[2].set_title("decode speed-up with MTP drafts")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 # ----------------------------------------------------------------------------- report.md

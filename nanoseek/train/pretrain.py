@@ -29,7 +29,7 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .distributed import DistEnv, barrier, init_distributed, shutdown
 from .loop import TrainConfig, add_config_args, config_from_args, opt, train
-from .state import TRAIN_STATE
+from .state import refuse_existing_run
 
 
 @dataclass
@@ -105,8 +105,8 @@ def pretrain(cfg: PretrainConfig, env: DistEnv | None = None) -> Path:
     """Run (or resume) pretraining; returns the stage folder."""
     env = env or init_distributed()
     out = Path(cfg.out)
-    if not cfg.resume and (out / TRAIN_STATE).exists():
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    if not cfg.resume:
+        refuse_existing_run(out)  # before the data is loaded: fail fast
     docs = load_data(cfg.data, n=cfg.num_examples, split="train", seed=cfg.train.seed)
     tokenizer = build_tokenizer(cfg, docs, env)
     model = build_model(cfg, tokenizer)

@@ -33,7 +33,7 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .distributed import DistEnv, init_distributed, shutdown
 from .loop import TrainConfig, add_config_args, config_from_args, opt, train
-from .state import TRAIN_STATE
+from .state import refuse_existing_run
 
 
 def default_sft_train() -> TrainConfig:
@@ -119,8 +119,8 @@ def sft(cfg: SFTConfig, env: DistEnv | None = None) -> Path:
     """Run (or resume) supervised fine-tuning; returns the stage folder."""
     env = env or init_distributed()
     out = Path(cfg.out)
-    if not cfg.resume and (out / TRAIN_STATE).exists():
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    if not cfg.resume:
+        refuse_existing_run(out)  # before the data is loaded: fail fast
     model, tokenizer = load_model(cfg)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
