@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ..checkpoint import load_pretrained
 from ..config import ModelConfig
+from ..data.prompts import render_prompt, task_from_spec
 from ..data.tasks import TASKS
 from ..engine import Engine
 from ..fsutil import atomic_write_text
@@ -47,7 +48,6 @@ from ..train.optim import build_adamw
 from ..train.sft import pack_conversations
 from ..train.state import refuse_existing_run, save_checkpoint, start_fresh
 from ..train.step import MetricsLog, optimizer_step
-from .grpo import render_prompt, task_from_spec
 from .losses import forward_kl, reverse_kl
 from .rewards import accuracy_reward, format_reward
 

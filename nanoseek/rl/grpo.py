@@ -48,11 +48,12 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import load_pretrained
-from ..data.tasks import TASKS, extract_answer, get_task
+from ..data.prompts import LAYOUTS, checkpoint_layout, render_prompt, task_from_spec
+from ..data.tasks import TASKS, extract_answer
 from ..engine import Engine
 from ..plots import read_metrics, save_png
 from ..tokenizer import Tokenizer
-from ..train.evaluate import LAYOUTS, checkpoint_layout, evaluate_accuracy, prompt_ids
+from ..train.evaluate import evaluate_accuracy
 from ..train.batches import RowSampler
 from ..train.loop import add_config_args, config_from_args, opt
 from ..train.optim import build_adamw
@@ -156,21 +157,6 @@ class GRPOConfig:
         parse_rewards(self.reward)  # fails early on a bad module path
 
 
-def task_from_spec(spec: str):
-    """A built-in task from "name" or "name:key=value,key=value" (integers parsed as such)."""
-    name, _, settings = spec.partition(":")
-    kw = {}
-    for item in filter(None, settings.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"data={spec!r}: task setting {item!r} is not key=value")
-        kw[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
-    try:
-        return get_task(name, **kw)
-    except TypeError as e:
-        raise ValueError(f"data={spec!r}: {e}") from None
-
-
 # ----------------------------------------------------------------------------- rollouts
 
 @dataclass
@@ -184,14 +170,6 @@ class Rollout:
     finish_reasons: list[str]  # [P*G] "stop" or "length"
     seconds: float
     new_tokens: int
-
-
-def render_prompt(tokenizer: Tokenizer, example, layout: str = "chat") -> tuple[str, list[int]]:
-    """(text, ids) of the problem as the model is asked it (nanoseek.train.evaluate.prompt_ids):
-    "chat" is a user turn plus the generation prompt, "text" pretraining's ``{prompt}\n<think>\n``
-    (R1-Zero: RL straight from a base model). Both leave <think> open."""
-    ids = prompt_ids(tokenizer, example, layout)
-    return tokenizer.decode(ids), ids
 
 
 def sample_groups(engine: Engine, tokenizer: Tokenizer, examples: list, group_size: int, max_new_tokens: int,

@@ -9,7 +9,7 @@
     res["accuracy"], res["n"], res["samples"][0]      # {"prompt", "completion", "answer", "expected", "correct"}
 
 Accuracy: each test problem is asked through the inference engine (batched, greedy unless a
-temperature is given) in one of two prompt layouts: "chat" (the chat template's user turn and
+temperature is given) in one of two prompt layouts (nanoseek.data.prompts): "chat" (the chat template's user turn and
 generation prompt, ending in <think>: what SFT and GRPO train) or "text" (``{prompt}\\n<think>\\n``,
 the layout of Example.text that pretraining trains). The answer is the completion's last
 <answer>...</answer> (data.extract_answer) and the task checks it. With k samples per problem
@@ -34,35 +34,15 @@ from tqdm import tqdm
 
 from ..checkpoint import load_pretrained
 from ..data import Example, extract_answer, get_task, pack_chat, tokenize_documents
+from ..data.prompts import LAYOUTS, checkpoint_layout, prompt_ids
 from ..data.tasks import TASKS, Task
 from ..engine import Engine
 from ..fsutil import atomic_write_text
-from ..tokenizer import THINK_START, Tokenizer
+from ..tokenizer import Tokenizer
 from .distributed import default_device
-from .loop import add_config_args, attention_mask, config_from_args, document_positions, opt
+from .batches import attention_mask, document_positions
+from .loop import add_config_args, config_from_args, opt
 from .losses import cross_entropy
-from .state import TRAIN_STATE
-
-LAYOUTS = ("chat", "text")
-
-
-def prompt_ids(tokenizer: Tokenizer, example: Example, layout: str = "chat") -> list[int]:
-    """The problem as the model is asked it: a chat user turn + generation prompt, or the text layout."""
-    if layout == "chat":
-        return tokenizer.encode_chat([{"role": "user", "content": example.prompt}], add_generation_prompt=True)[0]
-    if layout == "text":
-        return tokenizer.encode(f"{example.prompt}\n{THINK_START}\n", add_bos=tokenizer.bos_id is not None)
-    raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
-
-
-def checkpoint_layout(path: str | Path) -> str:
-    """The layout a checkpoint was trained in: "text" after pretraining, else "chat" (SFT, GRPO, or a
-    checkpoint without training state, such as a released chat model)."""
-    state = Path(path) / TRAIN_STATE / "state.json"
-    if state.exists():
-        return "text" if json.loads(state.read_text()).get("stage") == "pretrain" else "chat"
-    return "chat"
-
 
 def _as_task(task: str | Task) -> Task:
     return get_task(task) if isinstance(task, str) else task
