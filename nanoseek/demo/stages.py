@@ -33,7 +33,7 @@ from ..plots import read_metrics
 from ..tokenizer import Tokenizer
 from ..train.loop import TrainConfig
 from ..train.state import TRAIN_STATE
-from .run import DemoConfig
+from .config import DemoConfig
 
 # DeepSeek-R1's evaluation sampling (R1 paper, §3): temperature 0.6, top-p 0.95.
 R1_TEMPERATURE, R1_TOP_P = 0.6, 0.95

@@ -1,8 +1,5 @@
-"""`nanoseek distill`: teach a smaller student the teacher's reasoning, as DeepSeek-R1 did.
-
-    nanoseek distill --teacher runs/grpo --student tiny --data arithmetic --out runs/distill
-    nanoseek distill --teacher runs/grpo --student tiny --dense --student-layers 2 --out runs/dense
-    nanoseek distill --teacher runs/grpo --student runs/small --kl forward --kl-weight 1.0 --out runs/kd
+"""Distillation: teach a smaller student the teacher's reasoning, as DeepSeek-R1 did
+(command: cli/distill.py).
 
     from nanoseek.rl.distill import DistillConfig, distill
     distill(DistillConfig(teacher="runs/grpo", out="runs/distill", train=TrainConfig(steps=300, batch_size=16)))
@@ -41,7 +38,7 @@ from ..fsutil import atomic_write_text
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..train.batches import RowSampler, attention_mask, document_positions
-from ..train.loop import TrainConfig, add_config_args, config_from_args, opt, train
+from ..train.loop import TrainConfig, opt, train
 from ..train.evaluate import evaluate_accuracy
 from ..train.losses import IGNORE, cross_entropy
 from ..train.optim import build_adamw
@@ -252,16 +249,3 @@ def distill(cfg: DistillConfig) -> dict:
     print(f"distill: student ({summary['student_params']:,} parameters) held-out pass@1 "
           f"{before['pass@1']:.1%} -> {after['pass@1']:.1%}; checkpoint in {out}")
     return summary
-
-
-def run(args) -> int:
-    distill(config_from_args(DistillConfig, args, train=config_from_args(TrainConfig, args)))
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("distill", help="distill a teacher's reasoning into a smaller student",
-                       description=__doc__.split("\n\n")[0])
-    add_config_args(p, DistillConfig, skip=("train",))
-    add_config_args(p, TrainConfig)
-    p.set_defaults(func=run)

@@ -1,9 +1,4 @@
-"""`nanoseek grpo`: reinforcement learning with Group Relative Policy Optimization.
-
-    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo                # R1: SFT, then RL
-    nanoseek grpo --model runs/pretrain --data countdown --out runs/zero            # R1-Zero: RL from a base
-    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo --variant dapo --beta 0 --eps-high 0.28
-    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo --reward accuracy format=0.1 my.mod:fn=0.5
+"""Reinforcement learning with Group Relative Policy Optimization (command: cli/grpo.py).
 
     from nanoseek.rl.grpo import GRPOConfig, grpo
     grpo(GRPOConfig(model="runs/sft", out="runs/grpo", steps=60))
@@ -20,7 +15,7 @@ One step, readable top to bottom in `grpo_step`:
      reference (only when beta > 0: with beta = 0 no reference model is kept) and, as a check,
      the engine's own inference path (latent cache + absorbed attention); the mismatch is logged;
   5. mu optimizer steps on the batch with the variant's loss (GRPO, Dr. GRPO or DAPO), gradient
-     clipping and AdamW from nanoseek.train.optim;
+     clipping and AdamW through the optimizer step every loop shares (nanoseek.train.step);
   6. a metrics.jsonl row: reward mean/std (and per reward), accuracy, response length, KL, clip
      fraction, entropy, no-signal groups, truncation and unparseable-answer rates (with a warning
      when the last three are high), rollout tokens/s; held-out pass@1 (nanoseek.train.evaluate, R1's
@@ -55,7 +50,7 @@ from ..plots import read_metrics, save_png
 from ..tokenizer import Tokenizer
 from ..train.evaluate import evaluate_accuracy
 from ..train.batches import RowSampler
-from ..train.loop import add_config_args, config_from_args, opt
+from ..train.loop import opt
 from ..train.optim import build_adamw
 from ..train.state import load_train_state, refuse_existing_run, save_checkpoint, start_fresh, truncate_metrics
 from ..train.step import MetricsLog, append_jsonl, optimizer_step
@@ -492,17 +487,3 @@ def plot_grpo(rows: list[dict], path: str | Path) -> Path:
         if len(keys) > 1:
             ax.legend(fontsize="small")
     return save_png(fig, path)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def run(args) -> int:
-    grpo(config_from_args(GRPOConfig, args))
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("grpo", help="reinforcement learning with GRPO and rule-based rewards",
-                       description=__doc__.split("\n\n")[0])
-    add_config_args(p, GRPOConfig)
-    p.set_defaults(func=run)

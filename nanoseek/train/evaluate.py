@@ -1,20 +1,17 @@
-"""`nanoseek eval`: held-out loss and exact-match accuracy on a built-in task's test split.
-
-    nanoseek eval --model runs/sft --data arithmetic                       # greedy pass@1 + loss
-    nanoseek eval --model runs/pretrain --data arithmetic --layout text    # pretraining's text layout
-    nanoseek eval --model runs/sft --data countdown --samples 8 --temperature 0.6 --top-p 0.95  # pass@k, maj@k
+"""Held-out loss and exact-match accuracy on a built-in task's test split (command: cli/eval.py).
 
     from nanoseek.train.evaluate import evaluate_accuracy, evaluate_loss
     res = evaluate_accuracy(model, tokenizer, "arithmetic", n=200, max_new_tokens=160)
     res["accuracy"], res["n"], res["samples"][0]      # {"prompt", "completion", "answer", "expected", "correct"}
 
 Accuracy: each test problem is asked through the inference engine (batched, greedy unless a
-temperature is given) in one of two prompt layouts (nanoseek.data.prompts): "chat" (the chat template's user turn and
-generation prompt, ending in <think>: what SFT and GRPO train) or "text" (``{prompt}\\n<think>\\n``,
-the layout of Example.text that pretraining trains). The answer is the completion's last
-<answer>...</answer> (data.extract_answer) and the task checks it. With k samples per problem
-(DeepSeek-R1's evaluation: temperature 0.6, top-p 0.95): pass@1 is the mean correctness of all
-samples, pass@k whether any of a problem's k is correct, maj@k whether its most common answer is.
+temperature is given) in one of two prompt layouts (nanoseek.data.prompts): "chat" (the chat
+template's user turn and generation prompt, ending in <think>: what SFT and GRPO train) or "text"
+(``{prompt}\\n<think>\\n``, the layout of Example.text that pretraining trains). The answer is the
+completion's last <answer>...</answer> (data.extract_answer) and the task checks it. With k samples
+per problem (DeepSeek-R1's evaluation: temperature 0.6, top-p 0.95): pass@1 is the mean correctness
+of all samples, pass@k whether any of a problem's k is correct, maj@k whether its most common
+answer is.
 
 Loss: next-token cross-entropy of the test split's worked solutions in the same layout (in chat
 layout, only the assistant's tokens count, as in SFT), and its perplexity.
@@ -41,7 +38,7 @@ from ..fsutil import atomic_write_text
 from ..tokenizer import Tokenizer
 from .distributed import default_device
 from .batches import attention_mask, document_positions
-from .loop import add_config_args, config_from_args, opt
+from .loop import opt
 from .losses import cross_entropy
 
 def _as_task(task: str | Task) -> Task:
@@ -145,7 +142,7 @@ def evaluate_loss(model, tokenizer: Tokenizer, task: str | Task = "arithmetic", 
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "n": len(examples)}
 
 
-# ----------------------------------------------------------------------------- command
+# ----------------------------------------------------------------------------- one checkpoint
 
 @dataclass
 class EvalConfig:
@@ -192,24 +189,3 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.out:
         atomic_write_text(cfg.out, json.dumps(result, indent=1))
     return result
-
-
-def run(args) -> int:
-    res = evaluate(config_from_args(EvalConfig, args))
-    k = res["k"]
-    extra = f", pass@{k} {res[f'pass@{k}']:.1%}, maj@{k} {res[f'maj@{k}']:.1%}" if k > 1 else ""
-    print(f"{res['data']} test split, {res['n']} problems ({res['layout']} layout): held-out loss "
-          f"{res['loss']:.4f} (perplexity {res['perplexity']:.2f}), pass@1 {res['accuracy']:.1%}{extra}; "
-          f"{res['mean_response_tokens']:.0f} tokens per answer, {res['truncated']:.1%} truncated, "
-          f"{res['unparsed']:.1%} without an <answer>")
-    for s in res["samples"][:3]:
-        print(f"--- {s['prompt']!r} expected {s['expected']!r}, got {s['answer']!r} "
-              f"({'correct' if s['correct'] else 'wrong'})\n{s['completion']}")
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="held-out loss and exact-match accuracy on a built-in task's test split",
-                       description=__doc__.split("\n\n")[0])
-    add_config_args(p, EvalConfig)
-    p.set_defaults(func=run)

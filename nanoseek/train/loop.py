@@ -22,13 +22,11 @@ step.py (the optimizer step and metrics log every loop shares), flops.py (FLOPs 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
 import functools
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +47,8 @@ from .step import MetricsLog, optimizer_step
 
 
 def opt(default, help: str, **kw):
-    """A config field with its help text: the one place a training option is documented (CLI too)."""
+    """A config field with its help text: the one place a training option is documented. The command
+    layer (nanoseek.cli.flags) turns each field with help into a --flag."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -107,39 +106,6 @@ class TrainConfig:
             return self.lr * warmup_stable_decay(step, self.steps, self.warmup_steps, self.min_lr_ratio,
                                                  self.decay_fraction)
         return self.lr * warmup_cosine(step, self.steps, self.warmup_steps, self.min_lr_ratio)
-
-
-# ----------------------------------------------------------------------------- config <-> CLI
-
-def add_config_args(parser, cls, skip: tuple[str, ...] = (), defaults=None) -> None:
-    """One --flag per dataclass field, help text and defaults taken from the field (or from the
-    instance `defaults`, for a command whose defaults differ, e.g. SFT's shorter schedule)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip or "help" not in f.metadata:
-            continue
-        flag, typ = "--" + f.name.replace("_", "-"), hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if defaults is not None:
-            default = getattr(defaults, f.name)
-        shown = f" (default: {default})" if default is not None else ""
-        kw = {"help": f.metadata["help"] + shown, "dest": f.name, "default": default,
-              **({"required": True} if f.metadata.get("required") else {})}
-        if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)  # X | None -> X
-        if f.metadata.get("nargs"):
-            kw["nargs"] = f.metadata["nargs"]
-        parser.add_argument(flag, type=base, choices=f.metadata.get("choices"), **kw)
-
-
-def config_from_args(cls, args, **overrides):
-    """Build a config dataclass from parsed args (fields the parser lacks keep their defaults)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in vars(args).items() if k in names}
-    kw.update(overrides)
-    return cls(**kw)
 
 
 # ----------------------------------------------------------------------------- model plumbing
