@@ -230,10 +230,27 @@ def write_report(out: str | Path, state: dict) -> Path:
              "Every figure below comes from this run's state.json and metrics files; the DeepSeek papers' "
              "figures sit beside them in grey.", ""]
 
+    for section in (_section_times, _section_models, _section_losses, _section_balance, _section_accuracy,
+                    _section_students, _section_quant, _section_inference, _section_samples):
+        lines += section(out, state, figs)
+
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _section_times(out: Path, state: dict, figs: Path) -> list[str]:
+    """Seconds per stage, as a table and a bar chart."""
+    lines = []
     lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {n} | {s['seconds']:.1f} |" for n, s in state["stages"].items()]
     lines += ["", _img(fig_stage_times(state, figs / "stage_times.png"), out)]
+    return lines
 
+
+def _section_models(out: Path, state: dict, figs: Path) -> list[str]:
+    """The tokenizer, the teacher and the student, and one training document."""
+    lines = []
     tok = _result(state, "tokenizer")
     lines += ["## Tokenizer and models", ""]
     if tok:
@@ -246,7 +263,12 @@ def write_report(out: str | Path, state: dict) -> Path:
                   tok["example"], "```", ""]
     else:
         lines += [_missing("tokenizer"), ""]
+    return lines
 
+
+def _section_losses(out: Path, state: dict, figs: Path) -> list[str]:
+    """Pretraining and SFT: first and last loss, tokens/s and MFU."""
+    lines = []
     lines += ["## Pretraining and SFT: loss", ""]
     for name in ("pretrain", "sft"):
         r = _result(state, name)
@@ -258,7 +280,12 @@ def write_report(out: str | Path, state: dict) -> Path:
         else:
             lines.append(f"- {_missing(name)}")
     lines += ["", _img(fig_losses(out, figs / "loss.png"), out), f"Paper: {PAPER['mtp_loss']}", ""]
+    return lines
 
+
+def _section_balance(out: Path, state: dict, figs: Path) -> list[str]:
+    """Max/mean expert load per MoE layer over pretraining, and the heatmap."""
+    lines = []
     lines += ["## Expert load: auxiliary-loss-free balancing", ""]
     pre = _result(state, "pretrain")
     if pre and pre.get("expert_load_max_mean"):
@@ -267,7 +294,12 @@ def write_report(out: str | Path, state: dict) -> Path:
                   + ", ".join(f"layer {k}: {first.get(k, float('nan')):.2f} -> {v:.2f}" for k, v in last.items()), ""]
     lines += [_img(p, out) for p in fig_balance(out, figs / "balance.png", figs / "expert_load.png")]
     lines += [f"Paper: {PAPER['balance']}", ""]
+    return lines
 
+
+def _section_accuracy(out: Path, state: dict, figs: Path) -> list[str]:
+    """Held-out pass@1 of each teacher stage, and what GRPO changed."""
+    lines = []
     lines += ["## Reasoning accuracy: pass@1 before and after GRPO (held-out)", ""]
     ev = _result(state, "evaluate")
     if ev:
@@ -289,7 +321,12 @@ def write_report(out: str | Path, state: dict) -> Path:
                   f"{_pct(g['sampled_pass@1_start'])} -> {_pct(g['sampled_pass@1_end'])}.", ""]
     lines += [_img(fig_accuracy(state, figs / "accuracy.png"), out),
               _img(fig_grpo(out, figs / "grpo.png"), out), f"Paper: {PAPER['grpo']}", ""]
+    return lines
 
+
+def _section_students(out: Path, state: dict, figs: Path) -> list[str]:
+    """The distilled student against the one trained by GRPO alone."""
+    lines = []
     lines += ["## Distilled vs RL-only student", ""]
     for name, what in (("student", "student base (short pretraining; text layout)"),
                        ("distill", "distilled from the teacher's correct traces"),
@@ -309,7 +346,12 @@ def write_report(out: str | Path, state: dict) -> Path:
         else:
             lines.append(f"- {_missing(name)}")
     lines += ["", _img(fig_students(state, figs / "students.png"), out), f"Paper: {PAPER['distill']}", ""]
+    return lines
 
+
+def _section_quant(out: Path, state: dict, figs: Path) -> list[str]:
+    """int8 against fp32/bf16: accuracy, loss, decode speed, bytes."""
+    lines = []
     lines += ["## int8 quantization vs full precision", ""]
     q = _result(state, "quantize")
     if q:
@@ -325,7 +367,12 @@ def write_report(out: str | Path, state: dict) -> Path:
     else:
         lines += [_missing("quantize"), ""]
     lines += [f"Paper: {PAPER['quant']}", ""]
+    return lines
 
+
+def _section_inference(out: Path, state: dict, figs: Path) -> list[str]:
+    """Latent-cache bytes per token and MTP speculative decoding."""
+    lines = []
     lines += ["## Inference: MLA cache and MTP speculative decoding", ""]
     inf = _result(state, "inference")
     if inf:
@@ -342,7 +389,12 @@ def write_report(out: str | Path, state: dict) -> Path:
                   f"Paper: {PAPER['cache']}", "", f"Paper: {PAPER['mtp']}", ""]
     else:
         lines += [_missing("inference"), ""]
+    return lines
 
+
+def _section_samples(out: Path, state: dict, figs: Path) -> list[str]:
+    """A few held-out answers with their reasoning."""
+    lines = []
     lines += ["## Sample answers with their reasoning", ""]
     smp = _result(state, "samples")
     if smp:
@@ -352,7 +404,4 @@ def write_report(out: str | Path, state: dict) -> Path:
                       s["answer"].strip(), "```", ""]
     else:
         lines += [_missing("samples"), ""]
-
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+    return lines
