@@ -125,7 +125,8 @@ def train_tiny(out: Path, steps: int) -> Path:
 
 def bench_loss(args, work: Path) -> list[dict]:
     from nanoseek.tokenizer import Tokenizer
-    from nanoseek.train.evaluate import checkpoint_layout, evaluate_loss
+    from nanoseek.data.prompts import checkpoint_layout
+    from nanoseek.train.evaluate import evaluate_loss
 
     path = Path(args.trained) if args.trained else None
     if path is None:

@@ -39,7 +39,8 @@ from nanoseek.data import get_task  # noqa: E402
 from nanoseek.inference import Engine  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
 from nanoseek.rl.distill import DistillConfig, distill  # noqa: E402
-from nanoseek.rl.grpo import GRPOConfig, grpo, render_prompt  # noqa: E402
+from nanoseek.data.prompts import render_prompt  # noqa: E402
+from nanoseek.rl.grpo import GRPOConfig, grpo  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 from nanoseek.train.loop import TrainConfig, train  # noqa: E402
 from nanoseek.train.sft import pack_conversations  # noqa: E402

@@ -11,7 +11,7 @@ with its logits -> fp32 cross-entropy loss. Both alternate each iteration (bench
 ``time_pair``) so machine noise hits them alike; medians are reported.
 
 MFU = (training FLOPs per token x tokens/s) / the machine's measured bf16 matmul peak, with FLOPs
-per token from ``train.loop.training_flops_per_token`` (6 x active weights + attention) for both
+per token from ``train.flops.training_flops_per_token`` (6 x active weights + attention) for both
 libraries. The fp32 peak is printed too, for reading fp32 runs against fp32 hardware.
 """
 
@@ -30,7 +30,8 @@ from bench_train_step import CONFIG as STEP_CONFIG  # noqa: E402  (benchmarks/ i
 from bench_train_step import add_step_args, same_weights, time_pair, transformers_loss  # noqa: E402
 
 from nanoseek.train.distributed import DistEnv  # noqa: E402
-from nanoseek.train.loop import TrainConfig, TrainForward, matmul_peak_flops, train_step, training_flops_per_token  # noqa: E402
+from nanoseek.train.flops import matmul_peak_flops, training_flops_per_token  # noqa: E402
+from nanoseek.train.loop import TrainConfig, TrainForward, train_step  # noqa: E402
 from nanoseek.train.optim import build_adamw  # noqa: E402
 
 # bench_train_step's shape at hidden 512 (the issue asks hidden >= 512), a larger vocabulary so the

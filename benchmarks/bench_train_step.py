@@ -6,7 +6,7 @@
 Config (the model-core issue's): hidden 256, 4 layers (first dense), 8 heads, kv_lora_rank 64,
 16 routed experts top-4, 1 shared expert. fwd is the inference forward to logits; fwd+bwd is a
 training step's forward and backward through each library's own loss path on the same random
-batch (nanoseek: fused lm_head + cross-entropy from train/loss.py; transformers: logits then
+batch (nanoseek: fused lm_head + cross-entropy from train/losses.py; transformers: logits then
 fp32 cross-entropy, as its causal-LM loss does). Times are medians over --iters after warm-up, and both models alternate each
 iteration so machine noise hits them alike.
 """
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer, save_pretrained
-from nanoseek.train.loss import linear_cross_entropy
+from nanoseek.train.losses import linear_cross_entropy
 
 CONFIG = dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=256, intermediate_size=768,
               num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=128,
@@ -50,7 +50,7 @@ def step_fn(model, logits_of, loss_of, x, y, backward: bool, autocast: bool):
 
 
 def nanoseek_loss(model):
-    """nanoseek's training objective: final hidden -> fused lm_head + cross-entropy (train/loss.py)."""
+    """nanoseek's training objective: final hidden -> fused lm_head + cross-entropy (train/losses.py)."""
     def loss_of(x, y):
         hidden, _ = model.forward_train(x)
         return linear_cross_entropy(hidden, model.lm_head.weight, y)

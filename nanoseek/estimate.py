@@ -1,7 +1,8 @@
-"""`nanoseek estimate`: what hardware does a DeepSeek model need? Answered from its config alone.
+"""What hardware does a DeepSeek model need? Parameters, weight, KV-cache and training memory,
+answered from its config alone (command: cli/estimate.py).
 
-    nanoseek estimate --preset deepseek-v3 --context 32768
-    nanoseek estimate --model path/to/checkpoint
+    print(report(ModelConfig.preset("deepseek-v3"), context=32768, batch=1))
+    estimate(ModelConfig.preset("deepseek-v3")).kv_cache_bytes_per_token
 
 The model is built on the meta device (no memory is allocated), so even DeepSeek-V3's 671B
 parameters are counted in a second.
@@ -80,22 +81,3 @@ def report(cfg: ModelConfig, context: int, batch: int) -> str:
         f"{_human(e.training_bytes())}",
     ]
     return "\n".join(lines)
-
-
-def run(args) -> int:
-    if args.model:
-        cfg = ModelConfig.from_hf(args.model)
-    else:
-        cfg = ModelConfig.preset(args.preset)
-    print(report(cfg, args.context, args.batch))
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("estimate", help="parameters, memory and KV-cache size of a model, from its config")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="deepseek-v3", help="a named config: tiny, deepseek-v2-lite, deepseek-v3")
-    src.add_argument("--model", default=None, help="a checkpoint folder (only its config.json is read)")
-    p.add_argument("--context", type=int, default=4096, help="tokens of context for the KV-cache total")
-    p.add_argument("--batch", type=int, default=1, help="sequences for the KV-cache total")
-    p.set_defaults(func=run)

@@ -3,6 +3,7 @@
     rows = read_metrics("runs/tiny/metrics.jsonl")
     plot_curves(rows, "runs/tiny/curves.png")
     plot_expert_load(loads, ["1", "2", "3 (MTP)"], "runs/tiny/expert_load.png")   # loads [L, E]
+    save_png(fig, "runs/tiny/other.png")             # any matplotlib Figure: how every PNG is written
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global
 backend switch), so plotting works on headless machines and inside other programs.
@@ -10,12 +11,15 @@ backend switch), so plotting works on headless machines and inside other program
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .fsutil import atomic_write_bytes
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -30,14 +34,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Draw `fig` on an Agg canvas and write it to `path` as PNG, atomically (folders created)."""
+    buf = io.BytesIO()
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    return path
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def plot_curves(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
@@ -72,7 +75,7 @@ def plot_curves(rows: list[dict], path: str | os.PathLike, title: str = "") -> P
     for ax in axes:
         ax.set_xlabel("step")
     axes[0].set_title(title or "loss")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_expert_load(loads, layer_labels: list, path: str | os.PathLike, title: str = "") -> Path:
@@ -90,4 +93,4 @@ def plot_expert_load(loads, layer_labels: list, path: str | os.PathLike, title: 
     ax.set_ylabel("layer")
     ax.set_title(title or "expert load / mean load")
     fig.colorbar(im, ax=ax, label="load / mean")
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -1,14 +1,15 @@
-"""`nanoseek smoke`: a short real end-to-end check — build a tiny model, save it, load it back,
-and generate a few tokens greedily from the loaded copy. What `make demo` runs until the full
-demo pipeline lands.
+"""A short real end-to-end check: build a tiny model, save it, load it back, and generate a few
+tokens greedily from the loaded copy (command: cli/smoke.py).
 
-    nanoseek smoke --out /tmp/nanoseek-smoke
+    res = smoke(out="/tmp/nanoseek-smoke", tokens=8, seed=0)
+    res.same, res.tokens          # save -> load bit-exact?, the greedy continuation
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -26,27 +27,26 @@ def greedy(model: Transformer, ids: list[int], n: int) -> list[int]:
     return ids
 
 
-def run(args) -> int:
-    torch.manual_seed(args.seed)
+@dataclass
+class SmokeResult:
+    params: int
+    active_params: int
+    out: str  # the checkpoint folder written
+    same: bool  # save -> load is bit-exact
+    tokens: list[int]  # greedy tokens from the loaded copy
+    seconds: float
+
+
+def smoke(out: str | None = None, tokens: int = 8, seed: int = 0) -> SmokeResult:
+    """Build the tiny preset (seeded), save it to `out` (a temp folder if None), load it back, decode greedily."""
+    torch.manual_seed(seed)
     cfg = ModelConfig.preset("tiny")
     model = Transformer(cfg).eval()
-    out = args.out or tempfile.mkdtemp(prefix="nanoseek-smoke-")
+    out = out or tempfile.mkdtemp(prefix="nanoseek-smoke-")
     t0 = time.perf_counter()
     save_pretrained(model, out)
     loaded = load_pretrained(out)
     same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     prompt = [cfg.bos_token_id, 5, 17, 42]
-    tokens = greedy(loaded, prompt, args.tokens)
-    print(f"tiny DeepSeek-V3-style model: {model.num_params():,} parameters "
-          f"({model.num_params(active=True):,} active), saved to {out}")
-    print(f"save -> load bit-exact: {same}")
-    print(f"greedy tokens from the loaded copy: {tokens[len(prompt):]}  ({time.perf_counter() - t0:.2f}s)")
-    return 0 if same else 1
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("smoke", help="build, save, load and sample a tiny model (a quick end-to-end check)")
-    p.add_argument("--out", default=None, help="checkpoint folder to write (default: a temp folder)")
-    p.add_argument("--tokens", type=int, default=8, help="tokens to generate")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the weights")
-    p.set_defaults(func=run)
+    new = greedy(loaded, prompt, tokens)[len(prompt):]
+    return SmokeResult(model.num_params(), model.num_params(active=True), out, same, new, time.perf_counter() - t0)

@@ -8,7 +8,8 @@ import pytest
 
 from nanoseek import cli
 from nanoseek.demo import report, stages
-from nanoseek.demo.run import STATE_FILE, DemoConfig, run_demo
+from nanoseek.demo.config import DemoConfig
+from nanoseek.demo.run import STATE_FILE, run_demo
 
 SECTIONS = ["## Time per stage", "## Tokenizer and models", "## Pretraining and SFT: loss",
             "## Expert load: auxiliary-loss-free balancing",

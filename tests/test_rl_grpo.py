@@ -151,10 +151,3 @@ def test_prompt_layouts_leave_think_open(ckpt, tmp_path):
         rollout = sample_groups(Engine(model, tok), tok, examples, 2, 3, 1.0, None, seed=0, layout=layout)
         assert rollout.prompt_texts[0].startswith(start) and rollout.prompt_texts[0].endswith("<think>\n")
     assert GRPOConfig(model=str(ckpt), out="o").layout == "chat"  # no training state: a chat checkpoint
-
-
-def test_task_settings_from_the_data_spec():
-    from nanoseek.rl.grpo import task_from_spec
-    task = task_from_spec("arithmetic:max_digits=2,ops=+-")
-    assert task.max_digits == 2 and task.ops == "+-"
-    assert all(ex.meta["op"] in "+-" for ex in task.examples("train", 20))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer, save_pretrained
 from nanoseek.data import get_task, load_data
+from nanoseek.data.prompts import prompt_ids
 from nanoseek.inference import Completion
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import evaluate as ev
@@ -47,7 +48,7 @@ def scripted(monkeypatch, tokenizer, answer_of):
     """answer_of(example, nth call for that prompt) -> completion text."""
     task = get_task("arithmetic")
     examples = task.examples("test", 6, seed=0)
-    by_prompt = {tuple(ev.prompt_ids(tokenizer, ex)): ex for ex in examples}
+    by_prompt = {tuple(prompt_ids(tokenizer, ex)): ex for ex in examples}
     seen = {}
 
     def script(prompt):
@@ -95,17 +96,6 @@ def test_k_samples_need_a_temperature(tokenizer, model):
         ev.evaluate_accuracy(model, tokenizer, "arithmetic", n=2, k=4)
 
 
-def test_prompt_layouts(tokenizer):
-    ex = get_task("arithmetic").examples("test", 1)[0]
-    chat = tokenizer.decode(ev.prompt_ids(tokenizer, ex, "chat"))
-    assert chat.endswith("<｜Assistant｜><think>\n") and ex.prompt in chat
-    text = tokenizer.decode(ev.prompt_ids(tokenizer, ex, "text"))
-    assert text == tokenizer.bos_token + f"{ex.prompt}\n<think>\n"
-    assert ex.text().startswith(text[len(tokenizer.bos_token):])  # what pretraining trains on
-    with pytest.raises(ValueError, match="layout='json'"):
-        ev.prompt_ids(tokenizer, ex, "json")
-
-
 def test_held_out_loss_matches_a_hand_computation(tokenizer, model):
     examples = get_task("arithmetic").examples("test", 3)
     res = ev.evaluate_loss(model, tokenizer, examples=examples, layout="text", seq_len=512)
@@ -133,10 +123,3 @@ def test_real_engine_and_the_command(tmp_path, tokenizer, model, capsys):
     saved = json.loads(out.read_text())
     assert saved["n"] == 3 and saved["layout"] == "chat" and saved["loss"] > 0
     assert "held-out loss" in capsys.readouterr().out
-
-
-def test_layout_follows_the_checkpoints_stage(tmp_path):
-    assert ev.checkpoint_layout(tmp_path) == "chat"
-    (tmp_path / "train_state").mkdir()
-    (tmp_path / "train_state" / "state.json").write_text(json.dumps({"stage": "pretrain"}))
-    assert ev.checkpoint_layout(tmp_path) == "text"

@@ -9,7 +9,7 @@ import torch
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.data import pack_documents
-from nanoseek.train.loop import TrainConfig, document_positions, train, training_flops_per_token
+from nanoseek.train.loop import TrainConfig, train
 
 VOCAB = 48
 
@@ -73,21 +73,6 @@ def test_metrics_rows_and_plots(tmp_path):
     assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
 
 
-def test_flops_per_token_counts_active_weights_and_attention():
-    model = micro_model()
-    cfg = model.config
-    f_short, f_long = training_flops_per_token(model, 32), training_flops_per_token(model, 64)
-    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    assert f_long - f_short == pytest.approx(6 * layers * cfg.num_attention_heads
-                                             * (cfg.qk_head_dim + cfg.v_head_dim) * 32)
-    assert f_short > 6 * model.num_params(active=True) - 6 * model.model.embed_tokens.weight.numel()
-
-
-def test_document_positions_restart_per_document():
-    doc_ids = torch.tensor([[0, 0, 0, 1, 1, -1], [2, 2, 2, 2, 2, 2]])
-    assert document_positions(doc_ids).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
-
-
 def _rows(ids, targets=None):
     ids = torch.as_tensor(ids)
     t = torch.as_tensor(targets) if targets is not None else ids.roll(-1, 1)
@@ -119,16 +104,3 @@ def test_a_run_refuses_to_overwrite_an_earlier_one(tmp_path):
     train(micro_model(), rows, cfg, tmp_path)
     with pytest.raises(ValueError, match="already holds a training run"):
         train(micro_model(), rows, cfg, tmp_path)
-
-
-def test_matmul_peak_is_the_best_ever_measured(tmp_path, monkeypatch):
-    """A peak measured on a busy machine comes out low; the kept best keeps MFU from passing 100%."""
-    from nanoseek.train import loop
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    for measured, expected in [(2e12, 2e12), (5e11, 2e12), (3e12, 3e12)]:
-        loop.matmul_peak_flops.cache_clear()
-        monkeypatch.setattr(loop, "_measure_matmul_flops", lambda device, dtype, m=measured: m)
-        assert loop.matmul_peak_flops("cpu", torch.bfloat16) == expected
-    kept = json.loads((tmp_path / "nanoseek" / "matmul_peak.json").read_text())
-    assert list(kept.values()) == [3e12] and "bfloat16" in next(iter(kept))
-    loop.matmul_peak_flops.cache_clear()

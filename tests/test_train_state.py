@@ -10,7 +10,7 @@ from nanoseek import ModelConfig, Transformer, load_pretrained
 from nanoseek.data import pack_documents
 from nanoseek.train import state as state_mod
 from nanoseek.train.loop import TrainConfig, train
-from nanoseek.train.state import TRAIN_STATE, read_state, truncate_metrics
+from nanoseek.train.state import TRAIN_STATE, read_state, refuse_existing_run, start_fresh, truncate_metrics
 
 VOCAB = 48
 
@@ -104,3 +104,18 @@ def test_truncate_metrics_drops_rows_past_the_checkpoint_and_torn_lines(tmp_path
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
     truncate_metrics(path, 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_a_fresh_run_refuses_a_folder_holding_one_and_clears_stale_logs(tmp_path):
+    refuse_existing_run(tmp_path)  # nothing there yet
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "samples.jsonl").write_text('{"step": 1}\n')
+    start_fresh(tmp_path / "new", logs=("metrics.jsonl",))
+    start_fresh(tmp_path, logs=("metrics.jsonl",))
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "metrics.jsonl").exists()
+    assert (tmp_path / "samples.jsonl").exists()
+    (tmp_path / TRAIN_STATE).mkdir()
+    with pytest.raises(ValueError, match="already holds a training run; pass --resume"):
+        refuse_existing_run(tmp_path)
+    with pytest.raises(ValueError, match="already holds a training run; choose another --out"):
+        refuse_existing_run(tmp_path, resumable=False)

@@ -1,6 +1,8 @@
-"""Training data: built-in reasoning tasks, file loaders, document packing and FIM.
+"""Training data: built-in reasoning tasks, file loaders, document packing and FIM; and prompts
+(nanoseek.data.prompts: how a task's problem is put to a model, imported from there).
 
     from nanoseek.data import get_task, load_data, pack_documents, pack_chat
+    from nanoseek.data.prompts import prompt_ids, render_prompt, task_from_spec
 """
 
 from nanoseek.data.fim import fim_transform

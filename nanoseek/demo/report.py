@@ -9,15 +9,15 @@ the paper and section they come from. Figures use matplotlib's Agg canvas (nanos
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..fsutil import atomic_write_bytes, atomic_write_text
-from ..plots import plot_expert_load, read_metrics
+from ..fsutil import atomic_write_text
+from ..plots import plot_expert_load, read_metrics, save_png
+
+DPI = 100  # the report's figures: smaller files than the training plots
 
 # What the papers report for each effect the demo reproduces in miniature.
 PAPER = {
@@ -43,14 +43,6 @@ PAPER_MTP_SPEEDUP = 1.8
 PAPER_CACHE_REDUCTION = 0.933
 PAPER_R1_ZERO_AIME = (15.6, 71.0)
 PAPER_DISTILL_AIME = {"RL only": 47.0, "distilled": 72.6}
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig)
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
 def _figure(w: float = 6.4, h: float = 3.6, cols: int = 1):
@@ -87,7 +79,7 @@ def fig_stage_times(state: dict, path: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
     ax.set_title(f"time per stage (total {sum(secs):.0f}s)")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 def fig_losses(out: Path, path: Path) -> Path | None:
@@ -109,7 +101,7 @@ def fig_losses(out: Path, path: Path) -> Path | None:
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize="x-small")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 def fig_balance(out: Path, path_lines: Path, path_heat: Path) -> list[Path]:
@@ -126,7 +118,7 @@ def fig_balance(out: Path, path_lines: Path, path_heat: Path) -> list[Path]:
     ax.set_ylabel("max load / mean load")
     ax.set_title("pretraining: expert load, aux-loss-free bias (1 = balanced)")
     ax.legend(fontsize="x-small")
-    paths = [_save(fig, path_lines)]
+    paths = [save_png(fig, path_lines, dpi=DPI)]
     window = rows[-max(1, len(rows) // 10):]
     if window and window[-1].get("expert_load"):
         import torch
@@ -151,7 +143,7 @@ def fig_accuracy(state: dict, path: Path) -> Path | None:
     axes[0].set_title("this run: greedy pass@1 on the test split")
     _bars(axes[1], ["R1-Zero\nbefore RL", "R1-Zero\nafter RL"], list(PAPER_R1_ZERO_AIME), "{:.1f}%", color="gray")
     axes[1].set_title("DeepSeek-R1: AIME 2024 pass@1")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 def fig_grpo(out: Path, path: Path) -> Path | None:
@@ -168,7 +160,7 @@ def fig_grpo(out: Path, path: Path) -> Path | None:
             ax.plot(*zip(*pts), marker="." if len(pts) < 20 else None)
         ax.set_title(f"GRPO: {title}")
         ax.set_xlabel("step")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 def fig_students(state: dict, path: Path) -> Path | None:
@@ -186,7 +178,7 @@ def fig_students(state: dict, path: Path) -> Path | None:
     axes[0].set_title("this run: smaller student, held-out pass@1")
     _bars(axes[1], list(PAPER_DISTILL_AIME), list(PAPER_DISTILL_AIME.values()), "{:.1f}%", color="gray")
     axes[1].set_title("DeepSeek-R1, Qwen-32B: AIME 2024 pass@1")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 def fig_quant(r: dict, path: Path) -> Path:
@@ -198,7 +190,7 @@ def fig_quant(r: dict, path: Path) -> Path:
     axes[1].set_title("batch-1 decode tokens/s")
     _bars(axes[2], fmts, [r["formats"][f]["weight_bytes"] / 2**20 for f in fmts], "{:.2f}")
     axes[2].set_title("weights + buffers (MiB)")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 def fig_inference(r: dict, path: Path) -> Path:
@@ -215,7 +207,7 @@ def fig_inference(r: dict, path: Path) -> Path:
     _bars(axes[2], ["this run", "DeepSeek-V3"], [m["speedup"], PAPER_MTP_SPEEDUP], "{:.2f}x", color=["C0", "gray"])
     axes[2].axhline(1.0, color="gray", ls="--", lw=0.8)
     axes[2].set_title("decode speed-up with MTP drafts")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=DPI)
 
 
 # ----------------------------------------------------------------------------- report.md
@@ -238,10 +230,27 @@ def write_report(out: str | Path, state: dict) -> Path:
              "Every figure below comes from this run's state.json and metrics files; the DeepSeek papers' "
              "figures sit beside them in grey.", ""]
 
+    for section in (_section_times, _section_models, _section_losses, _section_balance, _section_accuracy,
+                    _section_students, _section_quant, _section_inference, _section_samples):
+        lines += section(out, state, figs)
+
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _section_times(out: Path, state: dict, figs: Path) -> list[str]:
+    """Seconds per stage, as a table and a bar chart."""
+    lines = []
     lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {n} | {s['seconds']:.1f} |" for n, s in state["stages"].items()]
     lines += ["", _img(fig_stage_times(state, figs / "stage_times.png"), out)]
+    return lines
 
+
+def _section_models(out: Path, state: dict, figs: Path) -> list[str]:
+    """The tokenizer, the teacher and the student, and one training document."""
+    lines = []
     tok = _result(state, "tokenizer")
     lines += ["## Tokenizer and models", ""]
     if tok:
@@ -254,7 +263,12 @@ def write_report(out: str | Path, state: dict) -> Path:
                   tok["example"], "```", ""]
     else:
         lines += [_missing("tokenizer"), ""]
+    return lines
 
+
+def _section_losses(out: Path, state: dict, figs: Path) -> list[str]:
+    """Pretraining and SFT: first and last loss, tokens/s and MFU."""
+    lines = []
     lines += ["## Pretraining and SFT: loss", ""]
     for name in ("pretrain", "sft"):
         r = _result(state, name)
@@ -266,7 +280,12 @@ def write_report(out: str | Path, state: dict) -> Path:
         else:
             lines.append(f"- {_missing(name)}")
     lines += ["", _img(fig_losses(out, figs / "loss.png"), out), f"Paper: {PAPER['mtp_loss']}", ""]
+    return lines
 
+
+def _section_balance(out: Path, state: dict, figs: Path) -> list[str]:
+    """Max/mean expert load per MoE layer over pretraining, and the heatmap."""
+    lines = []
     lines += ["## Expert load: auxiliary-loss-free balancing", ""]
     pre = _result(state, "pretrain")
     if pre and pre.get("expert_load_max_mean"):
@@ -275,7 +294,12 @@ def write_report(out: str | Path, state: dict) -> Path:
                   + ", ".join(f"layer {k}: {first.get(k, float('nan')):.2f} -> {v:.2f}" for k, v in last.items()), ""]
     lines += [_img(p, out) for p in fig_balance(out, figs / "balance.png", figs / "expert_load.png")]
     lines += [f"Paper: {PAPER['balance']}", ""]
+    return lines
 
+
+def _section_accuracy(out: Path, state: dict, figs: Path) -> list[str]:
+    """Held-out pass@1 of each teacher stage, and what GRPO changed."""
+    lines = []
     lines += ["## Reasoning accuracy: pass@1 before and after GRPO (held-out)", ""]
     ev = _result(state, "evaluate")
     if ev:
@@ -297,7 +321,12 @@ def write_report(out: str | Path, state: dict) -> Path:
                   f"{_pct(g['sampled_pass@1_start'])} -> {_pct(g['sampled_pass@1_end'])}.", ""]
     lines += [_img(fig_accuracy(state, figs / "accuracy.png"), out),
               _img(fig_grpo(out, figs / "grpo.png"), out), f"Paper: {PAPER['grpo']}", ""]
+    return lines
 
+
+def _section_students(out: Path, state: dict, figs: Path) -> list[str]:
+    """The distilled student against the one trained by GRPO alone."""
+    lines = []
     lines += ["## Distilled vs RL-only student", ""]
     for name, what in (("student", "student base (short pretraining; text layout)"),
                        ("distill", "distilled from the teacher's correct traces"),
@@ -317,7 +346,12 @@ def write_report(out: str | Path, state: dict) -> Path:
         else:
             lines.append(f"- {_missing(name)}")
     lines += ["", _img(fig_students(state, figs / "students.png"), out), f"Paper: {PAPER['distill']}", ""]
+    return lines
 
+
+def _section_quant(out: Path, state: dict, figs: Path) -> list[str]:
+    """int8 against fp32/bf16: accuracy, loss, decode speed, bytes."""
+    lines = []
     lines += ["## int8 quantization vs full precision", ""]
     q = _result(state, "quantize")
     if q:
@@ -333,7 +367,12 @@ def write_report(out: str | Path, state: dict) -> Path:
     else:
         lines += [_missing("quantize"), ""]
     lines += [f"Paper: {PAPER['quant']}", ""]
+    return lines
 
+
+def _section_inference(out: Path, state: dict, figs: Path) -> list[str]:
+    """Latent-cache bytes per token and MTP speculative decoding."""
+    lines = []
     lines += ["## Inference: MLA cache and MTP speculative decoding", ""]
     inf = _result(state, "inference")
     if inf:
@@ -350,7 +389,12 @@ def write_report(out: str | Path, state: dict) -> Path:
                   f"Paper: {PAPER['cache']}", "", f"Paper: {PAPER['mtp']}", ""]
     else:
         lines += [_missing("inference"), ""]
+    return lines
 
+
+def _section_samples(out: Path, state: dict, figs: Path) -> list[str]:
+    """A few held-out answers with their reasoning."""
+    lines = []
     lines += ["## Sample answers with their reasoning", ""]
     smp = _result(state, "samples")
     if smp:
@@ -360,7 +404,4 @@ def write_report(out: str | Path, state: dict) -> Path:
                       s["answer"].strip(), "```", ""]
     else:
         lines += [_missing("samples"), ""]
-
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+    return lines

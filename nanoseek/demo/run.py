@@ -1,8 +1,7 @@
-"""`nanoseek demo`: the whole DeepSeek recipe on the built-in corpus, one stage after another.
+"""The demo's runner: the whole DeepSeek recipe on the built-in corpus, one stage after another
+(command: cli/demo.py).
 
-    nanoseek demo                      # about 20 minutes on 2 CPU cores
-    nanoseek demo --quick --out /tmp/d # about 2 minutes: the same stages, far fewer steps
-    nanoseek demo --out runs/demo      # run again after an interruption: finished stages are kept
+    run_demo("runs/demo", DemoConfig.full())     # again after an interruption: finished stages are kept
 
 Stages (stages.py): tokenizer -> pretrain -> sft -> grpo -> evaluate -> student -> distill ->
 student_grpo -> quantize -> inference -> samples, then report.md (report.py). Each stage writes its
@@ -16,69 +15,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..fsutil import atomic_write_text
+from . import report, stages as stage_list
+from .config import DemoConfig
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Sizes of one demo run. `quick()` shrinks every stage; `full()` is the 20-minute run."""
-
-    task: str = "arithmetic"  # built-in task (nanoseek.data.tasks): corpus, prompts and checker
-    seed: int = 0
-    # pretraining the tiny DeepSeek-V3-style teacher
-    pretrain_examples: int = 20000
-    pretrain_steps: int = 700
-    batch_size: int = 16
-    seq_len: int = 256
-    lr: float = 3e-3
-    # SFT with <think> reasoning
-    sft_examples: int = 4000
-    sft_steps: int = 150
-    # GRPO
-    grpo_steps: int = 40
-    grpo_lr: float = 3e-5  # bench_rl: 1e-4 and above stay flat or collapse on the tiny model
-    grpo_prompts: int = 8  # prompts per step
-    grpo_group: int = 8  # samples per prompt (G)
-    max_new_tokens: int = 160
-    # evaluation on the held-out split (greedy pass@1)
-    eval_examples: int = 200
-    # the smaller student: distilled from the teacher vs trained by GRPO alone
-    student_pretrain_steps: int = 400
-    distill_prompts: int = 1000
-    distill_steps: int = 150
-    student_grpo_steps: int = 40
-    # inference benchmarks
-    bench_prompts: int = 8
-    bench_tokens: int = 128
-    bench_repeats: int = 3  # timed rounds (medians), the variants compared interleaved
-    samples: int = 4
-
-    @classmethod
-    def full(cls, **changes) -> "DemoConfig":
-        return cls(**changes)
-
-    @classmethod
-    def quick(cls, **changes) -> "DemoConfig":
-        return dataclasses.replace(cls(
-            pretrain_examples=2000, pretrain_steps=30, batch_size=8, sft_examples=200, sft_steps=6, grpo_steps=2,
-            grpo_prompts=2, grpo_group=4, max_new_tokens=96, eval_examples=8, student_pretrain_steps=10,
-            distill_prompts=8, distill_steps=4, bench_prompts=1, bench_tokens=24, bench_repeats=2, samples=2),
-            **changes)
-
-    def __post_init__(self):
-        from ..data.tasks import TASKS
-        if self.task not in TASKS:
-            raise ValueError(f"DemoConfig.task={self.task!r}: expected one of {', '.join(TASKS)}")
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name != "seed" and v <= 0:
-                raise ValueError(f"DemoConfig.{f.name}={v}: must be positive")
 
 
 # ----------------------------------------------------------------------------- state.json
@@ -117,16 +61,13 @@ def check_config(out: Path, state: dict, cfg: DemoConfig) -> None:
 
 def run_demo(out: str | Path, cfg: DemoConfig, stages=None) -> dict:
     """Run every stage not yet finished in `out`, then write the report; returns the state."""
-    from . import report
-    from .stages import STAGES, Context
-
-    stages = STAGES if stages is None else stages
+    stages = stage_list.STAGES if stages is None else stages
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = read_state(out)
     check_config(out, state, cfg)
     state["config"] = dataclasses.asdict(cfg)
-    ctx = Context(out=out, cfg=cfg, results=state["stages"])
+    ctx = stage_list.Context(out=out, cfg=cfg, results=state["stages"])
     t_demo = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         done = state["stages"].get(stage.name, {})
@@ -149,28 +90,9 @@ def run_demo(out: str | Path, cfg: DemoConfig, stages=None) -> dict:
 
 
 def print_next_steps(out: Path, state: dict) -> None:
-    from .stages import final_model
-    model = final_model(out, state["stages"])
+    model = stage_list.final_model(out, state["stages"])
     if model is None:
         return
     print("\nnext:")
     print(f"  nanoseek chat --model {model}")
     print(f"  nanoseek serve --model {model}")
-
-
-def run(args) -> int:
-    make = DemoConfig.quick if args.quick else DemoConfig.full
-    cfg = make(task=args.task, seed=args.seed)
-    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
-    run_demo(out, cfg)
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on the built-in corpus, with a report card",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny stage sizes (about 2 minutes; used by the tests)")
-    p.add_argument("--out", default=None, help="demo folder (default: runs/demo, or runs/demo-quick)")
-    p.add_argument("--task", default="arithmetic", help="built-in task: arithmetic, countdown or mixed")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, weights and sampling")
-    p.set_defaults(func=run)

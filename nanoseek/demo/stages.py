@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..checkpoint import load_pretrained, save_pretrained
 from ..config import ModelConfig
 from ..data import extract_answer, get_task, load_data
+from ..data.prompts import prompt_ids
 from ..inference import Engine
 from ..estimate import estimate
 from ..model import Transformer
@@ -32,7 +33,7 @@ from ..plots import read_metrics
 from ..tokenizer import Tokenizer
 from ..train.loop import TrainConfig
 from ..train.state import TRAIN_STATE
-from .run import DemoConfig
+from .config import DemoConfig
 
 # DeepSeek-R1's evaluation sampling (R1 paper, §3): temperature 0.6, top-p 0.95.
 R1_TEMPERATURE, R1_TOP_P = 0.6, 0.95
@@ -254,7 +255,6 @@ def stage_student_grpo(ctx: Context) -> dict:
 # ----------------------------------------------------------------------------- inference stages
 
 def prompts_for_bench(ctx: Context, tokenizer: Tokenizer) -> list[list[int]]:
-    from ..train.evaluate import prompt_ids
     return [prompt_ids(tokenizer, ex, "chat") for ex in ctx.held_out(ctx.cfg.bench_prompts)]
 
 
@@ -336,7 +336,6 @@ def stage_inference(ctx: Context) -> dict:
 
 def stage_samples(ctx: Context) -> dict:
     """A few held-out problems answered by the final model with R1's sampling settings."""
-    from ..train.evaluate import prompt_ids
     final = final_model(ctx.out, ctx.results)
     tok = Tokenizer.from_pretrained(final)
     engine = Engine(load_pretrained(final, dtype=torch.float32), tok)

@@ -1,8 +1,5 @@
-"""`nanoseek distill`: teach a smaller student the teacher's reasoning, as DeepSeek-R1 did.
-
-    nanoseek distill --teacher runs/grpo --student tiny --data arithmetic --out runs/distill
-    nanoseek distill --teacher runs/grpo --student tiny --dense --student-layers 2 --out runs/dense
-    nanoseek distill --teacher runs/grpo --student runs/small --kl forward --kl-weight 1.0 --out runs/kd
+"""Distillation: teach a smaller student the teacher's reasoning, as DeepSeek-R1 did
+(command: cli/distill.py).
 
     from nanoseek.rl.distill import DistillConfig, distill
     distill(DistillConfig(teacher="runs/grpo", out="runs/distill", train=TrainConfig(steps=300, batch_size=16)))
@@ -25,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,19 +31,20 @@ from tqdm import tqdm
 
 from ..checkpoint import load_pretrained
 from ..config import ModelConfig
+from ..data.prompts import render_prompt, task_from_spec
 from ..data.tasks import TASKS
 from ..inference import Engine
 from ..fsutil import atomic_write_text
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from ..train.loop import (RowSampler, TrainConfig, add_config_args, attention_mask, config_from_args,
-                          document_positions, opt, train)
+from ..train.batches import RowSampler, attention_mask, document_positions
+from ..train.loop import TrainConfig, opt, train
 from ..train.evaluate import evaluate_accuracy
-from ..train.loss import IGNORE, cross_entropy
-from ..train.optim import build_adamw, set_lr
+from ..train.losses import IGNORE, cross_entropy
+from ..train.optim import build_adamw
 from ..train.sft import pack_conversations
-from ..train.state import TRAIN_STATE, save_checkpoint
-from .grpo import render_prompt, task_from_spec
+from ..train.state import refuse_existing_run, save_checkpoint, start_fresh
+from ..train.step import MetricsLog, optimizer_step
 from .losses import forward_kl, reverse_kl
 from .rewards import accuracy_reward, format_reward
 
@@ -171,7 +168,7 @@ def logit_distill(student: Transformer, teacher: Transformer, rows, cfg: TrainCo
     optimizer = build_adamw(student, cfg.lr, cfg.weight_decay)
     sampler = RowSampler(len(rows), cfg.batch_size, cfg.seed)
     bar = tqdm(total=cfg.steps, disable=not cfg.progress, unit="step", desc="distill (KL)", dynamic_ncols=True)
-    t0 = time.perf_counter()
+    log, t0 = MetricsLog(out_dir / "metrics.jsonl"), time.perf_counter()
     for step in range(cfg.steps):
         idx = sampler.rows(step)
         ids, docs, targets = rows.input_ids[idx], rows.doc_ids[idx], rows.targets[idx]
@@ -187,15 +184,11 @@ def logit_distill(student: Transformer, teacher: Transformer, rows, cfg: TrainCo
             kl = kl_fn(logits, teacher_logits, targets[sl] != IGNORE, num_tokens=n_tok)
             (ce + kl_weight * kl).backward()
             sums += torch.stack([ce.detach(), kl.detach()])
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or math.inf))
         lr = cfg.lr_at(step)
-        set_lr(optimizer, lr)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(student, optimizer, lr, cfg.grad_clip, where=f"distill step {step + 1}")
         row = {"step": step + 1, "loss": float(sums[0]), "kl": float(sums[1]), "lr": lr, "grad_norm": grad_norm,
                "elapsed_s": time.perf_counter() - t0}
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        log.append(row)
         bar.update(1)
         bar.set_postfix(ce=f"{row['loss']:.3f}", kl=f"{row['kl']:.3f}")
     bar.close()
@@ -209,10 +202,8 @@ def distill(cfg: DistillConfig) -> dict:
     """Teacher traces -> student fine-tuned on them (and optionally on the teacher's logits).
     Returns the summary written to out/distill.json."""
     out = Path(cfg.out)
-    if (out / TRAIN_STATE).exists():
-        raise ValueError(f"{out} already holds a run; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    refuse_existing_run(out, resumable=False)
+    start_fresh(out)
     tokenizer = Tokenizer.from_pretrained(cfg.teacher)
     teacher = load_pretrained(cfg.teacher, dtype=torch.float32)
     task = task_from_spec(cfg.data)
@@ -257,16 +248,3 @@ def distill(cfg: DistillConfig) -> dict:
     print(f"distill: student ({summary['student_params']:,} parameters) held-out pass@1 "
           f"{before['pass@1']:.1%} -> {after['pass@1']:.1%}; checkpoint in {out}")
     return summary
-
-
-def run(args) -> int:
-    distill(config_from_args(DistillConfig, args, train=config_from_args(TrainConfig, args)))
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("distill", help="distill a teacher's reasoning into a smaller student",
-                       description=__doc__.split("\n\n")[0])
-    add_config_args(p, DistillConfig, skip=("train",))
-    add_config_args(p, TrainConfig)
-    p.set_defaults(func=run)

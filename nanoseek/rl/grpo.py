@@ -1,9 +1,4 @@
-"""`nanoseek grpo`: reinforcement learning with Group Relative Policy Optimization.
-
-    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo                # R1: SFT, then RL
-    nanoseek grpo --model runs/pretrain --data countdown --out runs/zero            # R1-Zero: RL from a base
-    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo --variant dapo --beta 0 --eps-high 0.28
-    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo --reward accuracy format=0.1 my.mod:fn=0.5
+"""Reinforcement learning with Group Relative Policy Optimization (command: cli/grpo.py).
 
     from nanoseek.rl.grpo import GRPOConfig, grpo
     grpo(GRPOConfig(model="runs/sft", out="runs/grpo", steps=60))
@@ -20,7 +15,7 @@ One step, readable top to bottom in `grpo_step`:
      reference (only when beta > 0: with beta = 0 no reference model is kept) and, as a check,
      the engine's own inference path (latent cache + absorbed attention); the mismatch is logged;
   5. mu optimizer steps on the batch with the variant's loss (GRPO, Dr. GRPO or DAPO), gradient
-     clipping and AdamW from nanoseek.train.optim;
+     clipping and AdamW through the optimizer step every loop shares (nanoseek.train.step);
   6. a metrics.jsonl row: reward mean/std (and per reward), accuracy, response length, KL, clip
      fraction, entropy, no-signal groups, truncation and unparseable-answer rates (with a warning
      when the last three are high), rollout tokens/s; held-out pass@1 (nanoseek.train.evaluate, R1's
@@ -38,8 +33,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import json
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -50,14 +43,17 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import load_pretrained
-from ..data.tasks import TASKS, extract_answer, get_task
+from ..data.prompts import LAYOUTS, checkpoint_layout, render_prompt, task_from_spec
+from ..data.tasks import TASKS, extract_answer
 from ..inference import Engine
-from ..fsutil import atomic_write_bytes
+from ..plots import read_metrics, save_png
 from ..tokenizer import Tokenizer
-from ..train.evaluate import LAYOUTS, checkpoint_layout, evaluate_accuracy, prompt_ids
-from ..train.loop import RowSampler, add_config_args, config_from_args, opt
-from ..train.optim import build_adamw, set_lr
-from ..train.state import TRAIN_STATE, load_train_state, save_checkpoint, truncate_metrics
+from ..train.evaluate import evaluate_accuracy
+from ..train.batches import RowSampler
+from ..train.loop import opt
+from ..train.optim import build_adamw
+from ..train.state import load_train_state, refuse_existing_run, save_checkpoint, start_fresh, truncate_metrics
+from ..train.step import MetricsLog, append_jsonl, optimizer_step
 from .losses import (dapo_loss, dr_grpo_advantages, dr_grpo_loss, grpo_advantages, grpo_loss,
                      token_entropy, token_logprobs)
 from .rewards import accuracy_reward, parse_rewards, score
@@ -156,21 +152,6 @@ class GRPOConfig:
         parse_rewards(self.reward)  # fails early on a bad module path
 
 
-def task_from_spec(spec: str):
-    """A built-in task from "name" or "name:key=value,key=value" (integers parsed as such)."""
-    name, _, settings = spec.partition(":")
-    kw = {}
-    for item in filter(None, settings.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"data={spec!r}: task setting {item!r} is not key=value")
-        kw[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
-    try:
-        return get_task(name, **kw)
-    except TypeError as e:
-        raise ValueError(f"data={spec!r}: {e}") from None
-
-
 # ----------------------------------------------------------------------------- rollouts
 
 @dataclass
@@ -184,14 +165,6 @@ class Rollout:
     finish_reasons: list[str]  # [P*G] "stop" or "length"
     seconds: float
     new_tokens: int
-
-
-def render_prompt(tokenizer: Tokenizer, example, layout: str = "chat") -> tuple[str, list[int]]:
-    """(text, ids) of the problem as the model is asked it (nanoseek.train.evaluate.prompt_ids):
-    "chat" is a user turn plus the generation prompt, "text" pretraining's ``{prompt}\n<think>\n``
-    (R1-Zero: RL straight from a base model). Both leave <think> open."""
-    ids = prompt_ids(tokenizer, example, layout)
-    return tokenizer.decode(ids), ids
 
 
 def sample_groups(engine: Engine, tokenizer: Tokenizer, examples: list, group_size: int, max_new_tokens: int,
@@ -315,13 +288,7 @@ def policy_update(model: nn.Module, optimizer, batch: tuple, advantages: torch.T
             with torch.no_grad():
                 sums["entropy"] += float((token_entropy(logits, cfg.temperature) * mask[sl]).sum()) \
                     / max(float(mask.sum()), 1.0) / cfg.mu
-        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(f"GRPO: gradient norm {grad_norm}; try a lower --lr")
-        set_lr(optimizer, lr)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sums["grad_norm"] += grad_norm / cfg.mu
+        sums["grad_norm"] += optimizer_step(model, optimizer, lr, cfg.grad_clip, where="GRPO") / cfg.mu
     for moe in model.moe_layers():  # routing kept for balancing holds the last graph alive; RL does not use it
         moe.scores = moe.indices = None
     model.eval()
@@ -387,70 +354,75 @@ def _start_step(cfg: GRPOConfig, model, optimizer) -> int:
         state = load_train_state(out, model, optimizer)
         truncate_metrics(out / "metrics.jsonl", state["step"])
         return int(state["step"])
-    if (out / TRAIN_STATE).exists():
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        (out / name).unlink(missing_ok=True)
+    refuse_existing_run(out)
+    start_fresh(out, logs=("metrics.jsonl", "samples.jsonl"))
     return 0
+
+
+def _reference(cfg: GRPOConfig, model: nn.Module) -> nn.Module | None:
+    """The frozen KL reference: the run's starting model (reloaded when resuming); None when beta = 0."""
+    if cfg.beta <= 0:
+        return None
+    ref = load_pretrained(cfg.model, dtype=torch.float32) if cfg.resume else copy.deepcopy(model)
+    return ref.eval().requires_grad_(False)
+
+
+class HeldOut:
+    """Held-out pass@1 (and maj@k) of the live policy. The time it takes is kept apart, so the
+    run's training time and its --max-minutes budgets do not count evaluation."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, task, cfg: GRPOConfig):
+        self.model, self.tokenizer, self.task, self.cfg = model, tokenizer, task, cfg
+        self.examples = task.examples("test", cfg.eval_size, seed=cfg.seed)
+        self.seconds = self.cpu_seconds = 0.0
+
+    def __call__(self) -> dict:
+        cfg = self.cfg
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = evaluate_accuracy(self.model, self.tokenizer, self.task, max_new_tokens=cfg.max_new_tokens,
+                                layout=cfg.layout, k=cfg.eval_samples, temperature=cfg.eval_temperature,
+                                top_p=cfg.eval_top_p, seed=cfg.seed, examples=self.examples, progress=False)
+        self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
+        return {f"eval/{k}": v for k, v in res.items() if k.startswith(("pass@", "maj@")) or k == "truncated"}
 
 
 def grpo(cfg: GRPOConfig) -> Path:
     """Run (or resume) GRPO from cfg.model; returns the run folder."""
     out = Path(cfg.out)
     model, tokenizer = _load(cfg)
-    if cfg.resume:  # the reference is the run's starting model, not the resumed one
-        ref_source = load_pretrained(cfg.model, dtype=torch.float32) if cfg.beta > 0 else None
-    else:
-        ref_source = copy.deepcopy(model) if cfg.beta > 0 else None
-    ref_model = ref_source.eval().requires_grad_(False) if ref_source is not None else None
+    ref_model = _reference(cfg, model)
     engine = Engine(model, tokenizer)  # the same module object: rollouts always see the live weights
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay)
     start = _start_step(cfg, model, optimizer)
     rewards = parse_rewards(cfg.reward)
     task = task_from_spec(cfg.data)
     train_set = task.examples("train", cfg.num_train, seed=cfg.seed)
-    held_out = task.examples("test", cfg.eval_size, seed=cfg.seed)
+    held_out = HeldOut(model, tokenizer, task, cfg)
     order = RowSampler(len(train_set), cfg.prompts_per_step, cfg.seed)
     meta = {"stage": "grpo", "source": {"model": cfg.model, "data": cfg.data}, "grpo_config": dataclasses.asdict(cfg)}
     print(f"grpo: {model.num_params():,} parameters, {cfg.variant}, {cfg.prompts_per_step} prompts x G="
           f"{cfg.group_size}, rewards {cfg.reward}, beta={cfg.beta}, steps {start}->{cfg.steps}")
-
-    eval_s = eval_cpu = 0.0
-
-    def evaluate(step: int) -> dict:
-        nonlocal eval_s, eval_cpu
-        t0, c0 = time.perf_counter(), time.process_time()
-        res = evaluate_accuracy(model, tokenizer, task, max_new_tokens=cfg.max_new_tokens, layout=cfg.layout,
-                                k=cfg.eval_samples,
-                                temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, seed=cfg.seed,
-                                examples=held_out, progress=False)
-        eval_s, eval_cpu = eval_s + time.perf_counter() - t0, eval_cpu + time.process_time() - c0
-        return {f"eval/{k}": v for k, v in res.items() if k.startswith(("pass@", "maj@")) or k == "truncated"}
-
+    log = MetricsLog(out / "metrics.jsonl")
     t_start, cpu_start, row, warned = time.perf_counter(), time.process_time(), {}, set()
-    first_eval = evaluate(start) if start == 0 else {}
+    first_eval = held_out() if start == 0 else {}
     if first_eval:
-        _append(out / "metrics.jsonl", {"step": 0, **first_eval})
+        log.append({"step": 0, **first_eval})
         print(f"grpo: held-out pass@1 at start {first_eval['eval/pass@1']:.1%}")
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", desc="grpo", dynamic_ncols=True)
     step = start
     for step in range(start, cfg.steps):
         examples = [train_set[int(i)] for i in order.rows(step)]
         row, rollout = grpo_step(model, ref_model, engine, optimizer, tokenizer, examples, rewards, cfg, step)
-        row["elapsed_s"] = time.perf_counter() - t_start - eval_s  # training time: evaluation not counted
-        row["cpu_s"] = time.process_time() - cpu_start - eval_cpu
+        row["elapsed_s"] = time.perf_counter() - t_start - held_out.seconds  # training time: evaluation not counted
+        row["cpu_s"] = time.process_time() - cpu_start - held_out.cpu_seconds
         out_of_time = (cfg.max_minutes is not None and row["elapsed_s"] > 60 * cfg.max_minutes) or \
             (cfg.max_cpu_minutes is not None and row["cpu_s"] > 60 * cfg.max_cpu_minutes)
         last = step + 1 == cfg.steps or out_of_time
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-            row.update(evaluate(step + 1))
-        row["warnings"] = signal_warnings(row)
-        for key, text in row["warnings"].items():
-            if key not in warned:  # once per stretch above the threshold, not every step
-                warnings.warn(f"grpo step {step + 1}: {text}", GRPOSignalWarning, stacklevel=1)
-        warned = set(row["warnings"])
-        _append(out / "metrics.jsonl", row)
+            row.update(held_out())
+        warned = _warn(row, warned, step)
+        log.append(row)
         if cfg.sample_every and (step % cfg.sample_every == 0 or last):
             _write_samples(out / "samples.jsonl", step + 1, rollout, cfg.group_size)
         bar.update(1)
@@ -465,37 +437,37 @@ def grpo(cfg: GRPOConfig) -> Path:
     bar.close()
     if start < cfg.steps:
         save_checkpoint(out, model, optimizer, step + 1, tokenizer, meta)
-        plot_grpo(_read(out / "metrics.jsonl"), out / "grpo.png")
+        plot_grpo(read_metrics(out / "metrics.jsonl"), out / "grpo.png")
+    _summary(out, row, first_eval)
+    return out
+
+
+def _warn(row: dict, warned: set, step: int) -> set:
+    """row["warnings"] = the signals above threshold; each warns once per stretch above it, not every step."""
+    row["warnings"] = signal_warnings(row)
+    for key, text in row["warnings"].items():
+        if key not in warned:
+            warnings.warn(f"grpo step {step + 1}: {text}", GRPOSignalWarning, stacklevel=1)
+    return set(row["warnings"])
+
+
+def _summary(out: Path, row: dict, first_eval: dict) -> None:
     if "eval/pass@1" in row:
         base = f" (from {first_eval['eval/pass@1']:.1%})" if first_eval else ""
         print(f"grpo: step {row['step']}, held-out pass@1 {row['eval/pass@1']:.1%}{base}, "
               f"rollout {row['rollout_tokens_per_s']:,.0f} tokens/s; checkpoint in {out}")
-    return out
-
-
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _read(path: Path) -> list[dict]:
-    from ..plots import read_metrics
-    return read_metrics(path)
 
 
 def _write_samples(path: Path, step: int, rollout: Rollout, group_size: int, per_step: int = 4) -> None:
     """A few completions of the step (the first group's), to read what the policy writes."""
     for i in range(min(per_step, len(rollout.texts))):
         p = i // group_size
-        _append(path, {"step": step, "prompt": rollout.examples[p].prompt, "answer": rollout.examples[p].answer,
+        append_jsonl(path, {"step": step, "prompt": rollout.examples[p].prompt, "answer": rollout.examples[p].answer,
                        "completion": rollout.texts[i], "finish_reason": rollout.finish_reasons[i]})
 
 
 def plot_grpo(rows: list[dict], path: str | Path) -> Path:
     """Reward and held-out pass@1, response length, KL, clip fraction and entropy, signal rates, tokens/s."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 7), layout="constrained")
@@ -514,22 +486,4 @@ def plot_grpo(rows: list[dict], path: str | Path) -> Path:
         ax.set_xlabel("step")
         if len(keys) > 1:
             ax.legend(fontsize="small")
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def run(args) -> int:
-    grpo(config_from_args(GRPOConfig, args))
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("grpo", help="reinforcement learning with GRPO and rule-based rewards",
-                       description=__doc__.split("\n\n")[0])
-    add_config_args(p, GRPOConfig)
-    p.set_defaults(func=run)
+    return save_png(fig, path)

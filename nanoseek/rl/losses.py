@@ -22,7 +22,7 @@ The variants differ only in the advantage and in how per-token terms are average
     dapo_loss      DAPO (Yu et al. 2025): token-level mean over all tokens of the batch, usually
                    with clip-higher (eps_high = 0.28 > eps_low = 0.2) and beta = 0.
 
-Every loss takes normalisers (`num_sequences`, `num_tokens`) like nanoseek.train.loss: the
+Every loss takes normalisers (`num_sequences`, `num_tokens`) like nanoseek.train.losses: the
 trainer passes the counts of the whole batch, so micro-batches add up to the full-batch gradient.
 Logit distillation's forward and reverse KL live here too (`forward_kl`, `reverse_kl`).
 """

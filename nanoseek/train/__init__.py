@@ -1,12 +1,15 @@
 """Training: pretraining and SFT with DeepSeek-V3's objectives, one shared loop.
 
-    loss.py         cross-entropy, the MTP loss, the sequence-wise balance loss
+    losses.py       cross-entropy, the MTP loss, the sequence-wise balance loss
     balance.py      aux-loss-free bias update, expert-load stats, router-collapse warning
     optim.py        AdamW parameter groups, warmup+cosine and warmup-stable-decay schedules
-    state.py        checkpoints with optimizer/RNG/data state; exact resume
-    loop.py         TrainConfig and the loop (accumulation, clipping, bf16, logs, plots)
+    step.py         the optimizer step (clip, finite check, lr, AdamW) and metrics log every loop shares
+    batches.py      row order per step, per-document positions and attention masks, row checks
+    flops.py        training FLOPs per token, the machine's matmul peak, MFU
+    state.py        checkpoints with optimizer/RNG/data state; exact resume; a run's folder
+    loop.py         TrainConfig and the loop (accumulation, bf16, balancing, logs, plots)
     distributed.py  torchrun data parallelism, applied from outside the model
-    pretrain.py     `nanoseek pretrain`     sft.py  `nanoseek sft`     evaluate.py  `nanoseek eval`
+    pretrain.py     pretraining      sft.py  supervised fine-tuning      evaluate.py  held-out loss, pass@k
 """
 
 from .loop import TrainConfig, train

@@ -1,20 +1,17 @@
-"""`nanoseek eval`: held-out loss and exact-match accuracy on a built-in task's test split.
-
-    nanoseek eval --model runs/sft --data arithmetic                       # greedy pass@1 + loss
-    nanoseek eval --model runs/pretrain --data arithmetic --layout text    # pretraining's text layout
-    nanoseek eval --model runs/sft --data countdown --samples 8 --temperature 0.6 --top-p 0.95  # pass@k, maj@k
+"""Held-out loss and exact-match accuracy on a built-in task's test split (command: cli/eval.py).
 
     from nanoseek.train.evaluate import evaluate_accuracy, evaluate_loss
     res = evaluate_accuracy(model, tokenizer, "arithmetic", n=200, max_new_tokens=160)
     res["accuracy"], res["n"], res["samples"][0]      # {"prompt", "completion", "answer", "expected", "correct"}
 
 Accuracy: each test problem is asked through the inference engine (batched, greedy unless a
-temperature is given) in one of two prompt layouts: "chat" (the chat template's user turn and
-generation prompt, ending in <think>: what SFT and GRPO train) or "text" (``{prompt}\\n<think>\\n``,
-the layout of Example.text that pretraining trains). The answer is the completion's last
-<answer>...</answer> (data.extract_answer) and the task checks it. With k samples per problem
-(DeepSeek-R1's evaluation: temperature 0.6, top-p 0.95): pass@1 is the mean correctness of all
-samples, pass@k whether any of a problem's k is correct, maj@k whether its most common answer is.
+temperature is given) in one of two prompt layouts (nanoseek.data.prompts): "chat" (the chat
+template's user turn and generation prompt, ending in <think>: what SFT and GRPO train) or "text"
+(``{prompt}\\n<think>\\n``, the layout of Example.text that pretraining trains). The answer is the
+completion's last <answer>...</answer> (data.extract_answer) and the task checks it. With k samples
+per problem (DeepSeek-R1's evaluation: temperature 0.6, top-p 0.95): pass@1 is the mean correctness
+of all samples, pass@k whether any of a problem's k is correct, maj@k whether its most common
+answer is.
 
 Loss: next-token cross-entropy of the test split's worked solutions in the same layout (in chat
 layout, only the assistant's tokens count, as in SFT), and its perplexity.
@@ -34,35 +31,15 @@ from tqdm import tqdm
 
 from ..checkpoint import load_pretrained
 from ..data import Example, extract_answer, get_task, pack_chat, tokenize_documents
+from ..data.prompts import LAYOUTS, checkpoint_layout, prompt_ids
 from ..data.tasks import TASKS, Task
 from ..inference import Engine
 from ..fsutil import atomic_write_text
-from ..tokenizer import THINK_START, Tokenizer
+from ..tokenizer import Tokenizer
 from .distributed import default_device
-from .loop import add_config_args, attention_mask, config_from_args, document_positions, opt
-from .loss import cross_entropy
-from .state import TRAIN_STATE
-
-LAYOUTS = ("chat", "text")
-
-
-def prompt_ids(tokenizer: Tokenizer, example: Example, layout: str = "chat") -> list[int]:
-    """The problem as the model is asked it: a chat user turn + generation prompt, or the text layout."""
-    if layout == "chat":
-        return tokenizer.encode_chat([{"role": "user", "content": example.prompt}], add_generation_prompt=True)[0]
-    if layout == "text":
-        return tokenizer.encode(f"{example.prompt}\n{THINK_START}\n", add_bos=tokenizer.bos_id is not None)
-    raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
-
-
-def checkpoint_layout(path: str | Path) -> str:
-    """The layout a checkpoint was trained in: "text" after pretraining, else "chat" (SFT, GRPO, or a
-    checkpoint without training state, such as a released chat model)."""
-    state = Path(path) / TRAIN_STATE / "state.json"
-    if state.exists():
-        return "text" if json.loads(state.read_text()).get("stage") == "pretrain" else "chat"
-    return "chat"
-
+from .batches import attention_mask, document_positions
+from .loop import opt
+from .losses import cross_entropy
 
 def _as_task(task: str | Task) -> Task:
     return get_task(task) if isinstance(task, str) else task
@@ -164,7 +141,7 @@ def evaluate_loss(model, tokenizer: Tokenizer, task: str | Task = "arithmetic", 
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "n": len(examples)}
 
 
-# ----------------------------------------------------------------------------- command
+# ----------------------------------------------------------------------------- one checkpoint
 
 @dataclass
 class EvalConfig:
@@ -211,24 +188,3 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.out:
         atomic_write_text(cfg.out, json.dumps(result, indent=1))
     return result
-
-
-def run(args) -> int:
-    res = evaluate(config_from_args(EvalConfig, args))
-    k = res["k"]
-    extra = f", pass@{k} {res[f'pass@{k}']:.1%}, maj@{k} {res[f'maj@{k}']:.1%}" if k > 1 else ""
-    print(f"{res['data']} test split, {res['n']} problems ({res['layout']} layout): held-out loss "
-          f"{res['loss']:.4f} (perplexity {res['perplexity']:.2f}), pass@1 {res['accuracy']:.1%}{extra}; "
-          f"{res['mean_response_tokens']:.0f} tokens per answer, {res['truncated']:.1%} truncated, "
-          f"{res['unparsed']:.1%} without an <answer>")
-    for s in res["samples"][:3]:
-        print(f"--- {s['prompt']!r} expected {s['expected']!r}, got {s['answer']!r} "
-              f"({'correct' if s['correct'] else 'wrong'})\n{s['completion']}")
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="held-out loss and exact-match accuracy on a built-in task's test split",
-                       description=__doc__.split("\n\n")[0])
-    add_config_args(p, EvalConfig)
-    p.set_defaults(func=run)

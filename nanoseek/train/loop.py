@@ -16,27 +16,17 @@ One optimizer step:
      max/mean per layer), warn on router collapse, checkpoint every `checkpoint_every` steps.
 At the end: a checkpoint, curves.png and expert_load.png.
 
-MFU = achieved FLOP/s / the machine's best measured matmul peak (bf16 with autocast, else fp32;
-kept across runs, see matmul_peak_flops),
-with training FLOPs per token = 6·N_active + 6·L·H·(d_qk + d_v)·T: N_active counts the weights
-one token multiplies (K of E routed experts, lm_head once more per MTP depth, no embedding
-lookup); the second term is attention's QKᵀ and AV over the full T×T square (PaLM's convention).
+The pieces live beside it: batches.py (row order, positions, masks), losses.py, balance.py,
+step.py (the optimizer step and metrics log every loop shares), flops.py (FLOPs per token, MFU).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
 import functools
-import json
-import math
-import os
-import platform
-import re
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,18 +35,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from ..fsutil import atomic_write_text
-from ..model import document_mask
 from ..plots import plot_curves, plot_expert_load, read_metrics
 from .balance import CollapseMonitor, load_max_over_mean, moe_layer_ids, step_loads, update_expert_bias
+from .batches import RowSampler, attention_mask, check_rows, document_positions
 from .distributed import DistEnv, all_reduce_sum, barrier, data_parallel
-from .loss import IGNORE, linear_cross_entropy, mtp_loss, mtp_targets, sequence_balance_loss
-from .optim import build_adamw, set_lr, warmup_cosine, warmup_stable_decay
-from .state import TRAIN_STATE, load_train_state, save_checkpoint, truncate_metrics
+from .flops import matmul_peak_flops, mfu, training_flops_per_token
+from .losses import IGNORE, linear_cross_entropy, mtp_loss, mtp_targets, sequence_balance_loss
+from .optim import build_adamw, warmup_cosine, warmup_stable_decay
+from .state import load_train_state, refuse_existing_run, save_checkpoint, start_fresh, truncate_metrics
+from .step import MetricsLog, optimizer_step
 
 
 def opt(default, help: str, **kw):
-    """A config field with its help text: the one place a training option is documented (CLI too)."""
+    """A config field with its help text: the one place a training option is documented. The command
+    layer (nanoseek.cli.flags) turns each field with help into a --flag."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -116,99 +108,12 @@ class TrainConfig:
         return self.lr * warmup_cosine(step, self.steps, self.warmup_steps, self.min_lr_ratio)
 
 
-# ----------------------------------------------------------------------------- config <-> CLI
-
-def add_config_args(parser, cls, skip: tuple[str, ...] = (), defaults=None) -> None:
-    """One --flag per dataclass field, help text and defaults taken from the field (or from the
-    instance `defaults`, for a command whose defaults differ, e.g. SFT's shorter schedule)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip or "help" not in f.metadata:
-            continue
-        flag, typ = "--" + f.name.replace("_", "-"), hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if defaults is not None:
-            default = getattr(defaults, f.name)
-        shown = f" (default: {default})" if default is not None else ""
-        kw = {"help": f.metadata["help"] + shown, "dest": f.name, "default": default,
-              **({"required": True} if f.metadata.get("required") else {})}
-        if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)  # X | None -> X
-        if f.metadata.get("nargs"):
-            kw["nargs"] = f.metadata["nargs"]
-        parser.add_argument(flag, type=base, choices=f.metadata.get("choices"), **kw)
-
-
-def config_from_args(cls, args, **overrides):
-    """Build a config dataclass from parsed args (fields the parser lacks keep their defaults)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in vars(args).items() if k in names}
-    kw.update(overrides)
-    return cls(**kw)
-
-
-# ----------------------------------------------------------------------------- batches
-
-def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Positions that restart at 0 where each packed document starts: doc_ids [B, T] -> [B, T]."""
-    T = doc_ids.shape[1]
-    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values
-
-
-def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor | None:
-    """None (plain causal, the fast path) when every row is one document, else the document mask."""
-    if bool((doc_ids == doc_ids[:, :1]).all()):
-        return None
-    return document_mask(doc_ids)
-
-
-class RowSampler:
-    """Which rows each optimizer step trains on: a seeded permutation per epoch, a pure function
-    of (step, seed), so a resumed run sees exactly the batches an uninterrupted one would."""
-
-    def __init__(self, num_rows: int, batch_size: int, seed: int):
-        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.num_rows, generator=g)}  # keep one epoch
-        return self._perms[epoch]
-
-    def rows(self, step: int) -> torch.Tensor:
-        pos = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        return torch.stack([self._perm(int(p) // self.num_rows)[int(p) % self.num_rows] for p in pos])
-
-
-def check_rows(rows, vocab_size: int) -> None:
-    """Clear errors for data the loop cannot train on."""
-    for name in ("input_ids", "doc_ids", "targets"):
-        t = getattr(rows, name, None)
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"training rows: {name} must be a 2-D tensor [rows, seq_len]")
-        if t.shape != rows.input_ids.shape:
-            raise ValueError(f"training rows: {name} has shape {tuple(t.shape)}, input_ids {tuple(rows.input_ids.shape)}")
-    if rows.input_ids.shape[0] == 0:
-        raise ValueError("training rows: no data (0 rows after packing)")
-    hi = int(rows.input_ids.max())
-    if hi >= vocab_size or int(rows.input_ids.min()) < 0:
-        raise ValueError(f"training rows: token id {hi} is outside the model's vocab_size={vocab_size}")
-    if not bool((rows.targets != IGNORE).any()):
-        raise ValueError("training rows: every target is masked (-100): nothing to learn from")
-
-
 # ----------------------------------------------------------------------------- model plumbing
 
 class TrainForward(nn.Module):
     """forward_train + the main head's loss as one module, so DDP sees (and syncs) a plain forward.
 
-    The head and cross-entropy are fused (loss.linear_cross_entropy): the [B, T, V] logits are
+    The head and cross-entropy are fused (losses.linear_cross_entropy): the [B, T, V] logits are
     never stored for backward.
     """
 
@@ -226,73 +131,6 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     activations. Applied from outside: each block's forward is wrapped, its weights keep their names."""
     for layer in model.model.layers:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-
-
-def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """6·N_active + 6·L·H·(d_qk + d_v)·T: see the module docstring."""
-    cfg = model.config
-    n = model.num_params(active=True, include_mtp=True)
-    if not cfg.tie_word_embeddings:
-        n -= model.model.embed_tokens.weight.numel()  # a lookup, not a matmul
-    n += cfg.num_nextn_predict_layers * cfg.vocab_size * cfg.hidden_size  # lm_head again per MTP depth
-    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    attn = 6 * layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
-    return 6.0 * n + attn
-
-
-def _measure_matmul_flops(device: str, dtype: torch.dtype) -> float:
-    """Dense square-matmul FLOP/s now: the best of several short trials."""
-    n = 4096 if device.startswith("cuda") else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(2):
-        a @ b
-    best = 0.0
-    for _ in range(5):
-        sync()
-        iters, t0 = 0, time.perf_counter()
-        while iters < 2 or time.perf_counter() - t0 < 0.08:
-            a @ b
-            iters += 1
-        sync()
-        best = max(best, 2 * n ** 3 * iters / (time.perf_counter() - t0))
-    return best
-
-
-def _machine_key(device: str, dtype: torch.dtype) -> str:
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        cpuinfo = Path("/proc/cpuinfo")
-        found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.exists() else None
-        name = f"{found.group(1).strip() if found else platform.processor()} x{torch.get_num_threads()} threads"
-    return f"{name} {str(dtype).removeprefix('torch.')}"
-
-
-@functools.lru_cache(maxsize=None)
-def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
-    """This machine's dense matmul FLOP/s: the highest ever measured here.
-
-    A measurement taken while other work shares the machine comes out low, and MFU against it
-    high (over 100% on a busy 2-core box). So the best figure per device, thread count and dtype
-    is kept in ``$XDG_CACHE_HOME/nanoseek/matmul_peak.json`` and only ever raised.
-    """
-    key = _machine_key(device, dtype)
-    path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoseek" / "matmul_peak.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    measured = _measure_matmul_flops(device, dtype)
-    if measured > known.get(key, 0.0):
-        known[key] = measured
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(known, indent=1) + "\n")
-        except OSError:  # a read-only home: the figure is still right for this process
-            pass
-    return max(measured, known.get(key, 0.0))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -330,6 +168,7 @@ def train(model: nn.Module, rows, cfg: TrainConfig, out_dir: str | Path, tokeniz
         print(f"{stage}: {model.num_params():,} parameters ({model.num_params(active=True):,} active), "
               f"{rows.input_ids.shape[0]:,} rows of {seq_len} tokens, {tokens_per_step:,} tokens/step, "
               f"{env.world_size} process(es) on {env.device}, steps {start}->{end} of {cfg.steps}")
+    log = MetricsLog(out_dir / "metrics.jsonl", enabled=env.is_main)
     bar = tqdm(total=end, initial=start, disable=not (env.is_main and cfg.progress), unit="step",
                dynamic_ncols=True, desc=stage)
     t_start, row = time.perf_counter(), None
@@ -342,14 +181,9 @@ def train(model: nn.Module, rows, cfg: TrainConfig, out_dir: str | Path, tokeniz
         recent_loads.append(loads)
         collapsed = monitor.update(step + 1, loads) if env.is_main else []
         row = {"step": step + 1, **losses, "tokens": (step + 1) * tokens_per_step,
-               "tokens_per_s": tokens_per_step / dt, "mfu": flops_per_token * tokens_per_step / dt / peak,
-               "elapsed_s": time.perf_counter() - t_start,
-               "expert_load_max_mean": {str(i): round(r, 4) for i, r in zip(layer_ids, load_max_over_mean(loads).tolist())},
-               "expert_load": {str(i): load.tolist() for i, load in zip(layer_ids, loads)},
-               "collapsed_layers": collapsed}
-        if env.is_main:
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+               "tokens_per_s": tokens_per_step / dt, "mfu": mfu(flops_per_token, tokens_per_step, dt, peak),
+               "elapsed_s": time.perf_counter() - t_start, **_expert_fields(layer_ids, loads, collapsed)}
+        log.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mfu=f"{row['mfu']:.1%}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < end:
@@ -360,6 +194,13 @@ def train(model: nn.Module, rows, cfg: TrainConfig, out_dir: str | Path, tokeniz
     if env.is_main:
         _finish(out_dir, stage, row, recent_loads, layer_ids, model.config.num_hidden_layers)
     return out_dir
+
+
+def _expert_fields(layer_ids: list[int], loads: torch.Tensor, collapsed: list) -> dict:
+    """A metrics row's expert-load fields: max/mean load per MoE layer, the loads, collapsed layers."""
+    return {"expert_load_max_mean": {str(i): round(r, 4) for i, r in zip(layer_ids, load_max_over_mean(loads).tolist())},
+            "expert_load": {str(i): load.tolist() for i, load in zip(layer_ids, loads)},
+            "collapsed_layers": collapsed}
 
 
 def train_step(forward: nn.Module, model: nn.Module, optimizer, rows, row_ids: torch.Tensor, step: int,
@@ -393,14 +234,8 @@ def train_step(forward: nn.Module, model: nn.Module, optimizer, rows, row_ids: t
         loads = loads + step_loads(model, real)
     sums = all_reduce_sum(sums.to(env.device), env).cpu()
     loads = all_reduce_sum(torch.as_tensor(loads).to(env.device), env).cpu()
-    grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
-    if not (math.isfinite(grad_norm) and math.isfinite(float(sums[0]))):
-        raise FloatingPointError(f"step {step + 1}: loss {float(sums[0])} / gradient norm {grad_norm} is not "
-                                 f"finite; try a lower --lr or --grad-clip")
     lr = cfg.lr_at(step)
-    set_lr(optimizer, lr)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, loss=float(sums[0]), where=f"step {step + 1}")
     update_expert_bias(model, loads, cfg.bias_update_speed)
     mtp_value = float(sums[1]) if model.mtp_layers else None
     return {"loss": float(sums[0]), "mtp_loss": mtp_value, "balance_loss": float(sums[2]), "lr": lr,
@@ -420,12 +255,9 @@ def _start_step(out_dir: Path, model, optimizer, cfg: TrainConfig, resume: bool,
             truncate_metrics(out_dir / "metrics.jsonl", state["step"])
         barrier(env)
         return int(state["step"])
-    if (out_dir / TRAIN_STATE).exists():
-        raise ValueError(f"{out_dir} already holds a training run; pass --resume to continue it or choose "
-                         "another --out")
+    refuse_existing_run(out_dir)
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # from a run that died before its first checkpoint
+        start_fresh(out_dir)
     barrier(env)
     return 0
 

@@ -1,9 +1,4 @@
-"""`nanoseek pretrain`: next-token + multi-token-prediction pretraining from a preset or a checkpoint.
-
-    nanoseek pretrain --preset tiny --data arithmetic --steps 600 --out runs/pretrain
-    nanoseek pretrain --preset tiny --data arithmetic --steps 600 --out runs/pretrain --resume
-    nanoseek pretrain --model runs/pretrain --data corpus.txt,more.jsonl --steps 200 --out runs/more
-    torchrun --nproc_per_node 2 -m nanoseek pretrain --preset tiny --data arithmetic --steps 600 --out runs/ddp
+"""Pretraining: next-token + multi-token-prediction from a preset or a checkpoint (command: cli/pretrain.py).
 
     from nanoseek.train.pretrain import PretrainConfig, pretrain
     out = pretrain(PretrainConfig(out="runs/pretrain", train=TrainConfig(steps=600)))
@@ -27,9 +22,9 @@ from ..data import load_data, pack_chat, tokenize_documents
 from ..data.tasks import TASKS
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from .distributed import DistEnv, barrier, init_distributed, shutdown
-from .loop import TrainConfig, add_config_args, config_from_args, opt, train
-from .state import TRAIN_STATE
+from .distributed import DistEnv, barrier, init_distributed
+from .loop import TrainConfig, opt, train
+from .state import refuse_existing_run
 
 
 @dataclass
@@ -105,8 +100,8 @@ def pretrain(cfg: PretrainConfig, env: DistEnv | None = None) -> Path:
     """Run (or resume) pretraining; returns the stage folder."""
     env = env or init_distributed()
     out = Path(cfg.out)
-    if not cfg.resume and (out / TRAIN_STATE).exists():
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    if not cfg.resume:
+        refuse_existing_run(out)  # before the data is loaded: fail fast
     docs = load_data(cfg.data, n=cfg.num_examples, split="train", seed=cfg.train.seed)
     tokenizer = build_tokenizer(cfg, docs, env)
     model = build_model(cfg, tokenizer)
@@ -117,21 +112,3 @@ def pretrain(cfg: PretrainConfig, env: DistEnv | None = None) -> Path:
     meta = {"source": {"data": cfg.data, "preset": None if cfg.model else cfg.preset, "model": cfg.model,
                        "seq_len": cfg.seq_len, "num_examples": cfg.num_examples}}
     return train(model, rows, cfg.train, out, tokenizer, stage="pretrain", meta=meta, resume=cfg.resume, env=env)
-
-
-def run(args) -> int:
-    cfg = config_from_args(PretrainConfig, args, train=config_from_args(TrainConfig, args))
-    env = init_distributed()
-    try:
-        pretrain(cfg, env)
-    finally:
-        shutdown(env)
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a model (next-token + MTP loss, aux-loss-free balancing)",
-                       description=__doc__.split("\n\n")[0])
-    add_config_args(p, PretrainConfig, skip=("train",))
-    add_config_args(p, TrainConfig)
-    p.set_defaults(func=run)

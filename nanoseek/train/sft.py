@@ -1,9 +1,4 @@
-"""`nanoseek sft`: supervised fine-tuning on conversations, loss only on what the assistant wrote.
-
-    nanoseek sft --model runs/pretrain --data arithmetic --steps 200 --out runs/sft
-    nanoseek sft --model runs/pretrain --data chats.jsonl --steps 200 --out runs/sft
-    nanoseek sft --model runs/pretrain --data arithmetic --steps 200 --out runs/sft --resume
-    torchrun --nproc_per_node 2 -m nanoseek sft --model runs/pretrain --data arithmetic --out runs/sft-ddp
+"""Supervised fine-tuning on conversations, loss only on what the assistant wrote (command: cli/sft.py).
 
     from nanoseek.train.sft import SFTConfig, sft
     out = sft(SFTConfig(model="runs/pretrain", out="runs/sft", train=TrainConfig(steps=200, lr=1e-3)))
@@ -31,9 +26,9 @@ from ..data import load_data, pack_chat
 from ..data.tasks import TASKS
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from .distributed import DistEnv, init_distributed, shutdown
-from .loop import TrainConfig, add_config_args, config_from_args, opt, train
-from .state import TRAIN_STATE
+from .distributed import DistEnv, init_distributed
+from .loop import TrainConfig, opt, train
+from .state import refuse_existing_run
 
 
 def default_sft_train() -> TrainConfig:
@@ -119,8 +114,8 @@ def sft(cfg: SFTConfig, env: DistEnv | None = None) -> Path:
     """Run (or resume) supervised fine-tuning; returns the stage folder."""
     env = env or init_distributed()
     out = Path(cfg.out)
-    if not cfg.resume and (out / TRAIN_STATE).exists():
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    if not cfg.resume:
+        refuse_existing_run(out)  # before the data is loaded: fail fast
     model, tokenizer = load_model(cfg)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
@@ -132,21 +127,3 @@ def sft(cfg: SFTConfig, env: DistEnv | None = None) -> Path:
             "data_counts": {"conversations": len(conversations), "rows": len(rows),
                             "dropped_long": rows.n_dropped}}
     return train(model, rows, cfg.train, out, tokenizer, stage="sft", meta=meta, resume=cfg.resume, env=env)
-
-
-def run(args) -> int:
-    cfg = config_from_args(SFTConfig, args, train=config_from_args(TrainConfig, args))
-    env = init_distributed()
-    try:
-        sft(cfg, env)
-    finally:
-        shutdown(env)
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on the assistant's tokens)",
-                       description=__doc__.split("\n\n")[0])
-    add_config_args(p, SFTConfig, skip=("train",))
-    add_config_args(p, TrainConfig, defaults=default_sft_train())
-    p.set_defaults(func=run)

@@ -11,6 +11,7 @@ A stage folder is a loadable Hugging Face checkpoint plus what training needs to
 
     save_checkpoint(out, model, optimizer, step=k, tokenizer=tok, meta={...})
     state = load_train_state(out, model, optimizer)      # restores optimizer + RNG, returns state.json
+    refuse_existing_run(out); start_fresh(out)           # a fresh run: never over an earlier one
 
 The whole folder is written beside DIR and swapped in with one rename (fsutil.atomic_directory):
 a crash mid-write leaves the previous checkpoint whole. Only safetensors and JSON: no pickle.
@@ -165,3 +166,21 @@ def truncate_metrics(path: str | os.PathLike, after_step: int) -> None:
         except json.JSONDecodeError:
             continue  # a line torn by the crash
     atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+# ----------------------------------------------------------------------------- a run's folder
+
+def refuse_existing_run(out_dir: str | os.PathLike, resumable: bool = True) -> None:
+    """A fresh run never overwrites an earlier one: raise when out_dir already holds training state."""
+    out_dir = Path(out_dir)
+    if (out_dir / TRAIN_STATE).exists():
+        how = "pass --resume to continue it or choose another --out" if resumable else "choose another --out"
+        raise ValueError(f"{out_dir} already holds a training run; {how}")
+
+
+def start_fresh(out_dir: str | os.PathLike, logs: tuple[str, ...] = ("metrics.jsonl",)) -> None:
+    """Create out_dir for a fresh run, deleting the logs of a run that died before its first checkpoint."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in logs:
+        (out_dir / name).unlink(missing_ok=True)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from nanoseek.data import pack_documents
 import pytest
-from nanoseek.train.loss import IGNORE, cross_entropy, linear_cross_entropy, mtp_loss, mtp_targets, sequence_balance_loss
+from nanoseek.train.losses import IGNORE, cross_entropy, linear_cross_entropy, mtp_loss, mtp_targets, sequence_balance_loss
 
 
 def test_cross_entropy_is_masked_mean_and_takes_a_global_count():

@@ -1,0 +1,45 @@
+"""Flags from run-config dataclasses: one --flag per field, its help and default taken from the field
+(``nanoseek.train.loop.opt``), so an option is documented once, where the library defines it.
+
+    p = sub.add_parser("pretrain")
+    add_config_args(p, PretrainConfig, skip=("train",))     # --out, --data, --preset, ...
+    add_config_args(p, TrainConfig)                         # --steps, --lr, --bf16/--no-bf16, ...
+    cfg = config_from_args(PretrainConfig, args, train=config_from_args(TrainConfig, args))
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+
+def add_config_args(parser, cls, skip: tuple[str, ...] = (), defaults=None) -> None:
+    """One --flag per dataclass field, help text and defaults taken from the field (or from the
+    instance `defaults`, for a command whose defaults differ, e.g. SFT's shorter schedule)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        flag, typ = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        shown = f" (default: {default})" if default is not None else ""
+        kw = {"help": f.metadata["help"] + shown, "dest": f.name, "default": default,
+              **({"required": True} if f.metadata.get("required") else {})}
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)  # X | None -> X
+        if f.metadata.get("nargs"):
+            kw["nargs"] = f.metadata["nargs"]
+        parser.add_argument(flag, type=base, choices=f.metadata.get("choices"), **kw)
+
+
+def config_from_args(cls, args, **overrides):
+    """Build a config dataclass from parsed args (fields the parser lacks keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    kw.update(overrides)
+    return cls(**kw)

@@ -1,0 +1,26 @@
+"""`nanoseek grpo`: reinforcement learning with Group Relative Policy Optimization.
+
+    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo                # R1: SFT, then RL
+    nanoseek grpo --model runs/pretrain --data countdown --out runs/zero            # R1-Zero: RL from a base
+    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo --variant dapo --beta 0 --eps-high 0.28
+    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo --reward accuracy format=0.1 my.mod:fn=0.5
+
+Flags: GRPOConfig's fields. The work: nanoseek.rl.grpo.grpo.
+"""
+
+from __future__ import annotations
+
+from ..rl.grpo import GRPOConfig, grpo
+from .flags import add_config_args, config_from_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("grpo", help="reinforcement learning with GRPO and rule-based rewards",
+                       description=__doc__.split("\n\n")[0])
+    add_config_args(p, GRPOConfig)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    grpo(config_from_args(GRPOConfig, args))
+    return 0

@@ -1,0 +1,66 @@
+"""The demo's sizes: DemoConfig, the full 20-minute run and the --quick one.
+
+    cfg = DemoConfig.quick(task="countdown")       # or DemoConfig.full(); fields are the stages' sizes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..data.tasks import TASKS
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of one demo run. `quick()` shrinks every stage; `full()` is the 20-minute run."""
+
+    task: str = "arithmetic"  # built-in task (nanoseek.data.tasks): corpus, prompts and checker
+    seed: int = 0
+    # pretraining the tiny DeepSeek-V3-style teacher
+    pretrain_examples: int = 20000
+    pretrain_steps: int = 700
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    # SFT with <think> reasoning
+    sft_examples: int = 4000
+    sft_steps: int = 150
+    # GRPO
+    grpo_steps: int = 40
+    grpo_lr: float = 3e-5  # bench_rl: 1e-4 and above stay flat or collapse on the tiny model
+    grpo_prompts: int = 8  # prompts per step
+    grpo_group: int = 8  # samples per prompt (G)
+    max_new_tokens: int = 160
+    # evaluation on the held-out split (greedy pass@1)
+    eval_examples: int = 200
+    # the smaller student: distilled from the teacher vs trained by GRPO alone
+    student_pretrain_steps: int = 400
+    distill_prompts: int = 1000
+    distill_steps: int = 150
+    student_grpo_steps: int = 40
+    # inference benchmarks
+    bench_prompts: int = 8
+    bench_tokens: int = 128
+    bench_repeats: int = 3  # timed rounds (medians), the variants compared interleaved
+    samples: int = 4
+
+    @classmethod
+    def full(cls, **changes) -> "DemoConfig":
+        return cls(**changes)
+
+    @classmethod
+    def quick(cls, **changes) -> "DemoConfig":
+        return dataclasses.replace(cls(
+            pretrain_examples=2000, pretrain_steps=30, batch_size=8, sft_examples=200, sft_steps=6, grpo_steps=2,
+            grpo_prompts=2, grpo_group=4, max_new_tokens=96, eval_examples=8, student_pretrain_steps=10,
+            distill_prompts=8, distill_steps=4, bench_prompts=1, bench_tokens=24, bench_repeats=2, samples=2),
+            **changes)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"DemoConfig.task={self.task!r}: expected one of {', '.join(TASKS)}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name != "seed" and v <= 0:
+                raise ValueError(f"DemoConfig.{f.name}={v}: must be positive")
