@@ -39,7 +39,7 @@ import torch
 
 from nanoseek.checkpoint import save_pretrained
 from nanoseek.config import ModelConfig
-from nanoseek.generate import load
+from nanoseek.inference import Engine
 from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
 
@@ -162,7 +162,7 @@ def main() -> int:
         tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
         path = tmp.name
         build_model(Path(path))
-    engine = load(path)  # only for the parameter count and dtype; the server loads its own copy
+    engine = Engine.from_pretrained(path)  # only for the parameter count and dtype; the server loads its own copy
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     # The server is the real command in its own process, as clients would meet it.

@@ -17,7 +17,7 @@ from nanoseek import cli  # noqa: E402
 from nanoseek.checkpoint import save_pretrained  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.chat import chat_prompt  # noqa: E402
-from nanoseek.generate import load  # noqa: E402
+from nanoseek.inference import Engine  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
 from nanoseek.serve.api import check_listen, create_app, serve_in_thread  # noqa: E402
 from nanoseek.inference import SamplingParams  # noqa: E402
@@ -39,7 +39,7 @@ def tiny_checkpoint(path, max_len=512):
 def server(tmp_path_factory):
     path = tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
     Tokenizer.train(TEXTS, vocab_size=300).save_pretrained(path)
-    engine = load(str(path))
+    engine = Engine.from_pretrained(str(path))
     sched = Scheduler(engine, max_batch=32, queue_size=64).start()
     app = create_app(sched, "tiny", api_key=KEY)
     uv, thread, port = serve_in_thread(app)
@@ -284,7 +284,7 @@ def test_bare_tokenizer_json_serves_with_the_builtin_template(tmp_path):
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tiny_checkpoint(tmp_path, max_len=256)
     tok.save(str(tmp_path / "tokenizer.json"))
-    engine = load(str(tmp_path))
+    engine = Engine.from_pretrained(str(tmp_path))
     assert engine.tokenizer.bos_id is None and engine.tokenizer.eos_id is None
     sched = Scheduler(engine, max_batch=2).start()
     try:

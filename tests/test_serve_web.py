@@ -16,7 +16,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 from nanoseek.checkpoint import save_pretrained  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
-from nanoseek.generate import load  # noqa: E402
+from nanoseek.inference import Engine  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
 from nanoseek.serve.api import create_app, serve_in_thread  # noqa: E402
 from nanoseek.inference.scheduler import Scheduler  # noqa: E402
@@ -38,7 +38,7 @@ def base_url(tmp_path_factory):
         cfg = ModelConfig.preset("tiny").replace(max_position_embeddings=1024)
         save_pretrained(randomize_(Transformer(cfg), scale=0.1), path)
         Tokenizer.train(["12+30=42", "the answer is 42", "think first"] * 20, vocab_size=300).save_pretrained(path)
-    sched = Scheduler(load(str(path)), max_batch=4).start()
+    sched = Scheduler(Engine.from_pretrained(str(path)), max_batch=4).start()
     server, thread, port = serve_in_thread(create_app(sched, "tiny", api_key=KEY))
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True

@@ -7,7 +7,8 @@ sets ``func`` to its ``run(args)``; run calls the library. The library never imp
     python -m nanoseek pretrain --preset tiny --data arithmetic --steps 600 --out runs/pretrain
 
     flags.py     --flags generated from the run-config dataclasses (one help text per option)
-    estimate.py  smoke.py  pretrain.py  sft.py  eval.py  grpo.py  distill.py  demo.py: one per command
+    estimate.py  smoke.py  generate.py (generate, chat)  pretrain.py  sft.py  eval.py  grpo.py  distill.py
+    demo.py  quantize.py  serve.py: one per command
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ import argparse
 import importlib
 import sys
 
-# One module per subcommand, in --help order; each defines add_parser(subparsers). generate/chat,
-# quantize and serve still live beside their library code (nanoseek.generate, .quant.convert, .serve).
+# One module per subcommand, in --help order; each defines add_parser(subparsers).
 COMMAND_MODULES = [
     "nanoseek.cli.estimate",
     "nanoseek.cli.smoke",
-    "nanoseek.generate",
+    "nanoseek.cli.generate",
     "nanoseek.cli.pretrain",
     "nanoseek.cli.sft",
     "nanoseek.cli.eval",
@@ -29,7 +29,7 @@ COMMAND_MODULES = [
     "nanoseek.cli.distill",
     "nanoseek.cli.demo",
     "nanoseek.quant.convert",
-    "nanoseek.serve",
+    "nanoseek.cli.serve",
 ]
 
 

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API over a ``Scheduler``: FastAPI app, request models, SSE streaming.
+"""The OpenAI-compatible HTTP API over a ``Scheduler``: FastAPI app and SSE streaming (the request
+models and error body are in protocol.py).
 
     app = create_app(scheduler, model_name="my-model", api_key="sk-...")
     server, thread = serve_in_thread(app, "127.0.0.1", 8000)    # tests and benchmarks
@@ -8,7 +9,7 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (fill-in-the-middle w
 GET /v1/models, GET /health, and the web chat page at /. Errors have OpenAI's body
 ``{"error": {"message", "type", "param", "code"}}`` and a 4xx code for anything the client got
 wrong (malformed JSON and validation errors answer 400, not FastAPI's 422); a full queue is 429.
-Chat replies carry `reasoning_content` apart from `content` (reasoning.py), in whole responses
+Chat replies carry `reasoning_content` apart from `content` (chat.ReasoningSplitter), in whole responses
 and in streamed deltas. Nothing of a prompt or completion is logged unless log_requests is set.
 """
 
@@ -23,98 +24,21 @@ import threading
 import time
 import uuid
 from importlib import resources
-from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from fastapi.responses import HTMLResponse, StreamingResponse
 
 from ..chat import ReasoningSplitter, chat_prompt
 from ..inference import SamplingParams
 from ..inference.scheduler import NotRunning, QueueFull
 from ..tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE
+from .protocol import (APIError, ChatRequest, CompletionRequest, RequestBase, error_response,
+                       validation_message)
 
 log = logging.getLogger("nanoseek.serve")
 
-Temperature = Annotated[float, Field(strict=True, ge=0, le=2)]
-TopP = Annotated[float, Field(strict=True, gt=0, le=1)]
-TopK = Annotated[StrictInt, Field(ge=-1)]  # vLLM's extension; -1 or 0: no top-k filter
-MaxTokens = Annotated[StrictInt, Field(ge=1)]
-StopText = Annotated[StrictStr, Field(min_length=1, max_length=1000)]  # checked after every token: bounded
-Stop = StopText | Annotated[list[StopText], Field(max_length=4)] | None
-Seed = Annotated[StrictInt, Field(ge=-(2**63), lt=2**63)]  # what torch.Generator.manual_seed takes, + n
 PUBLIC = {"/", "/health"}  # everything else needs the key when there is one
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: StrictStr
-
-
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
-    reasoning_content: StrictStr | None = None
-
-
-class StreamOptions(BaseModel):
-    include_usage: StrictBool = False
-
-
-class _Common(BaseModel):
-    """Fields shared by both endpoints (unknown fields are ignored, as OpenAI's SDKs send extras)."""
-    model_config = ConfigDict(extra="ignore")
-    model: StrictStr
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    top_k: TopK | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
-    stop: Stop = None
-    seed: Seed | None = None
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
-    user: StrictStr | None = None
-    ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens whatever comes (benchmarks)
-
-
-class ChatRequest(_Common):
-    messages: Annotated[list[Message], Field(min_length=1)]
-    max_tokens: MaxTokens | None = None
-    max_completion_tokens: MaxTokens | None = None
-
-
-class CompletionRequest(_Common):
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=16)]
-    suffix: StrictStr | None = None
-    max_tokens: MaxTokens | None = 16  # OpenAI's default for completions
-    echo: StrictBool = False
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-
-def error_response(status: int, message: str, type: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    if not errors:
-        return "invalid request", None
-    e = errors[0]
-    if e.get("type") == "json_invalid":
-        return f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    # a union reports every branch it tried; its first type name is noise for the reader
-    param = ".".join(x for x in loc if not x[:1].isupper() and "[" not in x) or None
-    return f"{param or 'body'}: {e.get('msg', 'invalid value')}", param
 
 
 def _loopback_only(host: str) -> bool:
@@ -145,7 +69,11 @@ def check_listen(host: str, api_key: str | None) -> None:
 
 
 def create_app(scheduler, model_name: str, api_key: str | None = None, log_requests: bool = False) -> FastAPI:
-    """The FastAPI app serving `scheduler`'s model under the id `model_name`."""
+    """The FastAPI app serving `scheduler`'s model under the id `model_name`.
+
+    Long by design: the routes are closures over the scheduler, tokenizer and key, defined in the
+    order a request meets them (auth middleware, pages, validation helpers, the shared SSE runner,
+    then the two endpoints), so one read shows the whole request path."""
     app = FastAPI(title="nanoseek", docs_url=None, redoc_url=None, openapi_url=None)
     tok = scheduler.tokenizer
     created = int(time.time())
@@ -153,7 +81,7 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc)
         return error_response(400, message, param=param)
 
     @app.exception_handler(APIError)
@@ -190,7 +118,7 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "nanoseek"}]}
 
-    def check_model(body: _Common) -> None:
+    def check_model(body: RequestBase) -> None:
         if body.model != model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
@@ -203,7 +131,7 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
                            param="messages", code="context_length_exceeded")
         return wanted or room
 
-    def params(body: _Common, max_tokens: int, i: int) -> SamplingParams:
+    def params(body: RequestBase, max_tokens: int, i: int) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         seed = None if body.seed is None else body.seed + i  # n choices differ but stay reproducible
         top_k = body.top_k if body.top_k and body.top_k > 0 else None

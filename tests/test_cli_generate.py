@@ -11,7 +11,7 @@ from nanoseek.checkpoint import save_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.inference import Engine
 from nanoseek.chat import chat_prompt
-from nanoseek.generate import ReplyPrinter, load
+from nanoseek.cli.generate import ReplyPrinter
 from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
 
@@ -38,7 +38,7 @@ def run_cli(argv, capsys, stdin: str | None = None, monkeypatch=None):
 
 def test_generate_prints_the_engines_greedy_continuation(ckpt, capsys):
     code, out, _ = run_cli(["generate", "--model", ckpt, "--prompt", "12+30=", "--max-new-tokens", "12"], capsys)
-    engine = load(ckpt)
+    engine = Engine.from_pretrained(ckpt)
     tok = engine.tokenizer
     ids = engine.generate([tok.encode("12+30=", add_bos=True)], 12)[0].tokens
     assert code == 0
@@ -68,7 +68,7 @@ def test_generate_sampling_is_seeded_and_dtype_selectable(ckpt, capsys):
 def test_generate_chat_wraps_the_prompt_in_the_template(ckpt, capsys):
     code, out, _ = run_cli(["generate", "--model", ckpt, "--prompt", "7*6?", "--chat", "--max-new-tokens", "6"],
                            capsys)
-    engine = load(ckpt)
+    engine = Engine.from_pretrained(ckpt)
     tok = engine.tokenizer
     ids = engine.generate([chat_prompt(tok, [{"role": "user", "content": "7*6?"}])[0]], 6)[0].tokens
     assert code == 0
@@ -103,7 +103,7 @@ def test_chat_keeps_history_resets_and_exits(ckpt, capsys, monkeypatch):
     first = chat_prompt(tok, [{"role": "user", "content": "hello"}])[0]
     assert seen[0] == first and seen[2] == first  # /reset forgot the first exchange
     # The second turn carries the first exchange: the template keeps the answer, drops reasoning.
-    reply = Engine(load(ckpt).model, tok).generate([first], 6)[0].tokens
+    reply = Engine(Engine.from_pretrained(ckpt).model, tok).generate([first], 6)[0].tokens
     reasoning, answer = tok.split_reasoning(tok.decode(reply))
     history = [{"role": "user", "content": "hello"},
                {"role": "assistant", "content": answer, "reasoning_content": reasoning},

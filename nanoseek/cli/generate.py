@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from .chat import TextStream, chat_prompt, held_suffix
-from .inference import Engine
+from ..chat import TextStream, chat_prompt, held_suffix
+from ..inference import Engine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DIM, RESET = "\x1b[2m", "\x1b[0m"

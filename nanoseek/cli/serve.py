@@ -1,0 +1,74 @@
+"""`nanoseek serve`: an OpenAI-compatible API server with continuous batching and a web chat page.
+
+    nanoseek serve --model runs/sft                                  # http://127.0.0.1:8000
+    nanoseek serve --model runs/sft --speculative mtp                # MTP drafts, same greedy output
+    NANOSEEK_API_KEY=sk-... nanoseek serve --model runs/sft --host 0.0.0.0 \\
+        --ssl-certfile cert.pem --ssl-keyfile key.pem
+
+The work: nanoseek.serve.api (HTTP) over nanoseek.inference.scheduler (the model's thread).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .generate import DTYPES, load
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from ..inference.scheduler import Scheduler
+    from ..serve.api import check_listen, create_app
+
+    api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
+    check_listen(args.host, api_key)
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+    engine = load(args.model, args.dtype)
+    if engine.tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer.json")
+    name = args.served_model_name or Path(args.model).resolve().name
+    scheduler = Scheduler(engine, max_batch=args.max_batch, queue_size=args.queue_size,
+                          prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), context=args.context,
+                          speculative=args.speculative).start()
+    if args.log_requests:
+        import logging
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    app = create_app(scheduler, name, api_key=api_key, log_requests=args.log_requests)
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"nanoseek serve: {name} ({engine.model.num_params():,} parameters) on {scheme}://{args.host}:{args.port}"
+          f" — API at /v1, chat page at /{', API key required' if api_key else ''}")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
+                    ssl_keyfile=args.ssl_keyfile, log_level="info")
+    finally:
+        scheduler.stop()
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible API server + web chat (continuous batching, prefix cache)")
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything beyond loopback needs an API key")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None,
+                   help="required as 'Authorization: Bearer KEY' everywhere but / and /health "
+                        "(default: $NANOSEEK_API_KEY)")
+    p.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM); serves https with --ssl-keyfile")
+    p.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder name)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (cache slots)")
+    p.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot; more get 429")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per slot, prompt + completion (default: the model's max_position_embeddings)")
+    p.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="mtp: the MTP module drafts a token that the model verifies (same output when greedy)")
+    p.add_argument("--prefix-cache-mb", type=float, default=256, help="memory for cached prompt latents (0: off)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="compute dtype (auto: the checkpoint's torch_dtype)")
+    p.add_argument("--log-requests", action="store_true",
+                   help="log each request's prompt and completion (off: nothing of them is logged)")
+    p.set_defaults(func=run)
