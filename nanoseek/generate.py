@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .checkpoint import load_pretrained
+from .hf import load_pretrained
 from .engine import Engine
 from .tokenizer import Tokenizer
 

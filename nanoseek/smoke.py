@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .checkpoint import load_pretrained, save_pretrained
+from .hf import load_pretrained, save_pretrained
 from .config import ModelConfig
 from .model import Transformer
 

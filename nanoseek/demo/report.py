@@ -16,7 +16,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..fsutil import atomic_write_bytes, atomic_write_text
+from ..hf.fsutil import atomic_write_bytes, atomic_write_text
 from ..plots import plot_expert_load, read_metrics
 
 # What the papers report for each effect the demo reproduces in miniature.

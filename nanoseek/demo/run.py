@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fsutil import atomic_write_text
+from ..hf.fsutil import atomic_write_text
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1

@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_pretrained
+from ..hf import load_pretrained
 from ..config import ModelConfig
 from ..data.tasks import TASKS
 from ..engine import Engine
-from ..fsutil import atomic_write_text
+from ..hf.fsutil import atomic_write_text
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..train.loop import (RowSampler, TrainConfig, add_config_args, attention_mask, config_from_args,

@@ -49,10 +49,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import load_pretrained
+from ..hf import load_pretrained
 from ..data.tasks import TASKS, extract_answer, get_task
 from ..engine import Engine
-from ..fsutil import atomic_write_bytes
+from ..hf.fsutil import atomic_write_bytes
 from ..tokenizer import Tokenizer
 from ..train.evaluate import LAYOUTS, checkpoint_layout, evaluate_accuracy, prompt_ids
 from ..train.loop import RowSampler, add_config_args, config_from_args, opt

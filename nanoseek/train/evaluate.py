@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_pretrained
+from ..hf import load_pretrained
 from ..data import Example, extract_answer, get_task, pack_chat, tokenize_documents
 from ..data.tasks import TASKS, Task
 from ..engine import Engine
-from ..fsutil import atomic_write_text
+from ..hf.fsutil import atomic_write_text
 from ..tokenizer import THINK_START, Tokenizer
 from .distributed import default_device
 from .loop import add_config_args, attention_mask, config_from_args, document_positions, opt
