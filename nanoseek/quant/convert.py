@@ -49,6 +49,8 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, to: str, 
 
     Returns the per-tensor error report {key: {rel_error, max_abs_error}} (also written to
     out/quantization_report.json), measured against the source's own (dequantized) values.
+    Longer than most functions on purpose: the shard loop reads top to bottom (read, dequantize,
+    convert or keep, write), and split up it would hand a dozen locals from piece to piece.
     """
     src, out = Path(src), Path(out)
     if to not in TARGETS:
