@@ -113,7 +113,7 @@ def cache_bytes(cache) -> int:
 def speculative_report(path: str, n_prompts: int, new_tokens: int, repeats: int) -> None:
     """Plain vs MTP-speculative greedy decoding on a trained checkpoint, prompts from the test split
     of the built-in task it was trained on (arithmetic), written as its pretraining documents start."""
-    from nanoseek.checkpoint import load_pretrained
+    from nanoseek.hf import load_pretrained
     from nanoseek.data.tasks import get_task
     from nanoseek.tokenizer import Tokenizer
 

@@ -45,7 +45,8 @@ from bench_decode import CONFIG, VOCAB, nanoseek_steps  # noqa: E402
 
 from nanoseek import ModelConfig, Transformer, load_pretrained  # noqa: E402
 from nanoseek.inference import Engine  # noqa: E402
-from nanoseek.quant import convert_checkpoint, quantize_model  # noqa: E402
+from nanoseek.quant import quantize_model  # noqa: E402
+from nanoseek.quant.convert import convert_checkpoint  # noqa: E402
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nanoseek.checkpoint import load_pretrained  # noqa: E402
+from nanoseek.hf import load_pretrained  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.data import get_task  # noqa: E402
 from nanoseek.inference import Engine  # noqa: E402

@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from nanoseek.checkpoint import save_pretrained
+from nanoseek.hf import save_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.inference import Engine
 from nanoseek.model import Transformer

@@ -2,7 +2,7 @@
 
 from .config import ModelConfig
 from .model import Transformer
-from .checkpoint import load_pretrained, save_pretrained
+from .hf import load_pretrained, save_pretrained
 
 __all__ = ["ModelConfig", "Transformer", "load_pretrained", "save_pretrained"]
 __version__ = "0.1.0"

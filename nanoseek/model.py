@@ -6,13 +6,13 @@
 Module names are the Hugging Face checkpoint keys (``model.layers.N.self_attn.kv_a_proj_with_mqa``,
 ``model.layers.N.mlp.gate.e_score_correction_bias`` ...), so ``model.state_dict()`` reads like a
 DeepSeek checkpoint; the one difference is that routed experts are stacked into 3-D tensors
-(``mlp.experts.gate_proj`` is ``[E, I, D]``), which ``checkpoint.py`` splits per expert on save.
+(``mlp.experts.gate_proj`` is ``[E, I, D]``), which ``hf/keys.py`` splits per expert on save.
 
 Shapes: B batch, T query tokens, S key tokens, D hidden, H heads, R kv_lora_rank,
 dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim, E routed experts, K experts per token.
 
 The model is single-device and dtype-agnostic: parallelism, quantization, compile and dtype are
-applied from outside (``model.to(torch.bfloat16)``, ``quant.quantize_(model)``, ``torch.compile``).
+applied from outside (``model.to(torch.bfloat16)``, ``quant.quantize_model(model)``, ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -23,33 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-
-
-GEMV_BLOCKS = 4  # output-row blocks of a decoding product, one bmm (see `linear`)
-GEMV_MIN_NUMEL = 1 << 18  # 1 MB of fp32: smaller weights stay in cache, where F.linear beats a bmm dispatch
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with a faster path for decoding's one- and two-row products on a CPU.
-
-    For 1-2 rows torch runs a matrix-vector product that streams the weight from one core (measured
-    on a 2-core AMD EPYC, fp32: 250 us for 1024x1024, ~15 GB/s; two rows take twice as long). Cut
-    into GEMV_BLOCKS blocks of output rows, the same product is one bmm whose blocks run on every
-    core: 92 us for one row, 131 us for two. Decoding is mostly these products, so this is most of
-    its speed. Same sums in another order; the autograd, many-row and small-weight paths are F.linear.
-    """
-    rows, N = x.numel() // x.shape[-1], weight.shape[0]
-    if (rows > 2 or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or weight.numel() < GEMV_MIN_NUMEL or N % GEMV_BLOCKS or not weight.is_contiguous()
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return F.linear(x, weight, bias)
-    K = x.shape[-1]
-    x2 = x.reshape(rows, K)
-    blocks = weight.view(GEMV_BLOCKS, N // GEMV_BLOCKS, K)
-    y = torch.bmm(blocks, x2.t().expand(GEMV_BLOCKS, K, rows))  # [blocks, N / blocks, rows]
-    y = y.permute(2, 0, 1).reshape(*x.shape[:-1], N)
-    return y if bias is None else y + bias
+from .config import ModelConfig, yarn_mscale
+from .kernels import group_by_expert, linear, sort_by_expert
 
 
 class Linear(nn.Linear):
@@ -102,11 +77,10 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     inv_freq = inv_freq / s * ramp + inv_freq * (1 - ramp)
 
-    def mscale(m):
-        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
-
-    amplitude = mscale(cfg.mscale) / mscale(cfg.mscale_all_dim) if cfg.mscale and cfg.mscale_all_dim \
-        else mscale(1.0)
+    if cfg.mscale and cfg.mscale_all_dim:
+        amplitude = yarn_mscale(s, cfg.mscale) / yarn_mscale(s, cfg.mscale_all_dim)
+    else:
+        amplitude = yarn_mscale(s, 1.0)
     return inv_freq, float(amplitude)
 
 
@@ -321,9 +295,7 @@ class Experts(nn.Module):
             # under torch.compile, an opaque op: its Python grouping by expert is not traced
             few = routed_experts_few if torch.compiler.is_compiling() else _routed_experts_few
             return few(x, weights, indices, self.gate_proj, self.up_proj, self.down_proj)
-        flat = indices.flatten()  # [N*K]
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        order, counts = sort_by_expert(indices, self.gate_proj.shape[0])  # [N*K] pair ids grouped by expert
         token = order // K
         xs = x[token]  # [N*K, D], grouped by expert
         # unbind once: indexing a stacked parameter per expert would make autograd build a
@@ -345,23 +317,14 @@ def _routed_experts_few(x: torch.Tensor, weights: torch.Tensor, indices: torch.T
                         up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
     """Decoding (a few tokens, no autograd): group the (token, expert) pairs in Python and read
     only the chosen experts' weights, with no sort and no per-step view of all E experts."""
-    K = indices.shape[1]
-    by_expert: dict[int, list[int]] = {}
-    for j, e in enumerate(indices.flatten().tolist()):
-        by_expert.setdefault(e, []).append(j)
     gates = weights.flatten().to(x.dtype).unsqueeze(-1)  # [N*K, 1]
     y = torch.zeros_like(x)
-    for e, pairs in by_expert.items():
-        if len(pairs) == 1:  # slices, not index tensors: the common case when decoding one row
-            j = pairs[0]
-            h, g, tok = x[j // K:j // K + 1], gates[j:j + 1], None
-        else:
-            tok = torch.tensor([j // K for j in pairs], device=x.device)
-            h, g = x[tok], gates[pairs]
-        h = F.silu(linear(h, gate_proj[e])) * linear(h, up_proj[e]) * g
+    for e, tok, pairs in group_by_expert(indices, gate_proj.shape[0]):
+        h = x[tok]
+        h = F.silu(linear(h, gate_proj[e])) * linear(h, up_proj[e]) * gates[pairs]
         h = linear(h, down_proj[e])
-        if tok is None:
-            y[j // K:j // K + 1] += h
+        if isinstance(tok, slice):  # one token: a slice add, cheaper than index_add_ at decode sizes
+            y[tok] += h
         else:
             y.index_add_(0, tok, h)
     return y

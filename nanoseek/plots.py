@@ -19,7 +19,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .fsutil import atomic_write_bytes
+from .hf.fsutil import atomic_write_bytes
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

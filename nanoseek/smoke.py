@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import load_pretrained, save_pretrained
+from .hf import load_pretrained, save_pretrained
 from .config import ModelConfig
 from .model import Transformer
 

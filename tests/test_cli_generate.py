@@ -7,7 +7,7 @@ import torch
 from conftest import randomize_
 
 from nanoseek import cli
-from nanoseek.checkpoint import save_pretrained
+from nanoseek.hf import save_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.inference import Engine
 from nanoseek.chat import chat_prompt

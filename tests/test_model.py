@@ -151,18 +151,3 @@ def test_meta_device_build_of_real_shapes():
         model = Transformer(ModelConfig.preset("deepseek-v3"))
     assert abs(model.num_params(include_mtp=False) / 1e9 - 671) < 1
     assert abs(model.num_params(active=True, include_mtp=False) / 1e9 - 37) < 1
-
-
-@pytest.mark.parametrize("shape", [(1024,), (1, 1, 1024), (2, 1, 1024), (1, 2, 1024), (3, 1024)])
-def test_linear_matches_f_linear_on_every_path(shape):
-    """model.linear's decoding path (1-2 rows, blocks of output rows as one bmm) and its fallback."""
-    from nanoseek.model import GEMV_MIN_NUMEL, linear
-    w, b = torch.randn(516, 1024), torch.randn(516)
-    assert w.numel() >= GEMV_MIN_NUMEL  # large enough for the bmm path
-    x = torch.randn(shape)
-    with torch.no_grad():
-        assert torch.allclose(linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4)
-        assert linear(x, w).shape == shape[:-1] + (516,)
-    w.requires_grad_(True)  # with autograd: F.linear, gradients intact
-    linear(x, w, b).sum().backward()
-    assert torch.allclose(w.grad, x.reshape(-1, 1024).sum(0).expand(516, 1024))

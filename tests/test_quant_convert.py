@@ -9,10 +9,11 @@ from conftest import tokens
 from safetensors.torch import load_file, save_file
 
 from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
-from nanoseek.checkpoint import CheckpointError, fp8_block_quantize, hf_state_dict
 from nanoseek.cli import main as cli
 from nanoseek.inference import Engine
-from nanoseek.quant import convert_checkpoint
+from nanoseek.hf import CheckpointError, hf_state_dict
+from nanoseek.quant.convert import convert_checkpoint
+from nanoseek.quant.formats import fp8_block_quantize
 from nanoseek.quant.modules import Int4Experts, Int4Linear, Int8Experts, Int8Linear
 
 # Wide enough that the kept embeddings, norms and routers do not dominate the bytes on disk.

@@ -1,11 +1,11 @@
-"""Weight formats (quant/formats.py): round-trip error bounds, int4 packing, FP8 block layout."""
+"""Weight formats (quant/formats.py): round-trip error bounds of every registered format, int4 packing,
+FP8 block layout."""
 
 import pytest
 import torch
 
-from nanoseek.quant.formats import (COMPANIONS, STORED_DTYPE, dequantize_weight, error_stats, int4_dequantize,
-                                    int4_group_size, int4_pack, int4_quantize, int4_unpack, int8_dequantize,
-                                    int8_quantize, quantize_weight, stored_shapes)
+from nanoseek.quant.formats import (FORMATS, error_stats, int4_dequantize, int4_group_size, int4_pack, int4_quantize,
+                                    int4_unpack, int8_dequantize, int8_quantize, weight_format)
 
 E4M3_MAX = 448.0
 
@@ -86,42 +86,54 @@ def test_int4_group_size_rules():
 @pytest.mark.parametrize("shape", [(128, 128), (300, 200), (129, 1), (1, 257), (64, 384)])
 def test_fp8_block_layout(shape):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    parts = quantize_weight("fp8", w)
+    fp8 = FORMATS["fp8"]
+    parts = fp8.quantize(w)
     q, s = parts[""], parts["_scale_inv"]
     rows, cols = -(-shape[0] // 128), -(-shape[1] // 128)
     # DeepSeek-V3's layout: the weight keeps its shape in e4m3, one fp32 scale per 128x128 block
     assert q.dtype == torch.float8_e4m3fn and q.shape == shape
     assert s.dtype == torch.float32 and s.shape == (rows, cols)
-    assert stored_shapes("fp8", shape) == {"": shape, "_scale_inv": (rows, cols)}
+    assert fp8.stored_shapes(shape) == {"": shape, "_scale_inv": (rows, cols)}
     for i in range(rows):
         for j in range(cols):  # each block (partial ones at the edges see only their real elements)
             blk = (slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1)))
             assert torch.isclose(s[i, j], w[blk].abs().max() / E4M3_MAX)
             assert float(q[blk].float().abs().max()) == E4M3_MAX
-    back = dequantize_weight("fp8", parts)
+    back = fp8.dequantize(parts)
     # stated bound: 3 mantissa bits -> relative 2^-4 per element, plus the subnormal step 2^-9 * scale
     s_full = s.repeat_interleave(128, 0)[:shape[0]].repeat_interleave(128, 1)[:, :shape[1]]
     assert ((back - w).abs() <= w.abs() * 2 ** -4 + s_full * 2 ** -9).all()
     assert error_stats(w, back)["rel_error"] < 0.04
 
 
-# ----------------------------------------------------------------------------- one table
+# ----------------------------------------------------------------------------- the registry
 
-@pytest.mark.parametrize("fmt,bound", [("int8", 0.01), ("int4", 0.12), ("fp8", 0.04)])
-def test_quantize_weight_table(fmt, bound):
+BOUNDS = {"int8": 0.01, "int4": 0.12, "fp8": 0.04}  # relative error each format states above
+
+
+def test_every_registered_format_states_a_bound():
+    assert set(BOUNDS) == set(FORMATS)  # a new format must come with its round-trip bound
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_each_registered_format_round_trips_within_its_bound(name):
+    fmt = FORMATS[name]
+    assert fmt.name == name and weight_format(name) is fmt
     w = weight(48, 256)
-    parts = quantize_weight(fmt, w, group_size=64)
-    assert set(parts) == {""} | set(COMPANIONS[fmt])
-    assert parts[""].dtype == STORED_DTYPE[fmt]
-    assert {k: tuple(v.shape) for k, v in parts.items()} == stored_shapes(fmt, (48, 256), 64)
+    parts = fmt.quantize(w, group_size=64)
+    assert set(parts) == {""} | set(fmt.companions)
+    assert parts[""].dtype == fmt.stored_dtype
+    assert {k: tuple(v.shape) for k, v in parts.items()} == fmt.stored_shapes((48, 256), 64)
     assert all(v.dtype == torch.float32 for k, v in parts.items() if k)
-    stats = error_stats(w, dequantize_weight(fmt, parts))
-    assert 0 < stats["rel_error"] < bound
-    assert dequantize_weight(fmt, parts, torch.bfloat16).dtype == torch.bfloat16
+    assert len(fmt.ordered(parts)) == 1 + len(fmt.companions) and fmt.ordered(parts)[0] is parts[""]
+    stats = error_stats(w, fmt.dequantize(parts))
+    assert 0 < stats["rel_error"] < BOUNDS[name]
+    assert fmt.dequantize(parts, torch.bfloat16).dtype == torch.bfloat16
+    assert fmt.config(64)["quant_method"] == name
 
 
 def test_unknown_format():
     with pytest.raises(ValueError, match="unknown weight format 'int3'"):
-        quantize_weight("int3", torch.randn(4, 4))
+        weight_format("int3")
     with pytest.raises(ValueError, match="unknown weight format"):
-        stored_shapes("nf4", (4, 4))
+        weight_format("nf4")

@@ -13,8 +13,8 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.inference import Engine
 from nanoseek.model import Experts, Gate, Linear, RMSNorm
 from nanoseek.quant import quantize_model
-from nanoseek.quant.formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
-from nanoseek.quant.modules import Int4Experts, Int4Linear, Int8Experts, Int8Linear, swap_modules
+from nanoseek.quant.formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize, swap_modules
+from nanoseek.quant.modules import Int4Experts, Int4Linear, Int8Experts, Int8Linear
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from nanoseek.checkpoint import load_pretrained, save_pretrained
+from nanoseek.hf import load_pretrained, save_pretrained
 from nanoseek.cli import main
 from nanoseek.config import ModelConfig
 from nanoseek.data.tasks import get_task

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tokens
 
-from nanoseek.checkpoint import load_pretrained, save_pretrained
+from nanoseek.hf import load_pretrained, save_pretrained
 from nanoseek.cli import main
 from nanoseek.config import ModelConfig
 from nanoseek.data.tasks import get_task

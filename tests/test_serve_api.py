@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from nanoseek import cli  # noqa: E402
-from nanoseek.checkpoint import save_pretrained  # noqa: E402
+from nanoseek.hf import save_pretrained  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.chat import chat_prompt  # noqa: E402
 from nanoseek.inference import Engine  # noqa: E402

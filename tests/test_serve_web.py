@@ -14,7 +14,7 @@ from conftest import randomize_
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from nanoseek.checkpoint import save_pretrained  # noqa: E402
+from nanoseek.hf import save_pretrained  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.inference import Engine  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402

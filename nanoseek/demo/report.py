@@ -14,7 +14,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..fsutil import atomic_write_text
+from ..hf.fsutil import atomic_write_text
 from ..plots import plot_expert_load, read_metrics, save_png
 
 DPI = 100  # the report's figures: smaller files than the training plots

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from ..fsutil import atomic_write_text
+from ..hf.fsutil import atomic_write_text
 from . import report, stages as stage_list
 from .config import DemoConfig
 

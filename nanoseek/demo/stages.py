@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_pretrained, save_pretrained
+from ..hf import load_pretrained, save_pretrained
 from ..config import ModelConfig
 from ..data import extract_answer, get_task, load_data
 from ..data.prompts import prompt_ids
@@ -287,12 +287,12 @@ def decode_speeds(models: dict, prompts: list[list[int]], max_new_tokens: int, r
 
 def stage_quantize(ctx: Context) -> dict:
     """int8 weight-only quantization of the final teacher: held-out accuracy, loss and batch-1 decode speed."""
-    from ..quant.modules import quantize_
+    from ..quant import quantize_model
     from ..train.evaluate import evaluate_loss
     final = final_model(ctx.out, ctx.results)
     tok = Tokenizer.from_pretrained(final)
     models = {"fp32": load_pretrained(final, dtype=torch.float32), "bf16": load_pretrained(final, dtype=torch.bfloat16),
-              "int8": quantize_(load_pretrained(final, dtype=torch.float32), "int8")}
+              "int8": quantize_model(load_pretrained(final, dtype=torch.float32), "int8")}
     speeds = decode_speeds({k: (m, {}) for k, m in models.items()}, prompts_for_bench(ctx, tok), ctx.cfg.bench_tokens,
                            ctx.cfg.bench_repeats)
     rows = {}

@@ -410,7 +410,7 @@ class Engine:
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, compile: bool = False,
                         prefix_cache_bytes: int = 0) -> "Engine":
         """An Engine over the checkpoint at `path` with the tokenizer saved next to it."""
-        from ..checkpoint import load_pretrained
+        from ..hf import load_pretrained
         from ..tokenizer import Tokenizer
         tokenizer = Tokenizer.from_pretrained(path)
         model = load_pretrained(path, dtype=dtype)

@@ -1,18 +1,22 @@
 """Weight-only quantization: int8 / int4 in memory and on disk, FP8 block-scaled checkpoints both ways.
 
-    from nanoseek.quant import quantize_model, convert_checkpoint, load_quantized
+    from nanoseek.quant import quantize_model, FORMATS
     quantize_model(model, "int8")                                  # in memory, modules swapped
+    from nanoseek.quant.convert import convert_checkpoint
     convert_checkpoint("runs/sft", "runs/sft-int8", "int8")        # offline, shard by shard
-    model = load_pretrained("runs/sft-int8")                       # stays int8 (calls load_quantized)
+    model = load_pretrained("runs/sft-int8")                       # nanoseek.hf: stays int8
 
     nanoseek quantize --model runs/sft --to int8 --out runs/sft-int8
 
-formats.py   how one weight is stored (int8, int4, fp8) and the round-trip error bounds
-modules.py   quantized linears and experts on torch's CPU kernels, the module swap
-convert.py   the offline conversion, the `nanoseek quantize` command and load_quantized
+modules.py   quantized linears and experts on torch's CPU kernels (and the int4 code layout they need)
+formats.py   one WeightFormat per format (int8, int4, fp8) in FORMATS: quantize, dequantize, stored
+             shapes, companions, the modules it computes with; error bounds; the module swap
+convert.py   the offline conversion and the `nanoseek quantize` command (on top of nanoseek.hf)
+
+convert_checkpoint is imported from quant.convert, not from here: convert uses nanoseek.hf, which
+uses formats.py, so importing it here would make the two packages import each other.
 """
 
-from .convert import convert_checkpoint, load_quantized
-from .modules import quantize_, quantize_model
+from .formats import FORMATS, WeightFormat, quantize_model, weight_format
 
-__all__ = ["convert_checkpoint", "load_quantized", "quantize_", "quantize_model"]
+__all__ = ["FORMATS", "WeightFormat", "quantize_model", "weight_format"]

@@ -1,34 +1,42 @@
-"""Weight formats: how one weight matrix W [N, K] (N outputs, K inputs) is stored, and back.
+"""Weight formats: one object per way of storing a weight matrix W [N, K] (N outputs, K inputs),
+registered in FORMATS, and the swap that puts a format's modules into a built model.
 
-    q, scale = int8_quantize(w)                # per output channel, symmetric
-    w ≈ int8_dequantize(q, scale)              # W = q * scale[:, None]
-    q, scale, wmin = int4_quantize(w, 128)     # groups of 128 inputs, asymmetric (min/max)
-    w ≈ int4_dequantize(q, scale, wmin)        # W = q * scale + wmin per group, q in 0..15
+    fmt = FORMATS["int4"]                        # weight_format(name) names the choices on a typo
+    parts = fmt.quantize(w, group_size=128)      # {"": packed, "_scale": ..., "_min": ...}
+    w_hat = fmt.dequantize(parts)                # W = q * scale + wmin per group, q in 0..15
+    fmt.stored_shapes((N, K), 128)               # the shapes a well-formed stored weight has
+    quantize_model(model, "int8")                # nn.Linear -> Int8Linear, Experts -> Int8Experts
 
 On disk a quantized weight keeps its DeepSeek key and its companions sit beside it:
 
     format  <key> (e.g. ...q_a_proj.weight)       companions
-    int8    int8 [N, K]                            <key>_scale fp32 [N]
+    int8    int8 [N, K]                            <key>_scale fp32 [N]           (per output channel)
     int4    uint8 [N, K/2], two codes per byte      <key>_scale fp32 [N, K/g], <key>_min fp32 [N, K/g]
             (low nibble = even column, high = odd)
     fp8     float8_e4m3fn [N, K]                    <key>_scale_inv fp32 [ceil(N/128), ceil(K/128)]
-                                                    (DeepSeek-V3's own layout, checkpoint.fp8_block_*)
+                                                    (DeepSeek-V3's own layout)
 
-The int4 group size g is recorded in config.json (quantization_config.group_size). Every
-bound the tests check is stated where the rounding happens.
+The int4 group size g is recorded in config.json (quantization_config.group_size). int8 and int4
+stay quantized in memory (modules.py); fp8 checkpoints load dequantized. Every bound the tests
+check is stated where the rounding happens.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
+from torch import nn
 
-from ..checkpoint import FP8_BLOCK, fp8_block_dequantize, fp8_block_quantize
+from ..model import Experts, Transformer
+from .modules import (INT4_GROUP_SIZES, Int4Experts, Int4Linear, Int8Experts, Int8Linear, int4_group_size,
+                      int4_pack, int4_unpack)
 
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
+__all__ = ["FORMATS", "INT4_GROUP_SIZES", "FP8_BLOCK", "WeightFormat", "weight_format", "error_stats",
+           "int8_quantize", "int8_dequantize", "int4_quantize", "int4_dequantize", "int4_group_size", "int4_pack",
+           "int4_unpack", "fp8_block_quantize", "fp8_block_dequantize", "is_kept", "swap_modules", "quantize_model"]
 
-# Companion tensors of each stored format, as suffixes of the weight's key.
-COMPANIONS = {"int8": ("_scale",), "int4": ("_scale", "_min"), "fp8": ("_scale_inv",)}
-STORED_DTYPE = {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}
+FP8_BLOCK = 128
 
 
 # ----------------------------------------------------------------------------- int8
@@ -50,17 +58,6 @@ def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 # ----------------------------------------------------------------------------- int4
 
-def int4_group_size(in_features: int, group_size: int, what: str = "weight") -> int:
-    """The group size used for a matrix of K inputs: group_size, or K itself if K is smaller."""
-    if group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"group_size={group_size}: the int4 kernels take {INT4_GROUP_SIZES}")
-    g = min(group_size, in_features)
-    if g not in INT4_GROUP_SIZES or in_features % g:
-        raise ValueError(f"{what}: {in_features} inputs cannot be split into int4 groups of {group_size} "
-                         f"(sizes {INT4_GROUP_SIZES}); keep it in high precision or pick another group size")
-    return g
-
-
 def int4_quantize(w: torch.Tensor, group_size: int = 128, what: str = "weight"
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W [N, K] -> (packed uint8 [N, K/2], scale fp32 [N, K/g], wmin fp32 [N, K/g]).
@@ -77,16 +74,6 @@ def int4_quantize(w: torch.Tensor, group_size: int = 128, what: str = "weight"
     return int4_pack(q), scale, wmin
 
 
-def int4_pack(q: torch.Tensor) -> torch.Tensor:
-    """Codes uint8 [N, K] in 0..15 -> [N, K/2], column 2j in the low nibble, 2j+1 in the high one."""
-    return q[:, 0::2] | (q[:, 1::2] << 4)
-
-
-def int4_unpack(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] -> codes uint8 [N, K]."""
-    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(1)
-
-
 def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, wmin: torch.Tensor,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     q = int4_unpack(packed).float()
@@ -96,47 +83,178 @@ def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, wmin: torch.Tenso
     return w.view(N, K).to(dtype)
 
 
-# ----------------------------------------------------------------------------- one table for all
+# ----------------------------------------------------------------------------- FP8 blocks
 
-def quantize_weight(fmt: str, w: torch.Tensor, group_size: int = 128, what: str = "weight"
-                    ) -> dict[str, torch.Tensor]:
-    """W -> {suffix: tensor}: '' is the stored weight, the rest its companions (see COMPANIONS)."""
-    if fmt == "int8":
+def fp8_block_quantize(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [M, N] -> (float8_e4m3fn [M, N], weight_scale_inv fp32 [ceil(M/b), ceil(N/b)]).
+
+    Each block x block tile is scaled so its largest magnitude maps to e4m3's max (448);
+    scale_inv is what multiplies the FP8 values back, as in DeepSeek-V3's checkpoints.
+    """
+    M, N = weight.shape
+    pm, pn = -M % block, -N % block
+    w = torch.nn.functional.pad(weight.float(), (0, pn, 0, pm))
+    tiles = w.view((M + pm) // block, block, (N + pn) // block, block)
+    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
+    q = (tiles / scale_inv[:, None, :, None]).view(M + pm, N + pn)[:M, :N]
+    return q.to(torch.float8_e4m3fn), scale_inv
+
+
+def fp8_block_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK,
+                         dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W = W_fp8 * s for each block x block tile; scale_inv [ceil(M/b), ceil(N/b)] (DeepSeek's layout)."""
+    M, N = weight.shape
+    s = scale_inv.float().repeat_interleave(block, 0)[:M].repeat_interleave(block, 1)[:, :N]
+    return (weight.float() * s).to(dtype)
+
+
+# ----------------------------------------------------------------------------- the formats
+
+class WeightFormat:
+    """How one format stores a weight W [N, K], and the modules that compute with it in memory.
+
+    name          the key in FORMATS and config.json's quantization_config.quant_method
+    stored_dtype  dtype of the stored weight under its own key
+    companions    suffixes of the tensors stored beside it (``<key><suffix>``), in the order the
+                  modules' setters take them after the weight
+    default_keep  dotted name components left high-precision by default ("gate" is the MoE router,
+                  never gate_proj; embeddings are looked up, not multiplied: quantizing them saves
+                  no decode time)
+    in_memory     the weights stay quantized in a loaded model (int8, int4); fp8 loads dequantized
+    group_sizes   the group sizes it takes (int4), or () where it has no groups
+    """
+
+    name: str
+    stored_dtype: torch.dtype
+    companions: tuple[str, ...]
+    default_keep: tuple[str, ...]
+    in_memory = False
+    group_sizes: tuple[int, ...] = ()
+
+    def quantize(self, w: torch.Tensor, group_size: int = 128, what: str = "weight") -> dict[str, torch.Tensor]:
+        """W -> {suffix: tensor}: '' is the stored weight, the rest its companions."""
+        raise NotImplementedError
+
+    def dequantize(self, parts: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The inverse of quantize."""
+        raise NotImplementedError
+
+    def stored_shapes(self, shape: tuple[int, int], group_size: int = 128, what: str = "weight"
+                      ) -> dict[str, tuple[int, ...]]:
+        """The shapes a well-formed stored weight of logical `shape` [N, K] has, by suffix."""
+        raise NotImplementedError
+
+    def ordered(self, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The weight then its companions: what ``set_quantized`` / ``set_expert`` take."""
+        return tuple(parts[s] for s in ("",) + self.companions)
+
+    def layout_hint(self, group_size: int) -> str:
+        """What else decides the stored shapes, for error messages (int4: the group size)."""
+        return ""
+
+    def config(self, group_size: int = 128, keep: list[str] | None = None) -> dict:
+        """What config.json records (``quantization_config``) for weights stored this way."""
+        return {"quant_method": self.name,
+                "modules_to_not_convert": list(self.default_keep) if keep is None else list(keep)}
+
+    def linear(self, in_features: int, out_features: int, bias: bool, group_size: int, name: str) -> nn.Module:
+        """An empty quantized nn.Linear replacement (filled by ``set_quantized``); in_memory formats only."""
+        raise NotImplementedError
+
+    def experts(self, n_experts: int, dim: int, inter_dim: int, group_size: int, name: str) -> nn.Module:
+        """An empty quantized ``model.Experts`` replacement (filled by ``set_expert``); in_memory formats only."""
+        raise NotImplementedError
+
+
+class Int8Format(WeightFormat):
+    """Symmetric int8, one scale per output channel: W = q * scale[:, None]."""
+
+    name, stored_dtype, companions, in_memory = "int8", torch.int8, ("_scale",), True
+    default_keep = ("embed_tokens", "gate", "kv_b_proj")
+
+    def quantize(self, w, group_size=128, what="weight"):
         q, scale = int8_quantize(w)
         return {"": q, "_scale": scale}
-    if fmt == "int4":
+
+    def dequantize(self, parts, dtype=torch.float32):
+        return int8_dequantize(parts[""], parts["_scale"], dtype)
+
+    def stored_shapes(self, shape, group_size=128, what="weight"):
+        N, K = shape
+        return {"": (N, K), "_scale": (N,)}
+
+    def linear(self, in_features, out_features, bias, group_size, name):
+        return Int8Linear(in_features, out_features, bias)
+
+    def experts(self, n_experts, dim, inter_dim, group_size, name):
+        return Int8Experts(n_experts, dim, inter_dim)
+
+
+class Int4Format(WeightFormat):
+    """Asymmetric int4 in groups of g inputs: W = q * scale + wmin, q in 0..15, two codes per byte."""
+
+    name, stored_dtype, companions, in_memory = "int4", torch.uint8, ("_scale", "_min"), True
+    default_keep = ("embed_tokens", "gate", "kv_b_proj")
+    group_sizes = INT4_GROUP_SIZES
+
+    def quantize(self, w, group_size=128, what="weight"):
         q, scale, wmin = int4_quantize(w, group_size, what)
         return {"": q, "_scale": scale, "_min": wmin}
-    if fmt == "fp8":
-        q, scale_inv = fp8_block_quantize(w)
-        return {"": q, "_scale_inv": scale_inv}
-    raise ValueError(f"unknown weight format {fmt!r}; expected one of {sorted(COMPANIONS)}")
 
-
-def dequantize_weight(fmt: str, parts: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The inverse of quantize_weight."""
-    if fmt == "int8":
-        return int8_dequantize(parts[""], parts["_scale"], dtype)
-    if fmt == "int4":
+    def dequantize(self, parts, dtype=torch.float32):
         return int4_dequantize(parts[""], parts["_scale"], parts["_min"], dtype)
-    if fmt == "fp8":
-        return fp8_block_dequantize(parts[""], parts["_scale_inv"], FP8_BLOCK, dtype)
-    raise ValueError(f"unknown weight format {fmt!r}; expected one of {sorted(COMPANIONS)}")
 
-
-def stored_shapes(fmt: str, shape: tuple[int, int], group_size: int = 128, what: str = "weight"
-                  ) -> dict[str, tuple[int, ...]]:
-    """The shapes a well-formed stored weight of logical `shape` [N, K] has, by suffix."""
-    N, K = shape
-    if fmt == "int8":
-        return {"": (N, K), "_scale": (N,)}
-    if fmt == "int4":
+    def stored_shapes(self, shape, group_size=128, what="weight"):
+        N, K = shape
         groups = K // int4_group_size(K, group_size, what)
         return {"": (N, K // 2), "_scale": (N, groups), "_min": (N, groups)}
-    if fmt == "fp8":
+
+    def layout_hint(self, group_size):
+        return f" (int4 group size {group_size})"
+
+    def config(self, group_size=128, keep=None):
+        return {**super().config(group_size, keep), "group_size": group_size}
+
+    def linear(self, in_features, out_features, bias, group_size, name):
+        return Int4Linear(in_features, out_features, group_size, bias, name)
+
+    def experts(self, n_experts, dim, inter_dim, group_size, name):
+        return Int4Experts(n_experts, dim, inter_dim, group_size, name)
+
+
+class Fp8Format(WeightFormat):
+    """DeepSeek-V3's FP8: e4m3 weights, one fp32 scale_inv per 128x128 block (``fp8_block_quantize``)."""
+
+    name, stored_dtype, companions = "fp8", torch.float8_e4m3fn, ("_scale_inv",)
+    default_keep = ("embed_tokens", "gate", "lm_head", "shared_head")  # as DeepSeek-V3's FP8 checkpoints
+
+    def quantize(self, w, group_size=128, what="weight"):
+        q, scale_inv = fp8_block_quantize(w)
+        return {"": q, "_scale_inv": scale_inv}
+
+    def dequantize(self, parts, dtype=torch.float32):
+        return fp8_block_dequantize(parts[""], parts["_scale_inv"], FP8_BLOCK, dtype)
+
+    def stored_shapes(self, shape, group_size=128, what="weight"):
+        N, K = shape
         b = FP8_BLOCK
         return {"": (N, K), "_scale_inv": (-(-N // b), -(-K // b))}
-    raise ValueError(f"unknown weight format {fmt!r}; expected one of {sorted(COMPANIONS)}")
+
+    def config(self, group_size=128, keep=None):
+        """DeepSeek-V3's own record of its FP8 format."""
+        return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+
+
+FORMATS: dict[str, WeightFormat] = {"int8": Int8Format(), "int4": Int4Format(), "fp8": Fp8Format()}
+
+
+def weight_format(name: str) -> WeightFormat:
+    """FORMATS[name], or a ValueError that lists the formats."""
+    if name not in FORMATS:
+        raise ValueError(f"unknown weight format {name!r}; expected one of {sorted(FORMATS)}")
+    return FORMATS[name]
 
 
 def error_stats(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]:
@@ -144,3 +262,75 @@ def error_stats(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]:
     w, w_hat = w.float(), w_hat.float()
     diff = w_hat - w
     return {"rel_error": float(diff.norm() / w.norm().clamp(min=1e-30)), "max_abs_error": float(diff.abs().max())}
+
+
+# ----------------------------------------------------------------------------- the swap
+
+def is_kept(module_name: str, keep: list[str]) -> bool:
+    """True if a fragment of `keep` is a run of whole dotted components of `module_name`."""
+    return any(re.search(rf"(^|\.){re.escape(frag)}(\.|$)", module_name) for frag in keep)
+
+
+def _empty_like(fmt: WeightFormat, name: str, module: nn.Module, group_size: int) -> nn.Module:
+    """An empty quantized module of `fmt` shaped like `module` (an nn.Linear or Experts)."""
+    if isinstance(module, Experts):
+        E, inter, dim = module.gate_proj.shape
+        return fmt.experts(E, dim, inter, group_size, name)
+    return fmt.linear(module.in_features, module.out_features, module.bias is not None, group_size, name)
+
+
+def swap_modules(model: Transformer, method: str, group_size: int = 128,
+                 keep: list[str] | None = None) -> dict[str, nn.Module]:
+    """Replace every nn.Linear / Experts whose name `keep` does not match by an empty quantized
+    module (on the same device, meta included). Returns {name: original module} for the caller to fill."""
+    fmt = weight_format(method)
+    if not fmt.in_memory:
+        held = " or ".join(repr(n) for n, f in FORMATS.items() if f.in_memory)
+        raise ValueError(f"unknown quantization method {method!r}; weights held quantized in memory are {held} "
+                         f"({method} checkpoints load dequantized)")
+    keep = list(fmt.default_keep) if keep is None else list(keep)
+    if model.config.tie_word_embeddings and is_kept("lm_head", keep) != is_kept("model.embed_tokens", keep):
+        raise ValueError("lm_head is tied to embed_tokens (tie_word_embeddings): keep both or neither")
+    replaced: dict[str, nn.Module] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Linear, Experts)) or is_kept(name, keep):
+            continue
+        device = next(module.parameters()).device
+        with torch.device(device):
+            new = _empty_like(fmt, name, module, group_size)
+        if getattr(new, "bias", None) is not None:
+            new.bias = nn.Parameter(torch.empty_like(module.bias))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        replaced[name] = module
+    return replaced
+
+
+@torch.no_grad()
+def quantize_model(model: Transformer, method: str = "int8", group_size: int = 128,
+                   keep: list[str] | None = None) -> Transformer:
+    """Quantize a built model's weights in place and return it: weight-only, no calibration data,
+    so every routed expert is covered.
+
+    method "int8" (per output channel) or "int4" (asymmetric groups of `group_size` inputs).
+    Modules with a name component in `keep` (default: the format's default_keep: embeddings, the
+    router, kv_b_proj) stay as they are; norms are never touched.
+    """
+    replaced = swap_modules(model, method, group_size, keep)
+    fmt = FORMATS[method]
+
+    def parts(w, what):  # the on-disk layout's tensors, as the modules' setters take them
+        return fmt.ordered(fmt.quantize(w, group_size, what))
+
+    for name, old in replaced.items():
+        new = model.get_submodule(name)
+        if isinstance(old, Experts):
+            for e in range(old.gate_proj.shape[0]):
+                new.set_expert(e, *(parts(getattr(old, p)[e], f"{name}.{e}.{p}")
+                                    for p in ("gate_proj", "up_proj", "down_proj")))
+        else:
+            new.set_quantized(*parts(old.weight, name))
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+    model.config = model.config.replace(quantization_config=fmt.config(group_size, keep))
+    return model

@@ -1,8 +1,14 @@
-"""Quantized modules and the swap that puts them into a built model; the model code is unchanged.
+"""Quantized modules: int8 / int4 linears and stacked routed experts on torch's CPU kernels.
 
-    model = Transformer(cfg)                            # or load_pretrained(...)
-    quantize_model(model, "int8")                       # nn.Linear -> Int8Linear, Experts -> Int8Experts
-    quantize_model(model, "int4", group_size=128, keep=["embed_tokens", "gate", "kv_b_proj", "lm_head"])
+    lin = Int8Linear(in_features, out_features)          # empty; filled from the on-disk layout:
+    lin.set_quantized(q, scale)                          # formats.int8_quantize(w) -> (q, scale)
+    experts = Int4Experts(n_experts, dim, inter_dim, group_size=128)
+    experts.set_expert(e, gate_parts, up_parts, down_parts)
+
+The swap that puts them into a built model (``quantize_model``) and the choice of module per
+format live in formats.py (``FORMATS[name].linear(...)``), so this file knows no format by name.
+The int4 code layout (two codes per byte) and the group sizes are here because torch's int4
+kernel dictates them; formats.py quantizes into that layout.
 
 Weights stay quantized in memory and the products are torch's own weight-only CPU kernels:
 ``torch._weight_int8pack_mm`` (int8 codes, one bf16 scale per output channel) and
@@ -23,29 +29,38 @@ read), so quantizing it works but costs a dequantization per decode step.
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import Experts, Transformer
-from .formats import int4_group_size, int4_quantize, int4_unpack, int8_quantize
+from ..kernels import group_by_expert
 
-# Dotted name components left in high precision by default. "gate" is the MoE router (never
-# gate_proj); embeddings are looked up, not multiplied, so quantizing them saves no decode time.
-DEFAULT_KEEP = {
-    "int8": ["embed_tokens", "gate", "kv_b_proj"],
-    "int4": ["embed_tokens", "gate", "kv_b_proj"],
-    "fp8": ["embed_tokens", "gate", "lm_head", "shared_head"],  # DeepSeek-V3's FP8 checkpoints
-}
 KERNEL_DTYPE = torch.bfloat16
 INT4_TILE = 16  # the int4 CPU kernel packs output rows in tiles of 16
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
 
 
-def is_kept(module_name: str, keep: list[str]) -> bool:
-    """True if a fragment of `keep` is a run of whole dotted components of `module_name`."""
-    return any(re.search(rf"(^|\.){re.escape(frag)}(\.|$)", module_name) for frag in keep)
+# ----------------------------------------------------------------------------- int4 codes
+
+def int4_group_size(in_features: int, group_size: int, what: str = "weight") -> int:
+    """The group size used for a matrix of K inputs: group_size, or K itself if K is smaller."""
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size={group_size}: the int4 kernels take {INT4_GROUP_SIZES}")
+    g = min(group_size, in_features)
+    if g not in INT4_GROUP_SIZES or in_features % g:
+        raise ValueError(f"{what}: {in_features} inputs cannot be split into int4 groups of {group_size} "
+                         f"(sizes {INT4_GROUP_SIZES}); keep it in high precision or pick another group size")
+    return g
+
+
+def int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 [N, K] in 0..15 -> [N, K/2], column 2j in the low nibble, 2j+1 in the high one."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def int4_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> codes uint8 [N, K]."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(1)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -80,7 +95,7 @@ def int4_kernel_layout(packed: torch.Tensor, scale: torch.Tensor, wmin: torch.Te
 
 # ----------------------------------------------------------------------------- linears
 
-class _QuantLinear(nn.Module):
+class QuantLinear(nn.Module):
     """Shared plumbing: flatten x to 2-D, run the kernel, add the bias, cast back to x's dtype."""
 
     in_features: int
@@ -102,7 +117,7 @@ class _QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int8Linear(_QuantLinear):
+class Int8Linear(QuantLinear):
     """y = x W^T with W = q * scale[:, None]: q int8 [N, K], scale bf16 [N] (per output channel)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -125,7 +140,7 @@ class Int8Linear(_QuantLinear):
         return self.qweight.float() * self.scale.float()[:, None]
 
 
-class Int4Linear(_QuantLinear):
+class Int4Linear(QuantLinear):
     """y = x W^T with W = q * scale + wmin per group of g inputs, q in 0..15, held in the CPU
     kernel's layout (``int4_kernel_layout``): qweight uint8 [N', K/2], scales_and_zeros bf16 [K/g, N', 2]."""
 
@@ -158,7 +173,7 @@ class Int4Linear(_QuantLinear):
 
 # ----------------------------------------------------------------------------- routed experts
 
-class _QuantExperts(nn.Module):
+class QuantExperts(nn.Module):
     """Drop-in for ``model.Experts`` (x [N, D], weights [N, K], indices [N, K]) -> [N, D].
 
     Subclasses hold the E experts stacked, gate and up fused: ``_gate_up(h, e)`` -> [n, 2I] and
@@ -172,7 +187,7 @@ class _QuantExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         y = torch.zeros_like(x)
         gates = weights.flatten().unsqueeze(-1)  # [N*K, 1] fp32, pair j = (token j // K, its k-th expert)
-        for e, tok, pairs in _group_by_expert(indices, self.n_experts):
+        for e, tok, pairs in group_by_expert(indices, self.n_experts):
             gate, up = self._gate_up(x[tok], e).float().split(self.inter_dim, dim=-1)
             h = F.silu(gate) * up * gates[pairs]  # the routing weight scales the narrower activation
             if isinstance(tok, slice):  # one token: a slice add, cheaper than index_add_ at decode sizes
@@ -192,37 +207,7 @@ class _QuantExperts(nn.Module):
         return f"n_experts={self.n_experts}, dim={self.dim}, inter_dim={self.inter_dim}"
 
 
-def _group_by_expert(indices: torch.Tensor, n_experts: int):
-    """Yield (expert e, token rows [n], pair rows [n]) for each expert some token chose.
-
-    Decoding (N*K <= E pairs): grouped in Python from one small list, no sort; an expert chosen by
-    a single token gets slices (no index tensors). Otherwise the pairs are sorted by expert once and
-    each expert gets a contiguous slice of the order."""
-    N, K = indices.shape
-    flat = indices.flatten()
-    if N * K <= n_experts:
-        by_expert: dict[int, list[int]] = {}
-        for j, e in enumerate(flat.tolist()):
-            by_expert.setdefault(e, []).append(j)
-        for e, pairs in by_expert.items():
-            if len(pairs) == 1:
-                j = pairs[0]
-                yield e, slice(j // K, j // K + 1), slice(j, j + 1)
-            else:
-                p = torch.tensor(pairs, device=indices.device)
-                yield e, p // K, p
-        return
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=n_experts).tolist()
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            pairs = order[start:start + n]
-            yield e, pairs // K, pairs
-            start += n
-
-
-class Int8Experts(_QuantExperts):
+class Int8Experts(QuantExperts):
     """Routed experts in int8: gate_up_proj int8 [E, 2I, D] (+ scale [E, 2I]), down_proj int8 [E, D, I]
     (+ scale [E, D]); one scale per output channel, as ``Int8Linear``."""
 
@@ -249,7 +234,7 @@ class Int8Experts(_QuantExperts):
         return int8_mm(h, self.down_proj[e], self.down_scale[e])
 
 
-class Int4Experts(_QuantExperts):
+class Int4Experts(QuantExperts):
     """Routed experts in int4, each matrix in the CPU kernel's layout (``int4_kernel_layout``):
     gate_up_proj [E, 2I', D/2] (+ gate_up_scales_and_zeros [E, D/g, 2I', 2]), down_proj [E, D', I/2]
     (+ down_scales_and_zeros [E, I/g, D', 2]); primes are rounded up to the kernel's tile of 16."""
@@ -283,86 +268,3 @@ class Int4Experts(_QuantExperts):
 
     def _down(self, h, e):
         return int4_mm(h, self.down_proj[e], self.down_scales_and_zeros[e], self.down_group_size)[:, :self.dim]
-
-
-# ----------------------------------------------------------------------------- the swap
-
-def _new_module(method: str, name: str, module: nn.Module, group_size: int) -> nn.Module:
-    """An empty quantized module of `method` shaped like `module` (an nn.Linear or Experts)."""
-    if isinstance(module, Experts):
-        E, inter, dim = module.gate_proj.shape
-        if method == "int8":
-            return Int8Experts(E, dim, inter)
-        return Int4Experts(E, dim, inter, group_size, name)
-    bias = module.bias is not None
-    if method == "int8":
-        return Int8Linear(module.in_features, module.out_features, bias)
-    return Int4Linear(module.in_features, module.out_features, group_size, bias, name)
-
-
-def swap_modules(model: Transformer, method: str, group_size: int = 128,
-                 keep: list[str] | None = None) -> dict[str, nn.Module]:
-    """Replace every nn.Linear / Experts whose name `keep` does not match by an empty quantized
-    module (on the same device, meta included). Returns {name: original module} for the caller to fill."""
-    if method not in ("int8", "int4"):
-        raise ValueError(f"unknown quantization method {method!r}; weights held quantized in memory are "
-                         "'int8' or 'int4' (fp8 checkpoints load dequantized)")
-    keep = DEFAULT_KEEP[method] if keep is None else list(keep)
-    if model.config.tie_word_embeddings and is_kept("lm_head", keep) != is_kept("model.embed_tokens", keep):
-        raise ValueError("lm_head is tied to embed_tokens (tie_word_embeddings): keep both or neither")
-    replaced: dict[str, nn.Module] = {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.Linear, Experts)) or is_kept(name, keep):
-            continue
-        device = next(module.parameters()).device
-        with torch.device(device):
-            new = _new_module(method, name, module, group_size)
-        if getattr(new, "bias", None) is not None:
-            new.bias = nn.Parameter(torch.empty_like(module.bias))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-        replaced[name] = module
-    return replaced
-
-
-def quantization_config(method: str, group_size: int, keep: list[str] | None) -> dict:
-    """What config.json records (``quantization_config``) for a model quantized this way."""
-    qc = {"quant_method": method, "modules_to_not_convert": DEFAULT_KEEP[method] if keep is None else list(keep)}
-    if method == "int4":
-        qc["group_size"] = group_size
-    return qc
-
-
-@torch.no_grad()
-def quantize_model(model: Transformer, method: str = "int8", group_size: int = 128,
-                   keep: list[str] | None = None) -> Transformer:
-    """Quantize a built model's weights in place and return it: weight-only, no calibration data,
-    so every routed expert is covered.
-
-    method "int8" (per output channel) or "int4" (asymmetric groups of `group_size` inputs).
-    Modules with a name component in `keep` (default DEFAULT_KEEP[method]: embeddings, the router,
-    kv_b_proj) stay as they are; norms are never touched.
-    """
-    replaced = swap_modules(model, method, group_size, keep)
-
-    def parts(w, what):  # the on-disk layout's tensors, as the modules' setters take them
-        return int8_quantize(w) if method == "int8" else int4_quantize(w, group_size, what)
-
-    for name, old in replaced.items():
-        new = model.get_submodule(name)
-        if isinstance(old, Experts):
-            for e in range(old.gate_proj.shape[0]):
-                new.set_expert(e, *(parts(getattr(old, p)[e], f"{name}.{e}.{p}")
-                                    for p in ("gate_proj", "up_proj", "down_proj")))
-        else:
-            new.set_quantized(*parts(old.weight, name))
-            if old.bias is not None:
-                new.bias.copy_(old.bias)
-    model.config = model.config.replace(quantization_config=quantization_config(method, group_size, keep))
-    return model
-
-
-def quantize_(model: Transformer, method: str = "int8", group_size: int = 128,
-              modules_to_not_convert: list[str] | None = None) -> Transformer:
-    """``quantize_model`` under torchao's in-place spelling (the demo's call)."""
-    return quantize_model(model, method, group_size, modules_to_not_convert)

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_pretrained
+from ..hf import load_pretrained
 from ..config import ModelConfig
 from ..data.prompts import render_prompt, task_from_spec
 from ..data.tasks import TASKS
 from ..inference import Engine
-from ..fsutil import atomic_write_text
+from ..hf.fsutil import atomic_write_text
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..train.batches import RowSampler, attention_mask, document_positions

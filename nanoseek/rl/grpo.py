@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import load_pretrained
+from ..hf import load_pretrained
 from ..data.prompts import LAYOUTS, checkpoint_layout, render_prompt, task_from_spec
 from ..data.tasks import TASKS, extract_answer
 from ..inference import Engine

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_pretrained
+from ..hf import load_pretrained
 from ..data import Example, extract_answer, get_task, pack_chat, tokenize_documents
 from ..data.prompts import LAYOUTS, checkpoint_layout, prompt_ids
 from ..data.tasks import TASKS, Task
 from ..inference import Engine
-from ..fsutil import atomic_write_text
+from ..hf.fsutil import atomic_write_text
 from ..tokenizer import Tokenizer
 from .distributed import default_device
 from .batches import attention_mask, document_positions

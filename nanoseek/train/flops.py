@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..fsutil import atomic_write_text
+from ..hf.fsutil import atomic_write_text
 
 
 def training_flops_per_token(model: nn.Module, seq_len: int) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_pretrained
+from ..hf import load_pretrained
 from ..config import ModelConfig
 from ..data import load_data, pack_chat, tokenize_documents
 from ..data.tasks import TASKS

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_pretrained
+from ..hf import load_pretrained
 from ..data import load_data, pack_chat
 from ..data.tasks import TASKS
 from ..model import Transformer

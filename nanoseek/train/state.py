@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import save_pretrained
-from ..fsutil import atomic_directory, atomic_write_text
+from ..hf import save_pretrained
+from ..hf.fsutil import atomic_directory, atomic_write_text
 
 TRAIN_STATE = "train_state"
 FORMAT_VERSION = 1

@@ -1,4 +1,4 @@
-"""Checkpoint I/O: round trips, FP8 blocks, shards, atomic writes, and clear errors on bad files."""
+"""Checkpoint I/O (hf/io.py): round trips, FP8 blocks, shards, atomic writes, and clear errors on bad files."""
 
 import json
 import warnings
@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import randomize_
 from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
-from nanoseek.checkpoint import CheckpointError, fp8_block_dequantize, fp8_block_quantize, hf_state_dict
+from nanoseek.hf import CheckpointError, hf_state_dict
+from nanoseek.quant.formats import fp8_block_dequantize, fp8_block_quantize
 
 
 def tiny(**kw):
@@ -58,7 +59,7 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     model = tiny()
     save_pretrained(model, tmp_path)
     before = (tmp_path / "model.safetensors").read_bytes()
-    import nanoseek.checkpoint as ck
+    import nanoseek.hf.io as ck
 
     def boom(*a, **k):
         raise OSError("disk full")
