@@ -41,7 +41,8 @@ def imports(name: str) -> list[tuple[str, list[str]]]:
             names = [a.name for a in node.names]
             subs = [n for n in names if f"{base}.{n}" in MODULES]  # `from pkg import module`
             found += [(f"{base}.{n}", []) for n in subs]
-            found.append((base, [n for n in names if n not in subs]))
+            if len(subs) < len(names):  # `from pkg import module` alone needs no more of pkg than any submodule does
+                found.append((base, [n for n in names if n not in subs]))
     return found
 
 
