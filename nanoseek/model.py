@@ -430,7 +430,7 @@ class Transformer(nn.Module):
     """DeepSeek-V2/V3 causal LM.
 
     ``model(input_ids)`` -> logits [B, T, vocab]. ``forward_train`` returns the final hidden
-    states and the MTP logits; ``mtp_draft`` runs the MTP modules for speculative decoding.
+    states and the MTP logits (the inference engine runs the MTP module itself to draft).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -517,19 +517,6 @@ class Transformer(nn.Module):
                 h_prev = layer(h_prev, emb, cos, sin, mask)
                 mtp_logits.append(self.lm_head(layer.shared_head.norm(h_prev)))
         return hidden, mtp_logits
-
-    def mtp_draft(self, h_prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-                  depth: int = 1, mask=None, cache=None, absorb: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MTP module step for drafting: (logits [B, T, V], hidden [B, T, D]).
-
-        h_prev is the main model's normed hidden at position i (or module depth-1's output) and
-        next_ids the token at i+depth; the logits predict the token at i+depth+1.
-        """
-        layer = self.mtp_layers[depth - 1]
-        emb = self.model.embed_tokens(next_ids)
-        cos, sin = self.model.rotary_emb(positions, emb.dtype)
-        h = layer(h_prev, emb, cos, sin, mask, cache, absorb)
-        return self.lm_head(layer.shared_head.norm(h)), h
 
     # -- sizes
     def num_params(self, active: bool = False, include_mtp: bool = True) -> int:

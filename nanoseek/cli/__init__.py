@@ -28,7 +28,7 @@ COMMAND_MODULES = [
     "nanoseek.cli.grpo",
     "nanoseek.cli.distill",
     "nanoseek.cli.demo",
-    "nanoseek.quant.convert",
+    "nanoseek.cli.quantize",
     "nanoseek.cli.serve",
 ]
 

@@ -29,6 +29,7 @@ from ..config import ModelConfig
 from ..model import Gate, RotaryEmbedding, Transformer, rope_frequencies
 from ..quant.formats import FORMATS, WeightFormat, swap_modules
 from ..quant.modules import QuantExperts, QuantLinear
+from ..tokenizer import Tokenizer
 from .fsutil import atomic_directory
 from .keys import (EXPERT_KEY, FUSED_EXPERT_KEY, companion_keys, expert_keys, has_mtp_layers, hf_keys,
                    hf_state_dict, is_mtp_shared_copy, natural_key, quantized_keys)
@@ -206,6 +207,22 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     loader.build(_compute_dtype(cfg, dtype), device)
     loader.load()
     return loader.model.eval()
+
+
+def check_vocab(tokenizer: Tokenizer, model: Transformer, where) -> None:
+    """Refuse a tokenizer whose ids the model cannot embed (naming the checkpoint and both sizes)."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{where}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocab_size is {model.config.vocab_size}")
+
+
+def load_with_tokenizer(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
+    """A checkpoint's model (``load_pretrained``) and the tokenizer saved beside it, checked to fit."""
+    tokenizer = Tokenizer.from_pretrained(path)
+    model = load_pretrained(path, dtype=dtype, device=device)
+    check_vocab(tokenizer, model, path)
+    return model, tokenizer
 
 
 def _compute_dtype(cfg: ModelConfig, dtype: torch.dtype | None) -> torch.dtype:

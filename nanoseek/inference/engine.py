@@ -410,13 +410,8 @@ class Engine:
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, compile: bool = False,
                         prefix_cache_bytes: int = 0) -> "Engine":
         """An Engine over the checkpoint at `path` with the tokenizer saved next to it."""
-        from ..hf import load_pretrained
-        from ..tokenizer import Tokenizer
-        tokenizer = Tokenizer.from_pretrained(path)
-        model = load_pretrained(path, dtype=dtype)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"{path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
-                             f"vocab_size is {model.config.vocab_size}")
+        from ..hf.io import load_with_tokenizer
+        model, tokenizer = load_with_tokenizer(path, dtype=dtype)
         return cls(model, tokenizer, compile=compile, prefix_cache_bytes=prefix_cache_bytes)
 
     # ------------------------------------------------------------------ sizes

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..hf import load_pretrained
+from ..hf.io import load_pretrained, load_with_tokenizer
 from ..config import ModelConfig
 from ..data.prompts import render_prompt, task_from_spec
 from ..data.tasks import TASKS
@@ -204,8 +204,7 @@ def distill(cfg: DistillConfig) -> dict:
     out = Path(cfg.out)
     refuse_existing_run(out, resumable=False)
     start_fresh(out)
-    tokenizer = Tokenizer.from_pretrained(cfg.teacher)
-    teacher = load_pretrained(cfg.teacher, dtype=torch.float32)
+    teacher, tokenizer = load_with_tokenizer(cfg.teacher, dtype=torch.float32)
     task = task_from_spec(cfg.data)
     t0, c0 = time.perf_counter(), time.process_time()
     traces, stats = rejection_sample(Engine(teacher, tokenizer), tokenizer,

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..hf import load_pretrained
+from ..hf.io import load_pretrained, load_with_tokenizer
 from ..data.prompts import LAYOUTS, checkpoint_layout, render_prompt, task_from_spec
 from ..data.tasks import TASKS, extract_answer
 from ..inference import Engine
@@ -341,11 +341,7 @@ def _load(cfg: GRPOConfig) -> tuple[nn.Module, Tokenizer]:
     path = cfg.out if cfg.resume else cfg.model
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: checkpoint folder not found")
-    tokenizer = Tokenizer.from_pretrained(path)
-    model = load_pretrained(path, dtype=torch.float32)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
-    return model, tokenizer
+    return load_with_tokenizer(path, dtype=torch.float32)
 
 
 def _start_step(cfg: GRPOConfig, model, optimizer) -> int:

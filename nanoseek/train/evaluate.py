@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..hf import load_pretrained
+from ..hf.io import load_with_tokenizer
 from ..data import Example, extract_answer, get_task, pack_chat, tokenize_documents
 from ..data.prompts import LAYOUTS, checkpoint_layout, prompt_ids
 from ..data.tasks import TASKS, Task
@@ -174,8 +174,7 @@ class EvalConfig:
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     """Load the checkpoint and return {"loss", "perplexity", "accuracy", ...} (evaluate_accuracy's keys)."""
     device = default_device()
-    model = load_pretrained(cfg.model, dtype=torch.float32, device=device).eval()
-    tokenizer = Tokenizer.from_pretrained(cfg.model)
+    model, tokenizer = load_with_tokenizer(cfg.model, dtype=torch.float32, device=device)
     layout = checkpoint_layout(cfg.model) if cfg.layout == "auto" else cfg.layout
     task = get_task(cfg.data)
     examples = task.examples("test", cfg.n, seed=cfg.seed)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..hf import load_pretrained
+from ..hf.io import check_vocab, load_pretrained
 from ..config import ModelConfig
 from ..data import load_data, pack_chat, tokenize_documents
 from ..data.tasks import TASKS
@@ -76,9 +76,7 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> Transformer:
         return load_pretrained(cfg.out, dtype=torch.float32)
     if cfg.model is not None:
         model = load_pretrained(cfg.model, dtype=torch.float32)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"{cfg.model}: tokenizer has {tokenizer.vocab_size} tokens, the model "
-                             f"only {model.config.vocab_size}")
+        check_vocab(tokenizer, model, cfg.model)
         return model
     mcfg = ModelConfig.preset(cfg.preset).replace(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                                                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)

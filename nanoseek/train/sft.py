@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..hf import load_pretrained
+from ..hf.io import load_with_tokenizer
 from ..data import load_data, pack_chat
 from ..data.tasks import TASKS
 from ..model import Transformer
@@ -102,12 +102,7 @@ def pack_conversations(conversations: list[list[dict]], tokenizer: Tokenizer, se
 def load_model(cfg: SFTConfig) -> tuple[Transformer, Tokenizer]:
     """The model in fp32 and its tokenizer: from --out when resuming, else from --model."""
     path = Path(cfg.out if cfg.resume else cfg.model)
-    tokenizer = Tokenizer.from_pretrained(path)
-    model = load_pretrained(path, dtype=torch.float32)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, the model only "
-                         f"{model.config.vocab_size}")
-    return model, tokenizer
+    return load_with_tokenizer(path, dtype=torch.float32)
 
 
 def sft(cfg: SFTConfig, env: DistEnv | None = None) -> Path:
