@@ -183,42 +183,12 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, source: str | os.PathLike | dict) -> "ModelConfig":
         """Read a DeepSeek config.json (a directory, the file, or its dict), either rope spelling."""
-        where = "config dict"
-        if not isinstance(source, dict):
-            path = os.fspath(source)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            where = path
-            try:
-                with open(path) as f:
-                    source = json.load(f)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{path}: no config.json found") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-        d = dict(source)
+        d, where = _read_config(source)
         model_type = d.pop("model_type", None)
         if model_type not in ("deepseek_v2", "deepseek_v3"):
             raise ValueError(f"{where}: model_type={model_type!r} is not a DeepSeek model "
                              "(expected 'deepseek_v2' or 'deepseek_v3')")
-        kw: dict[str, Any] = dict(_MODEL_TYPE_DEFAULTS[model_type], model_type=model_type)
-
-        # rope: old spelling (rope_theta + rope_scaling{type}) or new (rope_parameters{rope_type})
-        rope = dict(d.pop("rope_parameters", None) or {})
-        rope.update(d.pop("rope_scaling", None) or {})
-        theta = d.pop("rope_theta", None) or rope.get("rope_theta")
-        if theta is not None:
-            kw["rope_theta"] = float(theta)
-        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-        kw["rope_type"] = rope_type
-        if rope_type == "yarn":
-            kw["rope_factor"] = float(rope.get("factor", 1.0))
-            for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
-                if rope.get(key) is not None:
-                    kw[key] = float(rope[key])
-            kw["original_max_position_embeddings"] = rope.get(
-                "original_max_position_embeddings", d.get("original_max_position_embeddings"))
-        d.pop("original_max_position_embeddings", None)
+        kw: dict[str, Any] = dict(_MODEL_TYPE_DEFAULTS[model_type], model_type=model_type, **_rope_fields(d))
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = d.pop("num_mtp_layers")
         if "dtype" in d and "torch_dtype" not in d:
@@ -276,6 +246,44 @@ class ModelConfig:
         if self.quantization_config is not None:
             d["quantization_config"] = self.quantization_config
         return d
+
+
+def _read_config(source: str | os.PathLike | dict) -> tuple[dict, str]:
+    """A config.json's dict (from a directory, the file, or the dict itself) and where it came from."""
+    if isinstance(source, dict):
+        return dict(source), "config dict"
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f), path
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no config.json found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _rope_fields(d: dict) -> dict:
+    """Pop the RoPE/YaRN keys from a config dict, in either spelling (rope_theta + rope_scaling{type},
+    or transformers' newer rope_parameters{rope_type}), as ModelConfig fields."""
+    kw: dict[str, Any] = {}
+    rope = dict(d.pop("rope_parameters", None) or {})
+    rope.update(d.pop("rope_scaling", None) or {})
+    theta = d.pop("rope_theta", None) or rope.get("rope_theta")
+    if theta is not None:
+        kw["rope_theta"] = float(theta)
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    kw["rope_type"] = rope_type
+    if rope_type == "yarn":
+        kw["rope_factor"] = float(rope.get("factor", 1.0))
+        for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            if rope.get(key) is not None:
+                kw[key] = float(rope[key])
+        kw["original_max_position_embeddings"] = rope.get(
+            "original_max_position_embeddings", d.get("original_max_position_embeddings"))
+    d.pop("original_max_position_embeddings", None)
+    return kw
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

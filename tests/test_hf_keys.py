@@ -1,8 +1,5 @@
-"""The HF key mapping (hf/keys.py): experts split and stacked, MTP layers, tied head, quantized keys;
-and the import rules the hf/quant split relies on (no private names across modules, no cycles)."""
-
-import ast
-from pathlib import Path
+"""The HF key mapping (hf/keys.py): experts split and stacked, MTP layers, tied head, quantized keys.
+(The package-wide import rules are tests/test_layout.py's.)"""
 
 import torch
 
@@ -55,47 +52,3 @@ def test_quantized_keys_follow_keep_and_the_head():
 def test_natural_key_orders_numbers_as_numbers():
     keys = ["model.layers.10.x", "model.layers.2.x", "model.layers.1.x"]
     assert sorted(keys, key=natural_key) == ["model.layers.1.x", "model.layers.2.x", "model.layers.10.x"]
-
-
-# ----------------------------------------------------------------------------- import rules
-
-ROOT = Path(__file__).resolve().parents[1] / "nanoseek"
-
-
-def _imports() -> dict[str, set[tuple[str, str]]]:
-    """module -> {(imported module, name)} for every `from nanoseek... import name` in nanoseek/."""
-    mods = {}
-    for p in ROOT.rglob("*.py"):
-        parts = p.relative_to(ROOT.parent).with_suffix("").parts
-        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
-    out = {}
-    for name, p in mods.items():
-        package = name.split(".") if p.name == "__init__.py" else name.split(".")[:-1]
-        found = set()
-        for node in ast.walk(ast.parse(p.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
-                if base.startswith("nanoseek"):
-                    found |= {(f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base, a.name) for a in node.names}
-        out[name] = found
-    return out
-
-
-def test_no_private_names_imported_across_modules():
-    bad = [(m, target, n) for m, deps in _imports().items() for target, n in deps
-           if n.startswith("_") and not target.endswith("." + n)]
-    assert not bad
-
-
-def test_no_import_cycle_through_hf_quant_or_kernels():
-    graph = {m: {t for t, _ in deps if t != m} for m, deps in _imports().items()}
-    mine = [m for m in graph if m.startswith(("nanoseek.hf", "nanoseek.quant", "nanoseek.kernels"))]
-
-    def reaches(start, goal, seen):
-        for d in graph.get(start, ()):
-            if d == goal or (d not in seen and (seen.add(d) or reaches(d, goal, seen))):
-                return True
-        return False
-    assert not [m for m in mine if reaches(m, m, set())]

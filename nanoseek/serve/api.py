@@ -180,7 +180,10 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
 
     async def run(request: Request, kind: str, jobs, choice_prompt, prompt_lengths, stream: bool,
                   include_usage: bool, inside: bool, echo: list[str] | None = None):
-        """Submit the choices and answer with one JSON body or an SSE stream."""
+        """Submit the choices and answer with one JSON body or an SSE stream.
+
+        Long because the whole answer and the streamed one are written side by side over the same
+        submitted requests, id, texts and usage, so the two shapes can be compared line by line."""
         events: asyncio.Queue = asyncio.Queue()
         reqs = submit(jobs, events)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
