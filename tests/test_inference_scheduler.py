@@ -7,7 +7,7 @@ from conftest import randomize_, tokens
 from nanoseek.config import ModelConfig
 from nanoseek.inference import Engine
 from nanoseek.model import Transformer
-from nanoseek.inference.engine import SamplingParams
+from nanoseek.inference import SamplingParams
 from nanoseek.inference.scheduler import NotRunning, QueueFull, Scheduler
 from nanoseek.tokenizer import Tokenizer
 
@@ -143,14 +143,14 @@ POISON = 0.123  # a temperature whose sampling raises (fail_to_sample), standing
 
 
 def fail_to_sample(monkeypatch):
-    from nanoseek.inference import engine
-    real = engine.sample
+    from nanoseek.inference import batch
+    real = batch.sample
 
     def sample(logits, temperature, *args):
         if temperature == POISON:
             raise RuntimeError("probability tensor contains inf or nan")
         return real(logits, temperature, *args)
-    monkeypatch.setattr(engine, "sample", sample)
+    monkeypatch.setattr(batch, "sample", sample)
 
 
 def test_a_request_whose_sampling_fails_ends_alone(engine, monkeypatch):

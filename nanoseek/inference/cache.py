@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import heapq
 from collections import OrderedDict
 
 import torch
@@ -45,6 +46,11 @@ class LatentCache:
     @property
     def max_len(self) -> int:
         return self.kv.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        """Tokens one slot holds."""
+        return self.max_len
 
     @property
     def start(self) -> int | None:
@@ -96,13 +102,201 @@ class LatentCache:
         """Copy the first `length` entries of slot `src` into slot `dst` (a row changes slot)."""
         self.kv[:, dst, :length] = self.kv[:, src, :length]
 
-    def restore(self, slot: int, latents: torch.Tensor) -> None:
-        """Write cached prefix latents [layers', n, width] at positions 0..n-1 of `slot`. A prefix
-        kept by a cache with fewer layers (no MTP module) fills only those layers; the MTP layer's
-        entries of the prefix then stay stale, which changes how often drafts are accepted, never
-        the output (verification decides every token)."""
+    def fork(self, src: int, dst: int, length: int) -> None:
+        """Slot `dst` starts as a copy of the first `length` entries of `src` (same prompt, n choices)."""
+        self.move(src, dst, length)
+
+    # every slot owns max_len positions from the start: nothing to reserve or give back
+    def reserve(self, slot: int, length: int, write_from: int = 0) -> bool:
+        return length <= self.max_len
+
+    def release(self, slot: int) -> None:
+        pass
+
+    def snapshot(self, slot: int, index: int, block: int) -> torch.Tensor:
+        """A copy of block `index` (positions index*block ..) of `slot`: what the prefix cache keeps."""
+        return self.kv[:, slot, index * block:(index + 1) * block].clone()
+
+    def restore(self, slot: int, blocks: list[torch.Tensor]) -> None:
+        """Write cached prefix blocks [layers', block, width] at the start of `slot`. A prefix kept by
+        a cache with fewer layers (no MTP module) fills only those layers; the MTP layer's entries of
+        the prefix then stay stale, which changes how often drafts are accepted, never the output
+        (verification decides every token)."""
+        latents = torch.cat(blocks, dim=1)
         n = min(latents.shape[0], self.kv.shape[0])
         self.kv[:n, slot, :latents.shape[1]] = latents[:n]
+
+
+class PageRef:
+    """A page of a ``PagedLatentCache`` held by the prefix cache; release() lets go of it."""
+
+    def __init__(self, cache: "PagedLatentCache", page: int):
+        self.cache, self.page, self.nbytes = cache, page, cache.page_bytes
+
+    def release(self) -> None:
+        self.cache.unref(self.page)
+
+
+class PagedLatentCache:
+    """MLA latents in pages of `page_size` tokens drawn from one pool sized by a memory budget; each
+    slot has a block table (its pages in position order). Memory is what the budget says, whatever
+    the model's context: a sequence holds pages only for the tokens it has.
+
+        cache = PagedLatentCache.for_budget(2 << 30, layers, page_size=16, width=576, dtype=torch.bfloat16,
+                                            slots=64, max_len=163840)
+        cache.reserve(slot, length, write_from)   # pages for positions < length, private from write_from
+        cache.fork(src, dst, length)              # dst shares src's pages (n choices of one prompt)
+        cache.release(slot)                       # pages go back to the pool when nobody holds them
+
+    Pages are reference-counted: forks and the prefix cache share them, and ``reserve`` copies a
+    shared page before a sequence writes into it (copy-on-write). A forward reads each row's keys
+    by gathering its pages (one contiguous slice when a lone row's pages are consecutive, as the
+    lowest-first free list makes them for a sequence that grew alone).
+    """
+
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, width: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", slots: int = 1, max_len: int = 1 << 30):
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"num_pages={num_pages}, page_size={page_size}: both must be >= 1")
+        # one page past the pool takes the writes and reads of padding positions no page backs
+        self.pool = torch.zeros(num_layers, (num_pages + 1) * page_size, width, dtype=dtype, device=device)
+        self.page_size, self.num_pages, self.max_len, self.scratch = page_size, num_pages, max_len, num_pages
+        self.tables: list[list[int]] = [[] for _ in range(slots)]
+        self.refs = [0] * num_pages
+        self.free_pages = list(range(num_pages))  # a heap: lowest id first
+        self.slots = range(slots)  # the slots this object's forwards address (a view narrows them)
+        self.positions: torch.Tensor | None = None
+        self.attend_len, self.whole, self._start = 0, False, None
+        self._write = self._read = None
+        self._read_from: int | None = None
+
+    @classmethod
+    def for_budget(cls, budget_bytes: int, num_layers: int, page_size: int, width: int, dtype: torch.dtype,
+                   **kw) -> "PagedLatentCache":
+        """As many pages as `budget_bytes` holds."""
+        per_page = num_layers * page_size * width * dtype.itemsize
+        if budget_bytes < per_page:
+            raise ValueError(f"a KV-cache budget of {budget_bytes} bytes holds no page of {per_page} bytes")
+        return cls(num_layers, budget_bytes // per_page, page_size, width, dtype, **kw)
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the whole pool holds."""
+        return self.num_pages * self.page_size
+
+    @property
+    def page_bytes(self) -> int:
+        return self.pool.shape[0] * self.page_size * self.pool.shape[2] * self.pool.element_size()
+
+    @property
+    def free_tokens(self) -> int:
+        return len(self.free_pages) * self.page_size
+
+    @property
+    def start(self) -> int | None:
+        return self._start
+
+    # ------------------------------------------------------------------ pages
+    def _take(self) -> int:
+        page = heapq.heappop(self.free_pages)
+        self.refs[page] = 1
+        return page
+
+    def unref(self, page: int) -> None:
+        self.refs[page] -= 1
+        if self.refs[page] == 0:
+            heapq.heappush(self.free_pages, page)
+
+    def reserve(self, slot: int, length: int, write_from: int = 0) -> bool:
+        """Pages for positions < length, those from write_from on made this slot's own (a shared one is
+        copied first). False, changing nothing, when the pool has too few free pages."""
+        P, table = self.page_size, self.tables[slot]
+        if length > self.max_len:
+            return False
+        missing = max(-(-length // P) - len(table), 0)
+        shared = [i for i in range(write_from // P, min(-(-length // P), len(table))) if self.refs[table[i]] > 1]
+        if missing + len(shared) > len(self.free_pages):
+            return False
+        for i in shared:  # copy-on-write
+            page = self._take()
+            self.pool[:, page * P:(page + 1) * P] = self.pool[:, table[i] * P:(table[i] + 1) * P]
+            self.unref(table[i])
+            table[i] = page
+        table.extend(self._take() for _ in range(missing))
+        return True
+
+    def release(self, slot: int) -> None:
+        for page in self.tables[slot]:
+            self.unref(page)
+        self.tables[slot] = []
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.tables[dst], self.tables[src] = self.tables[src], []
+
+    def fork(self, src: int, dst: int, length: int) -> None:
+        pages = self.tables[src][:-(-length // self.page_size)]
+        for page in pages:
+            self.refs[page] += 1
+        self.tables[dst] = list(pages)
+
+    def snapshot(self, slot: int, index: int, block: int) -> PageRef:
+        if block != self.page_size:
+            raise ValueError(f"prefix blocks of {block} tokens on pages of {self.page_size}")
+        page = self.tables[slot][index]
+        self.refs[page] += 1
+        return PageRef(self, page)
+
+    def restore(self, slot: int, blocks: list[PageRef]) -> None:
+        """Start `slot` on the pages of a cached prefix (shared, not copied)."""
+        self.release(slot)
+        for b in blocks:
+            self.refs[b.page] += 1
+        self.tables[slot] = [b.page for b in blocks]
+
+    def view(self, start: int, stop: int) -> "PagedLatentCache":
+        """A cache whose forwards address slots start..stop-1 (same pool and tables)."""
+        return self.subset(range(start, stop))
+
+    def subset(self, slots) -> "PagedLatentCache":
+        """A cache whose forwards address these slots, in this order (same pool and tables)."""
+        part = copy.copy(self)
+        part.slots = list(slots)
+        return part
+
+    # ------------------------------------------------------------------ forwards
+    def prepare(self, positions: torch.Tensor, whole: bool = False) -> None:
+        """positions [B, T] of the slots this view addresses: where the next forward's tokens go."""
+        if whole:
+            raise ValueError("the paged cache has no whole-cache step; a compiled step uses LatentCache")
+        B, T = positions.shape
+        P = self.page_size
+        self.positions, self.attend_len = positions, int(positions.max()) + 1
+        if self.attend_len > self.max_len:
+            raise ValueError(f"position {self.attend_len - 1} is beyond the context of {self.max_len}")
+        n = -(-self.attend_len // P)
+        tables = [self.tables[s][:n] for s in self.slots]
+        ids = torch.full((B, n), self.scratch, dtype=torch.long)
+        for b, t in enumerate(tables):
+            ids[b, :len(t)] = torch.tensor(t, dtype=torch.long)
+        ids = ids.to(self.pool.device)
+        self._write = ids.gather(1, positions // P) * P + positions % P  # [B, T] rows of the pool
+        first = positions[:, :1]
+        same = bool((positions == first[:1] + torch.arange(T, device=positions.device)).all())
+        self._start = int(first[0, 0]) if same else None
+        t = tables[0]
+        if B == 1 and len(t) == n and t == list(range(t[0], t[0] + n)):  # one row, consecutive pages
+            self._read_from, self._read = t[0] * P, None
+        else:
+            self._read_from = None
+            self._read = (ids[:, :, None] * P + torch.arange(P, device=ids.device)).view(B, -1)[:, :self.attend_len]
+
+    def update(self, layer_id: int, latent: torch.Tensor) -> torch.Tensor:
+        """latent [B, T, R+dr] -> the rows' keys [B, attend_len, R+dr] (gathered from their pages)."""
+        kv = self.pool[layer_id]
+        kv[self._write] = latent
+        if self._read_from is not None:
+            return kv[self._read_from:self._read_from + self.attend_len][None]
+        return kv[self._read]
 
 
 def attention_mask(positions: torch.Tensor, attend_len: int) -> torch.Tensor:
@@ -112,18 +306,30 @@ def attention_mask(positions: torch.Tensor, attend_len: int) -> torch.Tensor:
 
 
 class PrefixCache:
-    """Latents [layers, block, width] of prompt blocks, keyed by a hash chain over the tokens up to
-    each block's end; least recently used blocks are evicted beyond `max_bytes` (0 turns it off)."""
+    """Prompt blocks of `block` tokens, keyed by a hash chain over the tokens up to each block's end,
+    least recently used evicted beyond `max_bytes` (0 turns it off). What is kept per block is the
+    cache's own handle: a latent copy for ``LatentCache``, a shared page for ``PagedLatentCache``
+    (whose pages go back to the pool when the last holder lets go)."""
 
     def __init__(self, max_bytes: int, block: int = 16):
         self.max_bytes, self.block = max_bytes, block
-        self.blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.blocks: OrderedDict[bytes, object] = OrderedDict()
         self.bytes = 0
 
     def clear(self) -> None:
         """Forget every block (the weights changed, so the latents no longer hold)."""
-        self.blocks.clear()
-        self.bytes = 0
+        while self.blocks:
+            self.evict()
+
+    def evict(self) -> bool:
+        """Drop the least recently used block; False when none is left."""
+        if not self.blocks:
+            return False
+        handle = self.blocks.popitem(last=False)[1]
+        self.bytes -= handle.nbytes
+        if hasattr(handle, "release"):
+            handle.release()
+        return True
 
     def _keys(self, tokens: list[int], n_blocks: int) -> list[bytes]:
         keys, key = [], b""
@@ -133,10 +339,10 @@ class PrefixCache:
             keys.append(key)
         return keys
 
-    def lookup(self, tokens: list[int], limit: int) -> torch.Tensor | None:
-        """Latents [layers, n, width] of the longest cached block prefix of tokens[:limit], or None."""
+    def lookup(self, tokens: list[int], limit: int) -> list:
+        """The handles of the longest cached block prefix of tokens[:limit] (empty if none)."""
         if not self.max_bytes:
-            return None
+            return []
         found = []
         for key in self._keys(tokens, limit // self.block):
             if key not in self.blocks:
@@ -144,20 +350,21 @@ class PrefixCache:
             found.append(key)
         for key in reversed(found):  # parents end up most recent: evicted after their children
             self.blocks.move_to_end(key)
-        return torch.cat([self.blocks[k] for k in found], dim=1) if found else None
+        return [self.blocks[k] for k in found]
 
-    def insert(self, tokens: list[int], kv: torch.Tensor) -> None:
-        """Remember the full blocks of `tokens`, whose latents are kv [layers, >= len(tokens), width]."""
+    def insert(self, tokens: list[int], snapshot) -> None:
+        """Remember the full blocks of `tokens`; snapshot(i) makes block i's handle (called only
+        for blocks not kept yet)."""
         if not self.max_bytes:
             return
         keys = self._keys(tokens, len(tokens) // self.block)
         for i, key in enumerate(keys):
             if key in self.blocks:
                 continue
-            latents = kv[:, i * self.block:(i + 1) * self.block].clone()
-            self.blocks[key] = latents
-            self.bytes += latents.nbytes
+            handle = snapshot(i)
+            self.blocks[key] = handle
+            self.bytes += handle.nbytes
         for key in reversed(keys):  # parents most recent: a child never outlives the blocks before it
             self.blocks.move_to_end(key)
-        while self.bytes > self.max_bytes and self.blocks:
-            self.bytes -= self.blocks.popitem(last=False)[1].nbytes
+        while self.bytes > self.max_bytes and self.evict():
+            pass

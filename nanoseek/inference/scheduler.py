@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .cache import PrefixCache
-from .engine import Batch, Engine, SamplingParams, Sequence, check_prompt, new_generator
+from .batch import Batch
+from .engine import Engine
+from .sequence import SamplingParams, Sequence, check_prompt, new_generator
 
 
 class QueueFull(Exception):
