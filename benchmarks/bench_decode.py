@@ -46,11 +46,11 @@ CONFIG = dict(model_type="deepseek_v3", vocab_size=VOCAB, hidden_size=1024, inte
               bos_token_id=0, eos_token_id=None)
 
 
-def memory_bandwidth(mbytes: int = 512, iters: int = 9) -> tuple[float, float]:
+def memory_bandwidth(mbytes: int = 512, iters: int = 9, device: str = "cpu") -> tuple[float, float]:
     """(copy, read) bytes/s, medians of `iters`: a large tensor copy counted as bytes read + written
     (STREAM's convention), and a sum over the same tensor (bytes read). Decoding only reads weights,
     and on many CPUs reading alone is faster than the copy figure suggests: the limit uses the higher."""
-    src = torch.ones(mbytes * 2**20 // 4)
+    src = torch.ones(mbytes * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     nbytes = src.numel() * src.element_size()
 
@@ -58,11 +58,18 @@ def memory_bandwidth(mbytes: int = 512, iters: int = 9) -> tuple[float, float]:
         fn()
         times = []
         for _ in range(iters):
+            sync(device)
             t = time.perf_counter()
             fn()
+            sync(device)
             times.append(time.perf_counter() - t)
         return statistics.median(times)
     return 2 * nbytes / median_time(lambda: dst.copy_(src)), nbytes / median_time(src.sum)
+
+
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def decode_bytes_per_token(model: Transformer, context: int) -> int:
@@ -78,6 +85,7 @@ def decode_bytes_per_token(model: Transformer, context: int) -> int:
 def nanoseek_steps(engine: Engine, prompts: list[list[int]], n: int) -> tuple[list[float], list[list[int]]]:
     stamps, outs = [], [[] for _ in prompts]
     for new in engine.stream(prompts, n + 1):
+        sync(engine.device)
         stamps.append(time.perf_counter())
         for out, toks in zip(outs, new):
             out.extend(toks)
@@ -88,9 +96,11 @@ def transformers_steps(model, prompts: torch.Tensor, n: int) -> tuple[list[float
     stamps = []
 
     def stamp(input_ids, scores):  # called once per forward, before the token is picked
+        sync(scores.device)
         stamps.append(time.perf_counter())
         return scores
 
+    prompts = prompts.to(model.device)
     with torch.inference_mode():
         out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n + 1,
                              min_new_tokens=n + 1, do_sample=False, logits_processor=[stamp], pad_token_id=0,
@@ -150,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs per library and setting (alternating)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (transformers runs on the same device)")
     p.add_argument("--no-transformers", action="store_true", help="time nanoseek alone")
     p.add_argument("--compile", action="store_true", help="nanoseek's decode step through torch.compile")
     p.add_argument("--mtp-model", default=None,
@@ -170,10 +181,10 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             save_pretrained(ours, d)
-            ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
-    ours = ours.to(dtype)
+            ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval().to(args.device)
+    ours = ours.to(dtype).to(args.device)
     engine = Engine(ours, compile=args.compile)
-    copy_bw, read_bw = memory_bandwidth()
+    copy_bw, read_bw = memory_bandwidth(device=args.device)
     bandwidth = max(copy_bw, read_bw)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.dtype}, {ours.num_params() / 1e6:.0f}M params ({ours.num_params(active=True) / 1e6:.0f}M active), "
@@ -186,7 +197,7 @@ def main(argv=None) -> int:
             prompts = torch.randint(1, VOCAB, (batch, context), generator=gen)
             ours_t, ref_t, theirs_bytes, same, bws = [], [], None, None, []
             for _ in range(args.repeats):
-                bws.append(max(memory_bandwidth(iters=3)))  # sampled between runs: the machine's load varies
+                bws.append(max(memory_bandwidth(iters=3, device=args.device)))  # sampled between runs: the machine's load varies
                 steps, ours_out = nanoseek_steps(engine, prompts.tolist(), args.new_tokens)
                 ours_t += steps
                 if ref is not None:

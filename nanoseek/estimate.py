@@ -44,14 +44,13 @@ def estimate(cfg: ModelConfig, kv_dtype_bytes: int = 2) -> Estimate:
         model = Transformer(cfg)
     total = model.num_params()
     no_mtp = model.num_params(include_mtp=False)
-    per_layer_latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
     return Estimate(
         total_params=total, total_params_no_mtp=no_mtp,
         active_params=model.num_params(active=True, include_mtp=False),
         mtp_params=total - no_mtp,
         mtp_stored_copies=2 * cfg.vocab_size * cfg.hidden_size * cfg.num_nextn_predict_layers,
-        kv_cache_bytes_per_token=per_layer_latent * cfg.num_hidden_layers * kv_dtype_bytes,
+        kv_cache_bytes_per_token=cfg.cache_bytes_per_token(kv_dtype_bytes),
         mha_cache_bytes_per_token=mha * cfg.num_hidden_layers * kv_dtype_bytes,
         kv_dtype_bytes=kv_dtype_bytes,
     )

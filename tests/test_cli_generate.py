@@ -80,6 +80,8 @@ def test_generate_chat_wraps_the_prompt_in_the_template(ckpt, capsys):
     (["--max-new-tokens", "5000"], "exceed the context"),
     (["--temperature", "-1"], "temperature"),
     (["--top-p", "1.5"], "top_p"),
+    (["--device", "tpu"], "expected cpu, cuda or cuda:N"),
+    *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]),
 ])
 def test_generate_bad_input_is_one_clear_line(ckpt, capsys, argv, message):
     code, out, err = run_cli(["generate", "--model", ckpt, "--prompt", "x", *argv], capsys)
@@ -132,3 +134,18 @@ def test_reply_printer_sets_reasoning_apart_even_when_split_across_chunks():
     assert text.rindex(reset) <= answer_start
 
 
+
+
+def test_generate_quantized_on_load_runs_and_stays_close(ckpt, capsys):
+    base = ["generate", "--model", ckpt, "--prompt", "12+30=", "--max-new-tokens", "6"]
+    code, plain, _ = run_cli(base, capsys)
+    code8, int8, _ = run_cli(base + ["--quantize", "int8"], capsys)
+    assert code == code8 == 0 and int8.startswith("12+30=") and len(int8) > len("12+30=")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generate_on_cuda_gives_the_cpu_greedy_tokens(ckpt, capsys):
+    base = ["generate", "--model", ckpt, "--prompt", "12+30=", "--max-new-tokens", "12", "--dtype", "float32"]
+    _, cpu, _ = run_cli(base, capsys)
+    _, cuda, _ = run_cli(base + ["--device", "cuda"], capsys)
+    assert cuda == cpu

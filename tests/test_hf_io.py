@@ -173,3 +173,33 @@ def test_tied_embeddings_round_trip(tmp_path):
     x = torch.randint(0, 1024, (1, 6))
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+# ----------------------------------------------------------------------------- quantize on load
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantize_on_load_equals_converting_then_loading_bit_for_bit(tmp_path, fmt):
+    from nanoseek.quant.convert import convert_checkpoint
+    save_pretrained(randomize_(tiny(), scale=0.1).to(torch.bfloat16), tmp_path / "src", max_shard_size="40KB")
+    convert_checkpoint(tmp_path / "src", tmp_path / fmt, fmt, group_size=32, progress=False)
+    stored = load_pretrained(tmp_path / fmt)
+    on_load = load_pretrained(tmp_path / "src", quantize=fmt, group_size=32)
+    a, b = stored.state_dict(), on_load.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert on_load.config.quantization_config == stored.config.quantization_config
+    assert any(t.dtype in (torch.int8, torch.uint8, torch.int32) for t in b.values())  # really held quantized
+
+
+def test_quantize_on_load_reads_an_fp8_checkpoint_and_refuses_what_it_cannot_do(tmp_path):
+    from nanoseek.quant.convert import convert_checkpoint
+    save_pretrained(randomize_(tiny(), scale=0.1), tmp_path / "src")
+    convert_checkpoint(tmp_path / "src", tmp_path / "fp8", "fp8", progress=False)
+    via_fp8 = load_pretrained(tmp_path / "fp8", quantize="int8")
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    ref = load_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    assert (via_fp8(x) - ref(x)).abs().max() < 0.05 * ref(x).abs().max()
+    with pytest.raises(ValueError, match="int8 or int4"):
+        load_pretrained(tmp_path / "src", quantize="fp8")
+    convert_checkpoint(tmp_path / "src", tmp_path / "int8", "int8", progress=False)
+    with pytest.raises(ValueError, match="nanoseek quantize --to int4"):
+        load_pretrained(tmp_path / "int8", quantize="int4")

@@ -88,6 +88,24 @@ def test_mtp_speculative_scheduler_equals_the_engine_with_top_k(engine, sampled)
     assert sched.stats["drafted"] > 0
 
 
+def test_a_paged_scheduler_with_a_token_budget_equals_the_engine_under_preemption(engine):
+    """A pool of 64 tokens for 4 rows needing up to ~90 at once: rows are preempted and resumed,
+    prompts are prefilled in chunks of the step budget, prefixes share pages; every output is the
+    engine's."""
+    cfg = engine.config
+    budget = 16 * cfg.num_hidden_layers * 4 * cfg.latent_cache_width * 4  # 16 pages of 4 tokens, fp32
+    sched = Scheduler(engine, max_batch=4, block=4, kv_cache_bytes=budget, max_batched_tokens=6,
+                      prefix_cache_bytes=1 << 20)
+    runs = [collect(sched, p, SamplingParams(max_tokens=12 + i)) for i, p in enumerate(PROMPTS)]
+    drain(sched)
+    for (events, req), p in zip(runs, PROMPTS):
+        assert ids_of(events) == engine.generate([p], req.params.max_tokens)[0].tokens
+        assert events[-1].finish_reason == "length"
+    assert sched.stats["preempted"] > 0 and sched.batch.cache.capacity == 64
+    with pytest.raises(ValueError, match="exceed the context of 64"):  # more than the whole pool
+        sched.submit([1] * 60, SamplingParams(max_tokens=10))
+
+
 def test_cancel_frees_the_slot(engine):
     sched = Scheduler(engine, max_batch=1, prefix_cache_bytes=0)
     events, req = collect(sched, PROMPTS[0], SamplingParams(max_tokens=100))

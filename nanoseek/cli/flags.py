@@ -13,6 +13,9 @@ import argparse
 import dataclasses
 import typing
 
+from ..device import DTYPES, inference_dtype, resolve_device
+from ..inference import Engine
+
 
 def add_config_args(parser, cls, skip: tuple[str, ...] = (), defaults=None) -> None:
     """One --flag per dataclass field, help text and defaults taken from the field (or from the
@@ -43,3 +46,19 @@ def config_from_args(cls, args, **overrides):
     kw = {k: v for k, v in vars(args).items() if k in names}
     kw.update(overrides)
     return cls(**kw)
+
+
+def add_inference_flags(p) -> None:
+    """--device, --dtype and --quantize: where and how an inference command holds the model."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="compute dtype (auto: bf16 on CUDA, the checkpoint's own on a CPU)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="quantize the weights as the shards load (peak memory: the quantized model + one tensor)")
+
+
+def load_engine(args, **kw) -> Engine:
+    """The Engine an inference command's --model/--device/--dtype/--quantize ask for."""
+    device = resolve_device(args.device)
+    return Engine.from_pretrained(args.model, dtype=inference_dtype(device, args.dtype), device=device,
+                                  quantize=args.quantize, **kw)

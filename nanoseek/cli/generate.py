@@ -17,20 +17,11 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
-
 from ..chat import TextStream, chat_prompt, held_suffix
 from ..inference import Engine
+from .flags import add_inference_flags, load_engine
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-
-
-def load(path: str, dtype: str = "auto", compile: bool = False) -> Engine:
-    """An Engine over the checkpoint at `path` (dtype "auto": the checkpoint's torch_dtype)."""
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
-    return Engine.from_pretrained(path, dtype=None if dtype == "auto" else DTYPES[dtype], compile=compile)
 
 
 class ReplyPrinter:
@@ -89,7 +80,7 @@ def print_stats(engine: Engine, elapsed: float, out=None) -> None:
 # ----------------------------------------------------------------------------- commands
 
 def run_generate(args) -> int:
-    engine = load(args.model, args.dtype, args.compile)
+    engine = load_engine(args, compile=args.compile)
     tok = engine.tokenizer
     if args.chat:
         prompts = [chat_prompt(tok, [{"role": "user", "content": p}])[0] for p in args.prompt]
@@ -128,7 +119,7 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
-    engine = load(args.model, args.dtype, args.compile)
+    engine = load_engine(args, compile=args.compile)
     tok = engine.tokenizer
     context = engine.config.max_position_embeddings
     color = sys.stdout.isatty() and not args.no_color
@@ -184,8 +175,7 @@ def _common_flags(p) -> None:
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="mtp: the MTP module drafts a token that the model verifies (same output when greedy)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="compute dtype (auto: the checkpoint's torch_dtype)")
+    add_inference_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="run the decode step through torch.compile (the first request pays the compilation)")
     p.add_argument("--stats", action="store_true", help="print tokens/s, tokens per forward and MTP acceptance")

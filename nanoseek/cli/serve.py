@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .generate import DTYPES, load
+from ..hf.io import parse_size
+from .flags import add_inference_flags, load_engine
 
 
 def run(args) -> int:
@@ -26,13 +27,15 @@ def run(args) -> int:
     check_listen(args.host, api_key)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise ValueError("--ssl-certfile and --ssl-keyfile go together")
-    engine = load(args.model, args.dtype)
-    if engine.tokenizer is None:
-        raise ValueError(f"{args.model}: no tokenizer.json")
+    engine = load_engine(args)
     name = args.served_model_name or Path(args.model).resolve().name
+    budget = kv_cache_budget(args.kv_cache_memory, engine.device)
     scheduler = Scheduler(engine, max_batch=args.max_batch, queue_size=args.queue_size,
-                          prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), context=args.context,
-                          speculative=args.speculative).start()
+                          prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), block=args.page_size,
+                          context=args.context, speculative=args.speculative, kv_cache_bytes=budget,
+                          max_batched_tokens=args.max_num_batched_tokens).start()
+    print(f"nanoseek serve: KV cache {budget / 2**30:.2f} GiB = {scheduler.batch.cache.capacity:,} tokens "
+          f"in pages of {args.page_size}, context {scheduler.context:,}")
     if args.log_requests:
         import logging
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -48,6 +51,17 @@ def run(args) -> int:
     return 0
 
 
+def kv_cache_budget(size: str | None, device) -> int:
+    """--kv-cache-memory in bytes; by default 1 GiB on a CPU, 90% of what is free on a GPU once the
+    weights are loaded."""
+    if size is not None:
+        return parse_size(size, "--kv-cache-memory")
+    if device.type == "cuda":
+        import torch
+        return int(0.9 * torch.cuda.mem_get_info(device)[0])
+    return 1 << 30
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible API server + web chat (continuous batching, prefix cache)")
     p.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
@@ -60,15 +74,21 @@ def add_parser(sub) -> None:
     p.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM); serves https with --ssl-keyfile")
     p.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder name)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (cache slots)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot; more get 429")
     p.add_argument("--context", type=int, default=None,
-                   help="tokens per slot, prompt + completion (default: the model's max_position_embeddings)")
+                   help="most tokens per request, prompt + completion (default: the model's max_position_embeddings)")
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="bytes of the paged latent cache all requests share, e.g. 2GB (default: 1GB on a CPU, "
+                        "90%% of free GPU memory); server memory is the weights plus this, whatever the context")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per cache page (and per prefix-cache block)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens per step, decode rows + prefill chunks: a long prompt is prefilled in chunks "
+                        "while the other requests keep streaming")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="mtp: the MTP module drafts a token that the model verifies (same output when greedy)")
     p.add_argument("--prefix-cache-mb", type=float, default=256, help="memory for cached prompt latents (0: off)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="compute dtype (auto: the checkpoint's torch_dtype)")
+    add_inference_flags(p)
     p.add_argument("--log-requests", action="store_true",
                    help="log each request's prompt and completion (off: nothing of them is logged)")
     p.set_defaults(func=run)

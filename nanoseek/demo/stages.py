@@ -316,7 +316,7 @@ def stage_inference(ctx: Context) -> dict:
     cfg = model.config
     # bytes per token in bf16, as DeepSeek-V2 counts them: MLA keeps (d_c + d_h^R) numbers per layer,
     # multi-head attention of the same width keeps a key and a value per head
-    mla = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 2
+    mla = cfg.cache_bytes_per_token(2)
     mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers * 2
     v3 = estimate(ModelConfig.preset("deepseek-v3"))
     prompts = prompts_for_bench(ctx, Tokenizer.from_pretrained(final))

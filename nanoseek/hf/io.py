@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..model import Gate, RotaryEmbedding, Transformer, rope_frequencies
-from ..quant.formats import FORMATS, WeightFormat, swap_modules
+from ..quant.formats import FORMATS, WeightFormat, swap_modules, weight_format
 from ..quant.modules import QuantExperts, QuantLinear
 from ..tokenizer import Tokenizer
 from .fsutil import atomic_directory
@@ -127,12 +127,13 @@ def by_file(files: dict[str, Path], skip: set[str] = frozenset()) -> dict[Path, 
 
 # ----------------------------------------------------------------------------- save
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str, what: str = "max_shard_size") -> int:
+    """Bytes from an int or a string like '5GB', '512MB', '1.5G' (binary units)."""
     if isinstance(size, int):
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", size.upper())
     if not m:
-        raise ValueError(f"max_shard_size={size!r}: expected bytes or a string like '5GB'")
+        raise ValueError(f"{what}={size!r}: expected bytes or a string like '5GB'")
     return int(float(m[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m[2]])
 
 
@@ -154,7 +155,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
     config = dict(model.config.to_hf() if config is None else config)
     some = next(iter(tensors.values()))
     config.setdefault("torch_dtype", str(some.dtype).removeprefix("torch."))
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(tensors, key=natural_key):
@@ -185,12 +186,16 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
 # ----------------------------------------------------------------------------- load
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    allow_unexpected: bool = False) -> Transformer:
+                    allow_unexpected: bool = False, quantize: str | None = None, group_size: int = 128,
+                    keep: list[str] | None = None) -> Transformer:
     """Load a DeepSeek-V2/V3 checkpoint directory written by nanoseek, transformers or DeepSeek.
 
     dtype: compute dtype of everything not held quantized, activations included (default: the
     config's torch_dtype; FP8 checkpoints load as bf16).
     allow_unexpected: skip (with a warning) tensors the model has no place for instead of failing.
+    quantize: "int8" or "int4": quantize on load, tensor by tensor as the shards are read (an FP8
+    weight is dequantized first), so peak memory is the quantized model plus one tensor; `keep`
+    and `group_size` as for ``nanoseek quantize`` (the result equals quantizing and then loading).
     A checkpoint without the MTP layers (as transformers saves DeepSeek models) loads with MTP off.
     """
     path = Path(path)
@@ -203,7 +208,18 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     if cfg.num_nextn_predict_layers and not has_mtp_layers(cfg, files):
         warnings.warn(f"{path}: no MTP layers (model.layers.{n}.*) in the checkpoint; loading with MTP disabled")
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    loader = _Loader(path, cfg, files, fmt if fmt is not None and fmt.in_memory else None, allow_unexpected)
+    held = fmt if fmt is not None and fmt.in_memory else None
+    if quantize is not None:
+        target = weight_format(quantize)
+        if not target.in_memory:
+            raise ValueError(f"quantize={quantize!r}: loads quantized only as int8 or int4")
+        if held is not None and held is not target:
+            raise ValueError(f"{path} is stored {held.name}; quantize={quantize!r} would requantize it "
+                             f"(convert it with `nanoseek quantize --to {quantize}`)")
+        if held is None:
+            cfg = cfg.replace(quantization_config=target.config(group_size, keep))
+            held = target
+    loader = _Loader(path, cfg, files, held, allow_unexpected, on_load=quantize is not None and fmt is not held)
     loader.build(_compute_dtype(cfg, dtype), device)
     loader.load()
     return loader.model.eval()
@@ -217,10 +233,11 @@ def check_vocab(tokenizer: Tokenizer, model: Transformer, where) -> None:
 
 
 def load_with_tokenizer(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
-    """A checkpoint's model (``load_pretrained``) and the tokenizer saved beside it, checked to fit."""
+                        device: str | torch.device = "cpu", **kw) -> tuple[Transformer, Tokenizer]:
+    """A checkpoint's model (``load_pretrained``, which takes the other keywords) and the tokenizer
+    saved beside it, checked to fit."""
     tokenizer = Tokenizer.from_pretrained(path)
-    model = load_pretrained(path, dtype=dtype, device=device)
+    model = load_pretrained(path, dtype=dtype, device=device, **kw)
     check_vocab(tokenizer, model, path)
     return model, tokenizer
 
@@ -240,8 +257,9 @@ class _Loader:
     being filled and the checkpoint keys filled so far."""
 
     def __init__(self, path: Path, cfg: ModelConfig, files: dict[str, Path], fmt: WeightFormat | None,
-                 allow_unexpected: bool):
+                 allow_unexpected: bool, on_load: bool = False):
         self.path, self.cfg, self.files, self.fmt, self.allow_unexpected = path, cfg, files, fmt, allow_unexpected
+        self.on_load = on_load  # fmt is not stored: high-precision weights are quantized as they are read
         qc = cfg.quantization_config or {}
         self.modules_to_not_convert = qc.get("modules_to_not_convert")
         self.keep = list(qc.get("modules_to_not_convert", fmt.default_keep)) if fmt else []
@@ -285,11 +303,16 @@ class _Loader:
             with open_safetensors(file) as f:
                 for key in keys:
                     t = read_tensor(f, file, key)
-                    if self._stored_quantized(key):
+                    if not self.on_load and self._stored_quantized(key):
                         self.seen.update(self._load_quantized(key, t, file))
                         continue
                     if t.dtype == FP8.stored_dtype:
                         t = dequantized(files, file, key, t, FP8)
+                    if self.on_load and key in self.targets:
+                        self._check_float(key, t, file)
+                        parts = fmt.quantize(t.float(), self.group_size, key)
+                        self.seen.update(self._install(key, parts, file))
+                        continue
                     self.seen.update(self._assign(key, t, file))
         for (name, e), projs in self.experts.items():
             if len(projs) == 3:
@@ -314,8 +337,7 @@ class _Loader:
                 raise CheckpointError(f"{file}: {what} has shape {tuple(t.shape)}, the config implies "
                                       f"{tuple(target_shape)}")
 
-        if not (t.dtype.is_floating_point or key.endswith("e_score_correction_bias")):
-            raise CheckpointError(f"{file}: {key} has dtype {t.dtype}; expected a floating-point tensor")
+        self._check_float(key, t, file)
         m = EXPERT_KEY.match(key)
         if m and f"{m[1]}.{m[3]}" in params:
             target = params[f"{m[1]}.{m[3]}"]
@@ -348,6 +370,11 @@ class _Loader:
             params[key].copy_(t)
         return [key]
 
+    @staticmethod
+    def _check_float(key: str, t: torch.Tensor, file: Path) -> None:
+        if not (t.dtype.is_floating_point or key.endswith("e_score_correction_bias")):
+            raise CheckpointError(f"{file}: {key} has dtype {t.dtype}; expected a floating-point tensor")
+
     def _unexpected(self, key: str, file: Path) -> list[str]:
         if not self.allow_unexpected:
             raise CheckpointError(f"{file}: unexpected tensor {key} (the config has no place for it; "
@@ -365,7 +392,11 @@ class _Loader:
         if t.dtype != fmt.stored_dtype:
             raise CheckpointError(f"{file}: {key} has dtype {t.dtype}; an {fmt.name} checkpoint stores it as "
                                   f"{fmt.stored_dtype} (config.json quantization_config.quant_method={fmt.name})")
-        parts = read_parts(self.files, file, key, t, fmt)
+        return self._install(key, read_parts(self.files, file, key, t, fmt), file)
+
+    def _install(self, key: str, parts: dict[str, torch.Tensor], file: Path) -> list[str]:
+        """Check one quantized weight's parts against the module that takes them and copy them in."""
+        fmt = self.fmt
         if is_mtp_shared_copy(self.cfg, key):
             return [key]  # the MTP layers' copy of lm_head, which the model shares
         name = key.removesuffix(".weight")

@@ -40,11 +40,12 @@ class Engine:
         self._compiled_decode = torch.compile(self._decode_whole, dynamic=True) if compile else None
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, compile: bool = False,
-                        prefix_cache_bytes: int = 0) -> "Engine":
-        """An Engine over the checkpoint at `path` with the tokenizer saved next to it."""
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                        quantize: str | None = None, compile: bool = False, prefix_cache_bytes: int = 0) -> "Engine":
+        """An Engine over the checkpoint at `path` with the tokenizer saved next to it, on `device`,
+        optionally quantized to int8/int4 as it loads (``load_pretrained``'s quantize)."""
         from ..hf.io import load_with_tokenizer
-        model, tokenizer = load_with_tokenizer(path, dtype=dtype)
+        model, tokenizer = load_with_tokenizer(path, dtype=dtype, device=device, quantize=quantize)
         return cls(model, tokenizer, compile=compile, prefix_cache_bytes=prefix_cache_bytes)
 
     # ------------------------------------------------------------------ sizes

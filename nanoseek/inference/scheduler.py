@@ -1,29 +1,31 @@
 """Continuous batching: one thread owns the model and drives the inference core for every request.
 
-    sched = Scheduler(engine, max_batch=16, queue_size=64, prefix_cache_bytes=256 << 20, speculative="mtp")
-    sched.start()
+    sched = Scheduler(engine, max_batch=16, queue_size=64, kv_cache_bytes=2 << 30, max_batched_tokens=512,
+                      speculative="mtp").start()
     req = sched.submit(prompt_ids, SamplingParams(max_tokens=64, top_k=50, stop=["\\n\\n"]), on_event=print)
     req.cancel()       # from any thread: the request leaves at the next step and frees its slot
     sched.stop()
 
-The scheduler is a thread and a bounded queue around one ``Batch`` (engine.py): between two steps
-it admits waiting requests into free slots, ends cancelled ones, lets finished ones leave, then runs
-one ``Batch.step`` for every running row and hands each request its new final text and tokens as
-an ``Event``. Sampling, stops, MTP speculation, prefix reuse and the cache all live in the core,
-so a row that runs alone sees exactly the forwards ``Engine.generate`` would make, and batched rows
+The scheduler is a thread and a bounded queue around one ``Batch`` (batch.py): between two steps
+it admits waiting requests into free slots (preempted ones first), ends cancelled ones, lets
+finished ones leave, then runs one ``Batch.step`` (decode for the running rows, prefill chunks
+within the token budget) and hands each request its new final text and tokens as an ``Event``.
+Sampling, stops, MTP speculation, prefix reuse, paging and preemption all live in the core, so a
+row that runs alone sees exactly the forwards ``Engine.generate`` would make, and batched rows
 differ from that only by floating-point summation order: greedy output matches ``Engine.generate``
-prompt by prompt. The prefix cache keeps prompt latents in blocks of `block` tokens, keyed by a
-hash of all tokens up to the block's end and evicted least-recently-used beyond a byte budget.
+prompt by prompt. With ``kv_cache_bytes`` the cache is one pool of pages of that size, so memory
+is the weights plus that budget whatever the context; the prefix cache then shares pages.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from .cache import PrefixCache
+from .cache import PagedLatentCache, PrefixCache
 from .batch import Batch
 from .engine import Engine
 from .sequence import SamplingParams, Sequence, check_prompt, new_generator
@@ -64,13 +66,24 @@ class Scheduler:
 
     def __init__(self, engine: Engine, max_batch: int = 16, queue_size: int = 64,
                  prefix_cache_bytes: int = 256 << 20, block: int = 16, context: int | None = None,
-                 speculative: str | None = None):
+                 speculative: str | None = None, kv_cache_bytes: int | None = None,
+                 max_batched_tokens: int | None = None):
+        """kv_cache_bytes: a paged cache of that many bytes (pages of `block` tokens) shared by all
+        requests, whatever the context; None: `max_batch` slots of `context` tokens each, allocated
+        up front. max_batched_tokens: tokens per step (decode rows + prefill chunks); None: a
+        joining prompt is prefilled whole."""
         if max_batch < 1 or queue_size < 1:
             raise ValueError(f"max_batch={max_batch}, queue_size={queue_size}: both must be >= 1")
         self.engine, self.tokenizer = engine, engine.tokenizer
         cfg = engine.config
         context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.batch = Batch(engine, max_batch, context, speculative, PrefixCache(prefix_cache_bytes, block))
+        layers = cfg.num_hidden_layers + (speculative == "mtp")
+        cache = None if kv_cache_bytes is None else PagedLatentCache.for_budget(
+            kv_cache_bytes, layers, block, cfg.latent_cache_width, engine.dtype, device=engine.device,
+            slots=max_batch, max_len=context)
+        self.batch = Batch(engine, max_batch, context, speculative, PrefixCache(prefix_cache_bytes, block), cache,
+                           max_batched_tokens)
+        self.pending: collections.deque[Request] = collections.deque()  # preempted: admitted again first
         self.incoming: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
         self.counts = dict(finished=0, cancelled=0)
         self._thread: threading.Thread | None = None
@@ -107,7 +120,8 @@ class Scheduler:
                on_event: Callable[[Event], None] = lambda e: None) -> Request:
         """Queue a request; raises ValueError (bad request), QueueFull or NotRunning."""
         params.validate()
-        check_prompt(prompt, params.max_tokens, self.context, self.engine.config.vocab_size)
+        check_prompt(prompt, params.max_tokens, min(self.context, self.batch.cache.capacity),
+                     self.engine.config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise ValueError("text stop sequences need a tokenizer")
         req = Request(prompt, params, on_event, self.tokenizer, self.engine.device)
@@ -153,7 +167,7 @@ class Scheduler:
         reason = "the server is shutting down"
         try:
             while not self._stopping.is_set():
-                if not self.rows:  # idle: sleep until a request arrives
+                if not self.rows and not self.pending:  # idle: sleep until a request arrives
                     try:
                         self._admit(self.incoming.get(timeout=0.1))
                     except queue.Empty:
@@ -169,9 +183,10 @@ class Scheduler:
         """Refuse new requests; end the running and the waiting ones with an error."""
         with self._lock:
             self._closed = True
-        for req in self.rows:
+        for req in [*self.rows, *self.pending]:
             self._end(req, "error", reason)
         self.rows.clear()
+        self.pending.clear()
         while True:
             try:
                 self._end(self.incoming.get_nowait(), "error", reason)
@@ -179,11 +194,11 @@ class Scheduler:
                 return
 
     def step(self) -> int:
-        """Admit waiting requests into free slots, then one step of the core for every running row.
-        Returns the number of rows still running (tests drive the scheduler with this directly)."""
+        """Admit waiting requests into free slots (preempted ones first), then one step of the core.
+        Returns the number of rows still in the batch (tests drive the scheduler with this directly)."""
         while self.batch.free:
             try:
-                self._admit(self.incoming.get_nowait())
+                self._admit(self.pending.popleft() if self.pending else self.incoming.get_nowait())
             except queue.Empty:
                 break
         for req in self.rows:
@@ -195,6 +210,7 @@ class Scheduler:
             for req in self.rows:
                 self._emit(req)
             self._leave()
+            self.pending.extendleft(reversed(self.batch.take_preempted()))
         return len(self.rows)
 
     def _admit(self, req: Request) -> None:
@@ -204,7 +220,8 @@ class Scheduler:
             self._end(req, "cancelled")
             return
         self.batch.admit([req])
-        self._emit(req)
+        if req.finish_reason is not None or req.out:  # prefilled at once: its first token (or error)
+            self._emit(req)
 
     def _leave(self) -> None:
         self.counts["finished"] += len(self.batch.leave())
@@ -212,6 +229,8 @@ class Scheduler:
     # ------------------------------------------------------------------ outputs
     def _emit(self, req: Request) -> None:
         ids, text = req.take()
+        if not ids and not text and req.finish_reason is None:
+            return
         event = Event(text, ids, req.finish_reason, req.error, len(req.prompt), req.cached_tokens, len(req.out))
         try:
             req.on_event(event)
