@@ -33,7 +33,8 @@ def run(args) -> int:
     scheduler = Scheduler(engine, max_batch=args.max_batch, queue_size=args.queue_size,
                           prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), block=args.page_size,
                           context=args.context, speculative=args.speculative, kv_cache_bytes=budget,
-                          max_batched_tokens=args.max_num_batched_tokens).start()
+                          max_batched_tokens=args.max_num_batched_tokens,
+                          chunk_cost=args.prefill_chunk_cost).start()
     print(f"nanoseek serve: KV cache {budget / 2**30:.2f} GiB = {scheduler.batch.cache.capacity:,} tokens "
           f"in pages of {args.page_size}, context {scheduler.context:,}")
     if args.log_requests:
@@ -85,6 +86,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="tokens per step, decode rows + prefill chunks: a long prompt is prefilled in chunks "
                         "while the other requests keep streaming")
+    p.add_argument("--prefill-chunk-cost", type=float, default=None,
+                   help="size prefill chunks by time instead: each adds about this many decode steps to the "
+                        "streaming requests' token gaps (measured; smoother streams, slower time to first token)")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="mtp: the MTP module drafts a token that the model verifies (same output when greedy)")
     p.add_argument("--prefix-cache-mb", type=float, default=256, help="memory for cached prompt latents (0: off)")

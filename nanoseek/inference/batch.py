@@ -62,7 +62,15 @@ class Batch:
     """Sequences in the slots of one latent cache; see the module docstring."""
 
     def __init__(self, engine, slots: int, context: int, speculative: str | None = None,
-                 prefix: PrefixCache | None = None, cache=None, max_batched_tokens: int | None = None):
+                 prefix: PrefixCache | None = None, cache=None, max_batched_tokens: int | None = None,
+                 chunk_cost: float | None = None):
+        """max_batched_tokens: tokens per step, decode rows + prefill chunks (None: a prompt is
+        prefilled whole when admitted). chunk_cost: while rows decode, size each prefill chunk so
+        its tokens add about this many decode steps (measured as the batch runs: a CPU prefills a
+        token much slower than a GPU, so no fixed token count keeps streams smooth everywhere);
+        capped by max_batched_tokens. The chunk's own forward also pays about one decode step of
+        fixed cost (the weights are read again), so a streaming row's gap is ~(2 + chunk_cost)x
+        its idle one; only one forward for decode rows and chunk together would avoid that."""
         if speculative not in SPECULATIVE:
             raise ValueError(f"speculative={speculative!r}: expected None or 'mtp'")
         if speculative == "mtp" and not engine.model.mtp_layers:
@@ -76,7 +84,9 @@ class Batch:
         if self.paged and self.prefix.max_bytes and self.prefix.block != self.cache.page_size:
             raise ValueError(f"prefix blocks of {self.prefix.block} tokens need pages of as many "
                              f"(page_size={self.cache.page_size})")
-        self.budget = max_batched_tokens
+        self.budget, self.chunk_cost = max_batched_tokens, chunk_cost
+        self._seconds = {"decode_step": None, "prefill_token": None}  # moving averages; a token's share of a
+        # chunk is what the chunk took beyond a decode step (the fixed cost of any forward)
         self.eos = engine.eos_ids
         self.rows: list[Sequence] = []  # rows[i] lives in cache slot i
         self.running = 0  # rows[:running] decode; the rest wait to be prefilled
@@ -115,7 +125,7 @@ class Batch:
             s.cached_tokens = s.prefilled if fresh else s.cached_tokens
             self.rows.append(s)
             prev = s
-        if self.budget is None:
+        if self.budget is None and self.chunk_cost is None:
             self._prefill(None)
 
     def _take_prefill(self, budget: int | None) -> list[tuple[int, int]]:
@@ -167,8 +177,14 @@ class Batch:
         cache = self.cache.view(slots[0], slots[-1] + 1) if slots == list(range(slots[0], slots[-1] + 1)) \
             else self.cache.subset(slots)
         done = [s.prefilled + n == len(c) for (_, n), s, c in zip(real, seqs, ctx)]
+        # a short chunk after a cached prefix attends in latent space: the expanded path up-projects
+        # every earlier key again for each chunk, which makes a prompt in small chunks cost O(length^2)
+        cfg = self.engine.config
+        R, dn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+        short = ids.shape[1] * (R - dn) < R * (dn + cfg.v_head_dim)  # latent scores cost less than up-projection
+        absorb = short and min(s.prefilled for s in seqs) > 0
         try:
-            hidden = self.engine.forward(ids, positions, cache, absorb=False)  # [B, T, D]
+            hidden = self.engine.forward(ids, positions, cache, absorb=absorb)  # [B, T, D]
             rows_b = torch.arange(len(real), device=dev)
             at = torch.tensor([n - 1 for _, n in real], device=dev)
             logits = self.engine.logits(hidden[rows_b, at])
@@ -179,7 +195,7 @@ class Batch:
                 next_ids = torch.zeros_like(ids)
                 for b, row in enumerate(nxt):
                     next_ids[b, :len(row)] = torch.tensor([max(t, 0) for t in row], dtype=torch.long)
-                g = self.engine.mtp_forward(hidden, next_ids, positions, cache, absorb=False)
+                g = self.engine.mtp_forward(hidden, next_ids, positions, cache, absorb=absorb)
                 self._propose(seqs, self.engine.logits(g[rows_b, at]), only=done)
         except Exception as e:  # the forward itself failed: these rows (and their twins) end
             _fail(self.rows, [i for i, _ in take], "prefill", e)
@@ -284,17 +300,37 @@ class Batch:
                 i += 1
         n = self.running
         if n:
+            t1 = time.perf_counter()
             try:
                 (self._verify_step if self.mtp else self._decode_step)()
             except Exception as e:  # nothing to blame one row for: every running row fails
                 _fail(self.rows, list(range(n)), "decode", e)
+            self._average("decode_step", time.perf_counter() - t1)
             self.stats["steps"] += 1
             self.stats["rows_decoded"] += n
             self.stats["row_forwards"] += n
         self.stats["decode_s"] += time.perf_counter() - t0
         if self.running < len(self.rows):
-            left = None if self.budget is None else max(self.budget - n * per_row, self.budget // 4, 1)
-            self._prefill(left)
+            t1, before = time.perf_counter(), self.stats["prefill_tokens"]
+            self._prefill(self._prefill_budget(n * per_row))
+            done = self.stats["prefill_tokens"] - before
+            if done:
+                fixed = self._seconds["decode_step"] or 0.0
+                self._average("prefill_token", max(time.perf_counter() - t1 - fixed, 1e-6) / done)
+
+    def _average(self, what: str, seconds: float) -> None:
+        old = self._seconds[what]
+        self._seconds[what] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def _prefill_budget(self, decode_tokens: int) -> int | None:
+        """Prefill tokens for this step: what the token budget leaves after the decode rows, and,
+        with chunk_cost, no more than about chunk_cost decode steps' worth while rows decode."""
+        left = None if self.budget is None else max(self.budget - decode_tokens, self.budget // 4, 1)
+        per_step, per_token = self._seconds["decode_step"], self._seconds["prefill_token"]
+        if self.chunk_cost is not None and decode_tokens:
+            timed = 16 if per_step is None or not per_token else max(1, int(self.chunk_cost * per_step / per_token))
+            left = timed if left is None else min(left, timed)
+        return left
 
     def _decode_step(self) -> None:
         """Feed every row its newest token at its own position; pick each row's next one."""

@@ -67,11 +67,13 @@ class Scheduler:
     def __init__(self, engine: Engine, max_batch: int = 16, queue_size: int = 64,
                  prefix_cache_bytes: int = 256 << 20, block: int = 16, context: int | None = None,
                  speculative: str | None = None, kv_cache_bytes: int | None = None,
-                 max_batched_tokens: int | None = None):
+                 max_batched_tokens: int | None = None, chunk_cost: float | None = None):
         """kv_cache_bytes: a paged cache of that many bytes (pages of `block` tokens) shared by all
         requests, whatever the context; None: `max_batch` slots of `context` tokens each, allocated
         up front. max_batched_tokens: tokens per step (decode rows + prefill chunks); None: a
-        joining prompt is prefilled whole."""
+        joining prompt is prefilled whole. chunk_cost: while requests stream, a prefill chunk
+        costs about this many of their decode steps (measured), so their token gaps stay near
+        (1 + chunk_cost) x the idle ones."""
         if max_batch < 1 or queue_size < 1:
             raise ValueError(f"max_batch={max_batch}, queue_size={queue_size}: both must be >= 1")
         self.engine, self.tokenizer = engine, engine.tokenizer
@@ -82,7 +84,7 @@ class Scheduler:
             kv_cache_bytes, layers, block, cfg.latent_cache_width, engine.dtype, device=engine.device,
             slots=max_batch, max_len=context)
         self.batch = Batch(engine, max_batch, context, speculative, PrefixCache(prefix_cache_bytes, block), cache,
-                           max_batched_tokens)
+                           max_batched_tokens, chunk_cost)
         self.pending: collections.deque[Request] = collections.deque()  # preempted: admitted again first
         self.incoming: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
         self.counts = dict(finished=0, cancelled=0)
