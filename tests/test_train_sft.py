@@ -115,4 +115,4 @@ def test_config_errors_name_the_field(tmp_path):
 def test_command_line_defaults_are_sfts():
     from nanoseek.cli import build_parser
     args = build_parser().parse_args(["sft", "--model", "m", "--out", "o"])
-    assert (args.steps, args.lr, args.data) == (200, 1e-3, "arithmetic")
+    assert (args.steps, args.lr, args.dataset) == (200, 1e-3, "arithmetic")

@@ -45,7 +45,7 @@ class SFTConfig:
     model: str = opt(None, "checkpoint folder to fine-tune (nanoseek or Hugging Face DeepSeek, with its "
                            "tokenizer)", required=True)
     dataset: str = opt("arithmetic", f"a built-in task ({', '.join(TASKS)}) or comma-separated .jsonl/.parquet "
-                                  "files or datasets folders of {\"messages\": [...]} or {\"prompt\", \"completion\"} records")
+                                     "files or datasets folders of {\"messages\": [...]} or {\"prompt\", \"completion\"} records")
     seq_len: int = opt(512, "tokens per packed row; longer conversations are left out (counted)")
     num_examples: int = opt(5000, "built-in tasks: training conversations to generate")
     data_seed: int = opt(1, "built-in tasks: seed of the generated problems (pretraining draws with the run "
@@ -116,10 +116,10 @@ def sft(cfg: SFTConfig, env: DistEnv | None = None) -> Path:
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")
-    conversations = load_conversations(cfg.dataset, cfg.num_examples, cfg.dataset_seed)
+    conversations = load_conversations(cfg.dataset, cfg.num_examples, cfg.data_seed)
     rows = pack_conversations(conversations, tokenizer, cfg.seq_len, verbose=env.is_main)
     meta = {"source": {"model": cfg.model, "dataset": cfg.dataset, "seq_len": cfg.seq_len,
-                       "num_examples": cfg.num_examples, "data_seed": cfg.dataset_seed},
+                       "num_examples": cfg.num_examples, "data_seed": cfg.data_seed},
             "data_counts": {"conversations": len(conversations), "rows": len(rows),
                             "dropped_long": rows.n_dropped}}
     return train(model, rows, cfg.train, out, tokenizer, stage="sft", meta=meta, resume=cfg.resume, env=env)
