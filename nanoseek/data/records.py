@@ -115,20 +115,21 @@ def train_and_held_out(spec: str, split: str, eval_spec: str | None, eval_split:
         task = task_from_spec(spec)
         return task.examples(split, n or 1000, seed=seed), task.examples(eval_split, eval_size, seed=seed)
     train = load_examples(spec, split, **kw)
-    try:
-        held = load_examples(eval_spec or spec, eval_split, n=eval_size, seed=seed, **kw)
-        if eval_spec is None and eval_split == split:
-            raise ValueError
-    except (ValueError, FileNotFoundError):
-        if eval_spec is not None:
-            raise
-        if len(train) <= eval_size:
-            raise ValueError(f"dataset {spec!r}: {len(train)} records, too few to hold out {eval_size} "
-                             "(give --eval-dataset or a smaller --eval-size)") from None
-        train = train[:]
-        random.Random(seed).shuffle(train)
-        held, train = train[-eval_size:], train[:-eval_size]
-        print(f"data: {spec} has no {eval_split!r} split; holding out {eval_size} of its records")
+    if eval_spec is not None:
+        held = load_examples(eval_spec, eval_split, n=eval_size, seed=seed, **kw)
+    else:
+        try:  # a file has no splits; a folder may lack this one
+            if Path(spec).is_file() or eval_split == split:
+                raise ValueError(f"{spec} has no separate {eval_split!r} split")
+            held = load_examples(spec, eval_split, n=eval_size, seed=seed, **kw)
+        except ValueError:
+            if len(train) <= eval_size:
+                raise ValueError(f"dataset {spec!r}: {len(train)} records, too few to hold out {eval_size} "
+                                 "(give --eval-dataset or a smaller --eval-size)") from None
+            train = train[:]
+            random.Random(seed).shuffle(train)
+            held, train = train[-eval_size:], train[:-eval_size]
+            print(f"data: {spec} has no {eval_split!r} split; holding out {eval_size} of its records")
     return (train[:n] if n else train), held[:eval_size]
 
 

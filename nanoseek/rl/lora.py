@@ -33,7 +33,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     if rank < 1:
         raise ValueError(f"LoRA rank={rank}: must be at least 1")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
-    model = inject_adapter_in_model(config, model)
+    # Injected into the backbone, which carries no `config`: peft would read the DeepSeek model_type off
+    # the Transformer and apply its transformers-specific MoE handling to our stacked experts.
+    inject_adapter_in_model(config, model.model)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     if not any(p.requires_grad for p in model.parameters()):
