@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nanoseek.data.tasks import Example
-from nanoseek.rl.rewards import code_reward
+from nanoseek.rl.rewards import code_reward, passes_tests
 from nanoseek.rl.sandbox import namespaces_available, run_python
 
 
@@ -74,7 +74,7 @@ def test_trainer_carries_on_after_bad_programs():
                 "def f():\n    return bytearray(10**11)\nf()",
                 "def f():\n    return 1"]
     t0 = time.perf_counter()
-    scores = [code_reward("", wrap.format(p), ex, timeout_s=1.0, memory_mb=128) for p in programs]
+    scores = [float(passes_tests(wrap.format(p), ex.meta["tests"], timeout_s=1.0, memory_mb=128)) for p in programs]
     assert scores == [0.0, 0.0, 1.0]
     assert time.perf_counter() - t0 < 10
 
@@ -148,7 +148,7 @@ def test_early_exit_does_not_pass_the_tests():
         assert not r.ok and r.reason == "error"
     ex = Example("Write f.", "", "", {"tests": "assert f() == 2"})
     hack = "</think>\n```python\nimport os\ndef f():\n    return 1\nos._exit(0)\n```"
-    assert code_reward("", hack, ex) == 0.0
+    assert code_reward([""], [hack], example=[ex]) == [0.0]
 
 
 def test_the_nonce_cannot_be_read_by_introspection():
