@@ -83,7 +83,7 @@ def grpo_log(run: Path) -> tuple[list[dict], dict, dict, list]:
 
 def run_grpo(out: Path, model: Path, task: str, minutes: float, args) -> Path:
     if not done(out):
-        grpo(GRPOConfig(model=str(model), out=str(out), data=task, steps=10_000, max_cpu_minutes=minutes,
+        grpo(GRPOConfig(model=str(model), out=str(out), dataset=task, steps=10_000, max_cpu_minutes=minutes,
                         prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                         max_new_tokens=args.max_new_tokens, lr=args.grpo_lr, beta=args.beta, reward=args.reward,
                         micro_batch_size=32, eval_every=args.eval_every, eval_size=args.eval_size,
@@ -166,7 +166,7 @@ def main() -> int:
     distilled = out / "student_distill"
     if not done(distilled):
         # (raises ValueError when the teacher solves nothing, as after --quick's few steps)
-        distill(DistillConfig(teacher=str(teacher), out=str(distilled), student=str(student_base), data=args.task,
+        distill(DistillConfig(teacher=str(teacher), out=str(distilled), student=str(student_base), dataset=args.task,
                               num_prompts=args.distill_prompts, samples_per_prompt=4, max_new_tokens=args.max_new_tokens,
                               eval_size=args.eval_size, eval_samples=args.eval_samples,
                               train=TrainConfig(steps=args.distill_steps, batch_size=8, micro_batch_size=8, lr=1e-3,

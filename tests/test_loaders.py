@@ -45,7 +45,7 @@ def test_directory_and_mixed_formats(tmp_path):
     ("blank.txt", " \n\n", "blank.txt: empty file"),
     ("empty.jsonl", "\n\n", "empty.jsonl: empty file"),
     ("bad.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n', r"bad.jsonl:3: malformed JSON"),
-    ("neither.jsonl", '{"text": "ok"}\n{"body": "x"}\n', r"neither.jsonl:2: has neither a 'text' nor a 'messages'"),
+    ("neither.jsonl", '{"text": "ok"}\n{"body": "x"}\n', r"neither.jsonl:2: has neither a 'text', a 'messages' nor 'prompt'"),
     ("list.jsonl", '["text"]\n', r"list.jsonl:1: expected a JSON object"),
     ("role.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n', r"role.jsonl:1: messages\[0\] has role 'robot'"),
     ("content.jsonl", '{"messages": [{"role": "user"}]}\n', r"content.jsonl:1: messages\[0\] needs a string 'content'"),
@@ -63,7 +63,7 @@ def test_bad_parquet_errors(tmp_path):
     with pytest.raises(ValueError, match=r"hole.parquet: row 1: has neither"):
         load_documents(tmp_path / "hole.parquet")
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "cols.parquet")
-    with pytest.raises(ValueError, match=r"cols.parquet: needs a 'text' or 'messages' column"):
+    with pytest.raises(ValueError, match=r"cols.parquet: needs a 'text', 'messages' or 'prompt'\+'completion' column"):
         load_documents(tmp_path / "cols.parquet")
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "none.parquet")
     with pytest.raises(ValueError, match=r"none.parquet: empty file"):

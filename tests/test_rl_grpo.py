@@ -38,13 +38,13 @@ def ckpt(tmp_path_factory):
 def _setup(ckpt, tmp_path, **kw):
     model, tok = load_pretrained(ckpt, dtype=torch.float32), Tokenizer.from_pretrained(ckpt)
     settings = {**dict(model=str(ckpt), out=str(tmp_path / "run"), beta=0.0, lr=3e-2, group_size=4,
-                       max_new_tokens=6, micro_batch_size=4), **kw}
+                       max_new_tokens=6, micro_batch_size=4, logprob_check_every=1), **kw}
     return model, tok, GRPOConfig(**settings)
 
 
-def _varied(prompt, completion, example):
+def _varied(prompts, completions, **columns):
     """A reward that differs within a group, so advantages (and the update) are nonzero."""
-    return float(len(completion) % 5)
+    return [float(len(c) % 5) for c in completions]
 
 
 def test_engine_samples_from_updated_weights_after_each_step(ckpt, tmp_path):
@@ -77,9 +77,9 @@ def test_sequence_batch_masks_exactly_the_completion():
     assert mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
 
 
-def _forever(prompt, completion, example):
+def _forever(prompts, completions, **columns):
     """A reward whose code never ends: the sandbox kills it and it scores 0."""
-    return float(run_python("while True:\n    pass", timeout_s=0.3).ok)
+    return [float(run_python("while True:\n    pass", timeout_s=0.3).ok) for _ in completions]
 
 
 def test_a_reward_that_runs_forever_does_not_stop_training(ckpt, tmp_path):
@@ -107,15 +107,15 @@ def test_kl_to_reference_is_zero_at_the_start(ckpt, tmp_path):
 
 def test_grpo_command_end_to_end_and_resume(ckpt, tmp_path, monkeypatch):
     (tmp_path / "grpo_test_rewards.py").write_text(textwrap.dedent("""
-        def varied(prompt, completion, example):
-            return float(len(completion) % 5)
+        def varied(prompts, completions, **columns):
+            return [float(len(c) % 5) for c in completions]
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "run"
-    args = ["grpo", "--model", str(ckpt), "--out", str(out), "--data", "arithmetic", "--steps", "2",
+    args = ["grpo", "--model", str(ckpt), "--out", str(out), "--dataset", "arithmetic", "--steps", "2",
             "--prompts-per-step", "1", "--group-size", "3", "--max-new-tokens", "4", "--eval-size", "1",
             "--eval-every", "1", "--sample-every", "1", "--reward", "accuracy", "grpo_test_rewards:varied=0.5",
-            "--no-progress"]
+            "--logprob-check-every", "1", "--no-progress"]
     assert main(args) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -134,8 +134,9 @@ def test_grpo_command_end_to_end_and_resume(ckpt, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("variant", "ppo", "variant"), ("data", "chess", "unknown task"), ("data", "arithmetic:digits", "key=value"),
-    ("data", "arithmetic:colour=red", "colour"), ("group_size", 1, "group_size"),
+    ("loss_type", "ppo", "loss_type"), ("scale_rewards", "max", "scale_rewards"),
+    ("importance_sampling", "word", "importance_sampling"), ("dataset", "chess", "neither a built-in task"),
+    ("dataset", "arithmetic:digits", "key=value"), ("dataset", "arithmetic:colour=red", "colour"), ("group_size", 1, "group_size"),
     ("temperature", 0.0, "temperature"), ("reward", ["no_such_mod:fn"], "cannot import"),
 ])
 def test_config_errors_name_the_field(field, value, match):

@@ -9,8 +9,9 @@ import torch
 
 from nanoseek.config import ModelConfig
 from nanoseek.model import Transformer
-from nanoseek.rl.losses import (clipped_surrogate, dapo_loss, dr_grpo_advantages, dr_grpo_loss, forward_kl,
-                                grpo_advantages, grpo_loss, kl_k3, reverse_kl, token_entropy, token_logprobs)
+from nanoseek.rl.losses import (batch_scaled_advantages, bnpo_loss, clipped_surrogate, dapo_loss, dr_grpo_advantages,
+                                dr_grpo_loss, forward_kl, grpo_advantages, grpo_loss, kl_k3, mask_truncated,
+                                reverse_kl, sequence_log_ratio, token_entropy, token_logprobs)
 
 
 def test_grpo_advantages_hand_computed():
@@ -155,3 +156,51 @@ def test_token_logprobs_and_entropy():
     assert token_logprobs(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
     assert token_logprobs(logits, torch.tensor([[1]]), temperature=0.5).item() == pytest.approx(math.log(0.9))
     assert token_entropy(logits).item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+
+
+def test_batch_scaled_advantages_hand_computed():
+    rewards = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
+    std = torch.tensor([1.0, 0.0, 3.0, 3.0]).std().item()  # one scale for the batch
+    assert torch.allclose(batch_scaled_advantages(rewards, eps=0.0), torch.tensor([[0.5, -0.5], [0.0, 0.0]]) / std)
+
+
+def test_bnpo_averages_tokens_per_micro_batch():
+    logp, old, adv, mask, _ = _batch()
+    per_token = torch.tensor([[-2.4, -2.0, -1.0], [1.1, 0.0, 0.0]])
+    whole, _ = bnpo_loss(logp, old, adv, mask)
+    assert whole.item() == pytest.approx(per_token.sum().item() / 4, rel=1e-6)  # = DAPO on one micro-batch
+    halves = [bnpo_loss(logp[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1], num_micro_batches=2)[0]
+              for i in range(2)]
+    assert sum(h.item() for h in halves) == pytest.approx((-5.4 / 3 + 1.1) / 2, rel=1e-6)
+
+
+def test_sequence_level_importance_sampling_hand_computed():
+    """GSPO: row 0's ratio is the geometric mean (1.5 * 1 * 0.5)^(1/3), inside the clip; row 1's is 1.1."""
+    logp, old, adv, mask, _ = _batch()
+    s0 = 0.75 ** (1 / 3)
+    ratio = sequence_log_ratio(logp, old, mask).exp()
+    assert torch.allclose(ratio, torch.tensor([[s0] * 3, [1.1] * 3]))
+    loss, stats = grpo_loss(logp, old, adv, mask, beta=0.0, ratio_fn=sequence_log_ratio)
+    assert loss.item() == pytest.approx((-2 * s0 + 1.1) / 2, rel=1e-6)
+    assert stats["clip_fraction"] == 0.0
+    # its gradient: s_i * A_i * mean over the completion's tokens of d log pi
+    lp = logp.clone().requires_grad_(True)
+    grpo_loss(lp, old, adv, mask, beta=0.0, ratio_fn=sequence_log_ratio)[0].backward()
+    assert torch.allclose(lp.grad[0], torch.full((3,), -2 * s0 / 3 / 2))
+    assert torch.allclose(lp.grad[1], torch.tensor([1.1 / 2, 0.0, 0.0]))
+
+
+def test_mu_one_needs_no_old_logprobs():
+    """old_logp=None (pi_old = sg(pi)): the same loss and gradient as passing pi's own values."""
+    logp, _, adv, mask, ref = _batch()
+    a, b = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
+    la, _ = dapo_loss(a, None, adv, mask, ref, beta=0.1)
+    lb, _ = dapo_loss(b, logp.clone(), adv, mask, ref, beta=0.1)
+    la.backward()
+    lb.backward()
+    assert la.item() == pytest.approx(lb.item()) and torch.allclose(a.grad, b.grad)
+
+
+def test_mask_truncated_drops_cut_completions():
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    assert mask_truncated(mask, ["stop", "length", "stop"]).tolist() == [[True, True], [False, False], [True, True]]

@@ -63,13 +63,13 @@ def test_targets_are_exactly_the_assistants_tokens(tokenizer):
 
 def test_sft_from_a_checkpoint_writes_a_resumable_sft_stage(tmp_path, checkpoint):
     out = tmp_path / "sft"
-    sft(SFTConfig(out=str(out), model=str(checkpoint), data="arithmetic", num_examples=16, seq_len=256,
+    sft(SFTConfig(out=str(out), model=str(checkpoint), dataset="arithmetic", num_examples=16, seq_len=256,
                   train=quick(steps=3, stop_at=2)))
     state = read_state(out)
     assert state["stage"] == "sft" and state["step"] == 2
     assert state["source"]["model"] == str(checkpoint)
     assert (out / "tokenizer.json").exists() and (out / "model.safetensors").exists()
-    sft(SFTConfig(out=str(out), model=str(checkpoint), data="arithmetic", num_examples=16, seq_len=256,
+    sft(SFTConfig(out=str(out), model=str(checkpoint), dataset="arithmetic", num_examples=16, seq_len=256,
                   resume=True, train=quick(steps=3)))
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
@@ -81,7 +81,7 @@ def test_jsonl_conversations_with_counted_skips(tmp_path, checkpoint, capsys):
     long = {"messages": [{"role": "user", "content": "1 " * 400}, {"role": "assistant", "content": "ok"}]}
     no_answer = {"messages": [{"role": "user", "content": "hello"}]}
     data = write_jsonl(tmp_path / "chats.jsonl", [ok, ok, long, no_answer])
-    sft(SFTConfig(out=str(tmp_path / "out"), model=str(checkpoint), data=str(data), seq_len=128, train=quick(1)))
+    sft(SFTConfig(out=str(tmp_path / "out"), model=str(checkpoint), dataset=str(data), seq_len=128, train=quick(1)))
     printed = capsys.readouterr().out
     assert "4 conversations" in printed
     assert "1 longer than 128 tokens" in printed and "1 without an assistant turn" in printed
@@ -96,12 +96,12 @@ def test_jsonl_conversations_with_counted_skips(tmp_path, checkpoint, capsys):
 def test_bad_files_are_clear_errors(tmp_path, checkpoint, lines, match):
     data = write_jsonl(tmp_path / "chats.jsonl", lines)
     with pytest.raises(ValueError, match=match):
-        sft(SFTConfig(out=str(tmp_path / "out"), model=str(checkpoint), data=str(data), train=quick(1)))
+        sft(SFTConfig(out=str(tmp_path / "out"), model=str(checkpoint), dataset=str(data), train=quick(1)))
 
 
 def test_nothing_short_enough_is_an_error_naming_seq_len(tmp_path, checkpoint):
     with pytest.raises(ValueError, match="longer than seq_len=16"):
-        sft(SFTConfig(out=str(tmp_path / "out"), model=str(checkpoint), data="arithmetic", num_examples=4,
+        sft(SFTConfig(out=str(tmp_path / "out"), model=str(checkpoint), dataset="arithmetic", num_examples=4,
                       seq_len=16, train=quick(1)))
 
 
@@ -115,4 +115,4 @@ def test_config_errors_name_the_field(tmp_path):
 def test_command_line_defaults_are_sfts():
     from nanoseek.cli import build_parser
     args = build_parser().parse_args(["sft", "--model", "m", "--out", "o"])
-    assert (args.steps, args.lr, args.data) == (200, 1e-3, "arithmetic")
+    assert (args.steps, args.lr, args.dataset) == (200, 1e-3, "arithmetic")

@@ -1,6 +1,6 @@
 """`nanoseek distill`: teach a smaller student the teacher's reasoning, as DeepSeek-R1 did.
 
-    nanoseek distill --teacher runs/grpo --student tiny --data arithmetic --out runs/distill
+    nanoseek distill --teacher runs/grpo --student tiny --dataset arithmetic --out runs/distill
     nanoseek distill --teacher runs/grpo --student tiny --dense --student-layers 2 --out runs/dense
     nanoseek distill --teacher runs/grpo --student runs/small --kl forward --kl-weight 1.0 --out runs/kd
 

@@ -1,9 +1,12 @@
 """`nanoseek grpo`: reinforcement learning with Group Relative Policy Optimization.
 
-    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo                # R1: SFT, then RL
-    nanoseek grpo --model runs/pretrain --data countdown --out runs/zero            # R1-Zero: RL from a base
-    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo --variant dapo --beta 0 --eps-high 0.28
-    nanoseek grpo --model runs/sft --data arithmetic --out runs/grpo --reward accuracy format=0.1 my.mod:fn=0.5
+    nanoseek grpo --model runs/sft --dataset arithmetic --out runs/grpo                # R1: SFT, then RL
+    nanoseek grpo --model runs/pretrain --dataset countdown --out runs/zero            # R1-Zero: RL from a base
+    nanoseek grpo --model runs/sft --dataset arithmetic --out runs/grpo --loss-type dapo --beta 0 --eps-high 0.28
+    nanoseek grpo --model runs/sft --dataset math.parquet --prompt-column problem --answer-column solution \
+        --reward math format=0.1 --importance-sampling sequence --lora-rank 16 --bf16 --out runs/gspo
+    torchrun --nproc_per_node 2 -m nanoseek grpo --model runs/sft --dataset arithmetic --out runs/grpo-2p
+    nanoseek grpo --model runs/sft --dataset arithmetic --out runs/grpo --reward accuracy format=0.1 my.mod:fn=0.5
 
 Flags: GRPOConfig's fields. The work: nanoseek.rl.grpo.grpo.
 """

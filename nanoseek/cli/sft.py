@@ -1,9 +1,9 @@
 """`nanoseek sft`: supervised fine-tuning on conversations, loss only on what the assistant wrote.
 
-    nanoseek sft --model runs/pretrain --data arithmetic --steps 200 --out runs/sft
-    nanoseek sft --model runs/pretrain --data chats.jsonl --steps 200 --out runs/sft
-    nanoseek sft --model runs/pretrain --data arithmetic --steps 200 --out runs/sft --resume
-    torchrun --nproc_per_node 2 -m nanoseek sft --model runs/pretrain --data arithmetic --out runs/sft-ddp
+    nanoseek sft --model runs/pretrain --dataset arithmetic --steps 200 --out runs/sft
+    nanoseek sft --model runs/pretrain --dataset chats.jsonl --steps 200 --out runs/sft
+    nanoseek sft --model runs/pretrain --dataset arithmetic --steps 200 --out runs/sft --resume
+    torchrun --nproc_per_node 2 -m nanoseek sft --model runs/pretrain --dataset arithmetic --out runs/sft-ddp
 
 Flags: SFTConfig's and TrainConfig's fields (SFT's shorter defaults). The work: nanoseek.train.sft.sft.
 """

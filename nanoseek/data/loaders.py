@@ -13,6 +13,9 @@ Formats, chosen by file extension:
   .jsonl       one JSON object per line with a "text" string or a "messages" list; blank lines
                are skipped.
   .parquet     a "text" or "messages" column (read with pyarrow); a row may use either.
+  a `datasets` save_to_disk folder: its "train" split, rows as above.
+A record with "prompt" and "completion" (TRL's format: strings, or message lists) is a conversation:
+the user asks the prompt, the assistant answers the completion (<think>...</think> as its reasoning).
 A directory stands for the supported files in it, in sorted order. Errors name the file and the
 line (JSONL) or row (Parquet).
 """
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nanoseek.data.tasks import TASKS, get_task
+from nanoseek.tokenizer import THINK_END, THINK_START
 
 Document = str | list[dict]
 TEXT_SUFFIXES = (".txt", ".md")
@@ -48,8 +52,24 @@ def _check_messages(messages, where: str) -> list[dict]:
     return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
+def _prompt_completion(row: dict, where: str) -> list[dict]:
+    """A prompt/completion record (TRL's format) as a conversation: text fields become a user and an
+    assistant turn, message lists are joined; a completion's <think>...</think> becomes its reasoning."""
+    prompt, completion = row["prompt"], row["completion"]
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if isinstance(completion, str):
+        reasoning, sep, answer = completion.partition(THINK_END)
+        completion = [{"role": "assistant", "content": answer.strip(),
+                       "reasoning_content": reasoning.replace(THINK_START, "").strip()} if sep
+                      else {"role": "assistant", "content": completion}]
+    return _check_messages(list(prompt) + list(completion), where)
+
+
 def _record(row: dict, where: str) -> Document:
-    """A document from one JSONL object or Parquet row: its "text", else its "messages"."""
+    """A document from one JSONL object or Parquet row: its "text", else its "messages", else its
+    "prompt" and "completion"."""
+    if row.get("text") is None and row.get("messages") is None and "prompt" in row and "completion" in row:
+        return _prompt_completion(row, where)
     text, messages = row.get("text"), row.get("messages")
     if text is not None:
         if not isinstance(text, str):
@@ -59,7 +79,7 @@ def _record(row: dict, where: str) -> Document:
         return text
     if messages is not None:
         return _check_messages(messages, where)
-    raise ValueError(f"{where}: has neither a 'text' nor a 'messages' field")
+    raise ValueError(f"{where}: has neither a 'text', a 'messages' nor 'prompt' and 'completion' fields")
 
 
 def _load_text(path: Path) -> list[Document]:
@@ -98,9 +118,9 @@ def _load_parquet(path: Path) -> list[Document]:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a corrupt or non-Parquet file
         raise ValueError(f"{path}: cannot read as Parquet ({e})") from None
-    columns = [c for c in ("text", "messages") if c in table.column_names]
+    columns = [c for c in ("text", "messages", "prompt", "completion") if c in table.column_names]
     if not columns:
-        raise ValueError(f"{path}: needs a 'text' or 'messages' column, has {table.column_names}")
+        raise ValueError(f"{path}: needs a 'text', 'messages' or 'prompt'+'completion' column, has {table.column_names}")
     if table.num_rows == 0:
         raise ValueError(f"{path}: empty file (no rows)")
     rows = table.select(columns).to_pylist()
@@ -112,7 +132,9 @@ def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path
         paths = [paths]
     files = []
     for p in map(Path, paths):
-        if p.is_dir():
+        if p.is_dir() and any((p / m).exists() for m in ("dataset_dict.json", "dataset_info.json", "state.json")):
+            files.append(p)  # a `datasets` save_to_disk folder
+        elif p.is_dir():
             found = sorted(f for f in p.iterdir() if f.suffix in SUFFIXES and f.is_file())
             if not found:
                 raise ValueError(f"{p}: directory has no {'/'.join(SUFFIXES)} files")
@@ -129,7 +151,10 @@ def load_documents(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     docs: list[Document] = []
     for path in _expand(paths):
         suffix = path.suffix.lower()
-        if suffix in TEXT_SUFFIXES:
+        if path.is_dir():
+            from .records import load_rows
+            docs += [_record(row, f"{path}: row {i}") for i, row in enumerate(load_rows(str(path), "train"))]
+        elif suffix in TEXT_SUFFIXES:
             docs += _load_text(path)
         elif suffix == ".jsonl":
             docs += _load_jsonl(path)

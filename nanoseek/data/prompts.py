@@ -6,8 +6,8 @@ GRPO rollouts, distillation traces and the demo.
     text, ids = render_prompt(tokenizer, example, "text")
     layout = checkpoint_layout("runs/pretrain")                   # "text": it was pretrained only
 
-Two layouts, both ending in an open <think>: "chat" is the chat template's user turn plus its
-generation prompt (what SFT and GRPO train); "text" is ``{prompt}\\n<think>\\n``, the layout of
+Two layouts, both ending in an open <think>: "chat" is the chat template's user turn (or a
+dataset's own messages, meta["prompt_messages"]) plus its generation prompt (what SFT and GRPO train); "text" is ``{prompt}\\n<think>\\n``, the layout of
 Example.text that pretraining trains (DeepSeek-R1-Zero's RL straight from a base model).
 """
 
@@ -41,7 +41,8 @@ def task_from_spec(spec: str):
 def prompt_ids(tokenizer: Tokenizer, example: Example, layout: str = "chat") -> list[int]:
     """The problem as the model is asked it: a chat user turn + generation prompt, or the text layout."""
     if layout == "chat":
-        return tokenizer.encode_chat([{"role": "user", "content": example.prompt}], add_generation_prompt=True)[0]
+        messages = (example.meta or {}).get("prompt_messages") or [{"role": "user", "content": example.prompt}]
+        return tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
     if layout == "text":
         return tokenizer.encode(f"{example.prompt}\n{THINK_START}\n", add_bos=tokenizer.bos_id is not None)
     raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")

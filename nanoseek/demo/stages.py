@@ -166,7 +166,7 @@ def stage_sft(ctx: Context) -> dict:
     from ..train.sft import SFTConfig, sft
     out = ctx.dir("sft")
     resume = (out / TRAIN_STATE).exists()
-    sft(SFTConfig(out=str(out), model=str(ctx.dir("pretrain")), data=ctx.cfg.task, seq_len=ctx.cfg.seq_len,
+    sft(SFTConfig(out=str(out), model=str(ctx.dir("pretrain")), dataset=ctx.cfg.task, seq_len=ctx.cfg.seq_len,
                   num_examples=ctx.cfg.sft_examples, data_seed=ctx.cfg.seed + 1, resume=resume,
                   train=ctx.train_config(ctx.cfg.sft_steps, lr=1e-3, warmup=10)))
     return {**training_summary(out), "eval": evaluate_dir(ctx, "sft")}
@@ -183,7 +183,7 @@ def _grpo(ctx: Context, name: str, start: str, steps: int, max_minutes: float | 
     from ..rl.grpo import GRPOConfig, grpo
     cfg, out = ctx.cfg, ctx.dir(name)
     t0 = time.perf_counter()
-    grpo(GRPOConfig(model=str(ctx.dir(start)), out=str(out), data=cfg.task, steps=steps,
+    grpo(GRPOConfig(model=str(ctx.dir(start)), out=str(out), dataset=cfg.task, steps=steps,
                     prompts_per_step=cfg.grpo_prompts, group_size=cfg.grpo_group, max_new_tokens=cfg.max_new_tokens,
                     lr=cfg.grpo_lr, reward=["accuracy"], eval_every=0, eval_size=cfg.eval_examples, sample_every=max(1, steps // 4),
                     checkpoint_every=max(1, steps // 4), max_minutes=max_minutes, seed=cfg.seed,
@@ -229,7 +229,7 @@ def stage_distill(ctx: Context) -> dict:
     t0 = time.perf_counter()
     try:
         summary = distill(DistillConfig(teacher=str(teacher), out=str(out), student=str(ctx.dir("student")),
-                                        data=cfg.task, num_prompts=cfg.distill_prompts, samples_per_prompt=2,
+                                        dataset=cfg.task, num_prompts=cfg.distill_prompts, samples_per_prompt=2,
                                         max_new_tokens=cfg.max_new_tokens, seq_len=cfg.seq_len,
                                         eval_size=cfg.eval_examples,
                                         train=ctx.train_config(cfg.distill_steps, lr=1e-3, warmup=10)))

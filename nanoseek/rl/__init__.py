@@ -1,9 +1,14 @@
-"""Reinforcement learning and distillation: DeepSeekMath's GRPO, R1's rule-based rewards, R1's
-distillation into smaller models. The commands `nanoseek grpo` and `nanoseek distill` are in cli/.
+"""Reinforcement learning and distillation: DeepSeekMath's GRPO (and Dr. GRPO, DAPO, BNPO, GSPO),
+R1's rule-based rewards on any dataset, R1's distillation into smaller models. The commands
+`nanoseek grpo` and `nanoseek distill` are in cli/.
 
-    losses.py   group-relative advantages; GRPO, Dr. GRPO and DAPO losses; k3 KL; distillation KLs
-    rewards.py  accuracy, format (<think> opened by the template), code (sandboxed), plug-ins
-    sandbox.py  model-written code in a separate process with CPU, memory, output and wall limits
-    grpo.py     GRPO: sample groups with the engine on the live weights, score, update
-    distill.py  distillation: SFT on a teacher's rejection-sampled traces, or on its logits
+    losses.py    advantages (group/batch/no scale); GRPO, Dr. GRPO, DAPO, BNPO losses; token or
+                 sequence (GSPO) ratios; truncation mask; k3 KL; distillation KLs
+    rewards.py   fn(prompts, completions, **columns): accuracy, math, format, overlong, length,
+                 code (sandboxed), verifier process, plug-ins
+    sandbox.py   model-written code in its own PID/mount/network namespaces, read-only, limited
+    rollouts.py  sample groups with the engine, score them, lay them out, log-probabilities
+    lora.py      peft LoRA on attention and dense/shared-expert projections; merge and unload
+    grpo.py      the GRPO step and loop (one process or torchrun)
+    distill.py   distillation: SFT on a teacher's rejection-sampled traces, or on its logits
 """

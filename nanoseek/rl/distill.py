@@ -46,7 +46,9 @@ from ..train.sft import pack_conversations
 from ..train.state import refuse_existing_run, save_checkpoint, start_fresh
 from ..train.step import MetricsLog, optimizer_step
 from .losses import forward_kl, reverse_kl
-from .rewards import accuracy_reward, format_reward
+from ..data.answers import is_correct
+from ..data.records import is_builtin, train_and_held_out
+from .rewards import is_well_formatted
 
 KL = {"forward": forward_kl, "reverse": reverse_kl}
 
@@ -58,7 +60,13 @@ class DistillConfig:
     teacher: str = opt(None, "teacher checkpoint folder (with its tokenizer)", required=True)
     out: str = opt(None, "run folder to write (student checkpoint, traces.jsonl, distill.json)", required=True)
     student: str = opt("tiny", "student: a preset name or a checkpoint folder")
-    data: str = opt("arithmetic", f"built-in task ({', '.join(TASKS)}), optionally name:key=value,...")
+    dataset: str = opt("arithmetic", f"prompts: a built-in task ({', '.join(TASKS)}; name:key=value,...), a "
+                                     ".jsonl/.parquet file or a datasets folder")
+    split: str = opt("train", "split of --dataset the teacher answers")
+    prompt_column: str = opt("prompt", "column with the prompt (text or chat messages)")
+    answer_column: str = opt("answer", "column with the reference answer (rejection sampling keeps correct traces)")
+    eval_dataset: str | None = opt(None, "held-out prompts (default: --dataset's test split, else its last "
+                                         "--eval-size records)")
     student_hidden_size: int | None = opt(None, "preset student: hidden size (and MLA/MoE widths scaled with it)")
     student_layers: int | None = opt(None, "preset student: number of layers")
     dense: bool = opt(False, "preset student: dense SwiGLU MLPs instead of MoE")
@@ -80,7 +88,10 @@ class DistillConfig:
     def __post_init__(self):
         if not self.teacher or not self.out:
             raise ValueError("DistillConfig: --teacher and --out are required")
-        task_from_spec(self.data)
+        if is_builtin(self.dataset):
+            task_from_spec(self.dataset)
+        elif not Path(self.dataset).exists():
+            raise ValueError(f"DistillConfig.dataset={self.dataset!r}: neither a built-in task nor an existing path")
         if self.kl is not None and self.kl not in KL:
             raise ValueError(f"DistillConfig.kl={self.kl!r}: expected one of {', '.join(KL)}")
         for name in ("num_prompts", "samples_per_prompt", "traces_per_prompt", "max_new_tokens", "seq_len",
@@ -108,7 +119,7 @@ def rejection_sample(engine: Engine, tokenizer: Tokenizer, examples: list, sampl
     bar = tqdm(total=len(examples), disable=not progress, unit="prompt", desc="teacher traces", dynamic_ncols=True)
     for a in range(0, len(examples), per_call):
         chunk = examples[a:a + per_call]
-        rendered = [render_prompt(tokenizer, ex) for ex in chunk]
+        rendered = [render_prompt(tokenizer, ex) for ex in chunk]  # chat layout: the student learns chats
         outs = engine.generate([ids for _, ids in rendered for _ in range(samples_per_prompt)], max_new_tokens,
                                temperature=temperature, top_p=top_p, seed=seed + a)
         for j, (ex, (prompt_text, _)) in enumerate(zip(chunk, rendered)):
@@ -116,14 +127,15 @@ def rejection_sample(engine: Engine, tokenizer: Tokenizer, examples: list, sampl
             for i in range(j * samples_per_prompt, (j + 1) * samples_per_prompt):
                 text = tokenizer.decode(outs[i].tokens)
                 stats["samples"] += 1
-                ok = outs[i].finish_reason == "stop" and accuracy_reward(prompt_text, text, ex) == 1.0
+                ok = outs[i].finish_reason == "stop" and is_correct(text, ex)
                 stats["correct"] += ok
-                if ok and format_reward(prompt_text, text) == 1.0 and len(kept) < traces_per_prompt \
+                if ok and is_well_formatted(prompt_text, text) and len(kept) < traces_per_prompt \
                         and text not in kept:
                     kept.add(text)
                     reasoning, content = tokenizer.split_reasoning(text)
-                    traces.append([{"role": "user", "content": ex.prompt},
-                                   {"role": "assistant", "content": content, "reasoning_content": reasoning}])
+                    asked = (ex.meta or {}).get("prompt_messages") or [{"role": "user", "content": ex.prompt}]
+                    traces.append(list(asked) + [{"role": "assistant", "content": content,
+                                                  "reasoning_content": reasoning}])
             stats["kept"] += len(kept)
             stats["prompts_covered"] += bool(kept)
         bar.update(len(chunk))
@@ -205,10 +217,10 @@ def distill(cfg: DistillConfig) -> dict:
     refuse_existing_run(out, resumable=False)
     start_fresh(out)
     teacher, tokenizer = load_with_tokenizer(cfg.teacher, dtype=torch.float32)
-    task = task_from_spec(cfg.data)
+    prompts, held_out = train_and_held_out(cfg.dataset, cfg.split, cfg.eval_dataset, "test", cfg.eval_size,
+                                           cfg.prompt_column, cfg.answer_column, n=cfg.num_prompts, seed=cfg.train.seed)
     t0, c0 = time.perf_counter(), time.process_time()
-    traces, stats = rejection_sample(Engine(teacher, tokenizer), tokenizer,
-                                     task.examples("train", cfg.num_prompts, seed=cfg.train.seed),
+    traces, stats = rejection_sample(Engine(teacher, tokenizer), tokenizer, prompts,
                                      cfg.samples_per_prompt, cfg.traces_per_prompt, cfg.max_new_tokens,
                                      cfg.temperature, cfg.top_p, cfg.batch_size_generate, seed=cfg.train.seed,
                                      progress=cfg.train.progress)
@@ -220,16 +232,14 @@ def distill(cfg: DistillConfig) -> dict:
         raise ValueError(f"{cfg.teacher}: the teacher solved none of {cfg.num_prompts} prompts; nothing to distill")
 
     student = build_student(cfg, tokenizer)
-    held_out = task.examples("test", cfg.eval_size, seed=cfg.train.seed)
-
     def evaluate() -> dict:
-        return evaluate_accuracy(student, tokenizer, task, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_samples,
+        return evaluate_accuracy(student, tokenizer, None, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_samples,
                                  temperature=0.6, top_p=0.95, seed=cfg.train.seed, examples=held_out,
                                  progress=cfg.train.progress, desc="student eval")
 
     before = evaluate()
     rows = pack_conversations(traces, tokenizer, cfg.seq_len)  # SFT's packing: assistant tokens are the targets
-    meta = {"stage": "distill", "source": {"teacher": cfg.teacher, "student": cfg.student, "data": cfg.data,
+    meta = {"stage": "distill", "source": {"teacher": cfg.teacher, "student": cfg.student, "dataset": cfg.dataset,
                                            "kl": cfg.kl, "traces": stats}}
     t1, c1 = time.perf_counter(), time.process_time()
     if cfg.kl is None:

@@ -4,63 +4,80 @@
     grpo(GRPOConfig(model="runs/sft", out="runs/grpo", steps=60))
 
 One step, readable top to bottom in `grpo_step`:
-  1. take `prompts_per_step` training problems (a seeded permutation: batches are a function of
-     the step) and render each through the chat template, or pretraining's text layout for
-     R1-Zero from a base model (both end in an open <think>);
+  1. take `prompts_per_step` training prompts (a seeded permutation: batches are a function of
+     the step) from --dataset (a built-in task or your own records, nanoseek.data.records) and
+     render each through the chat template, or pretraining's text layout for R1-Zero from a base
+     model (both end in an open <think>);
   2. sample G completions per prompt with nanoseek.inference.Engine over the trainer's own model
-     object: the engine holds no copy, so every rollout uses the weights of the last optimizer step;
-  3. score every completion with the reward functions (rewards.py) and turn the rewards into
-     group-relative advantages (losses.py);
-  4. log-probabilities of the sampled tokens under the current policy (pi_old), the frozen
-     reference (only when beta > 0: with beta = 0 no reference model is kept) and, as a check,
-     the engine's own inference path (latent cache + absorbed attention); the mismatch is logged;
-  5. mu optimizer steps on the batch with the variant's loss (GRPO, Dr. GRPO or DAPO), gradient
-     clipping and AdamW through the optimizer step every loop shares (nanoseek.train.step);
+     object: the engine holds no copy, so every rollout uses the weights of the last optimizer step
+     (with LoRA, the adapters merged in for the rollout);
+  3. score every completion with the reward functions, TRL's shape fn(prompts, completions,
+     **columns) (rewards.py), and turn the rewards into group-relative advantages (scale_rewards);
+  4. log-probabilities of the sampled tokens under the sampling policy only when mu > 1 (with
+     mu = 1 it is the current policy: pi_old = sg(pi), no extra forward), the frozen reference
+     only when beta > 0, and every logprob_check_every steps the engine's own path as a check;
+  5. mu optimizer steps with the chosen loss_type and importance-sampling level (losses.py; each
+     one function, resolved once in `Algorithm`), optionally bf16 autocast, gradient
+     checkpointing, masking of truncated completions; clipping and AdamW through the optimizer step
+     every loop shares (nanoseek.train.step);
   6. a metrics.jsonl row: reward mean/std (and per reward), accuracy, response length, KL, clip
      fraction, entropy, no-signal groups, truncation and unparseable-answer rates (with a warning
      when the last three are high), rollout tokens/s; held-out pass@1 (nanoseek.train.evaluate, R1's
-     temperature 0.6 / top-p 0.95, averaged over k samples, and maj@k) every `eval_every` steps,
-     sample completions every `sample_every` steps, atomic checkpoints, grpo.png at the end.
+     temperature 0.6 / top-p 0.95, averaged over k samples, with its standard error, and cons@k)
+     every `eval_every` steps, sample completions every `sample_every` steps, atomic checkpoints,
+     grpo.png at the end.
+
+Several processes (torchrun, gloo on CPU): each rolls out a contiguous share of the step's prompts,
+the [P, G] rewards are all-gathered so group (and batch) statistics equal the one-process run's,
+the losses are normalised by whole-batch counts and the gradients summed, so one optimizer step
+is the one-process step (tests/test_rl_distributed.py; exact when --seed-per-prompt makes the
+samples independent of the split).
 
 Simplifications, stated plainly: every prompt of a step has the same G; no dynamic sampling
 (DAPO drops no-signal groups; here they are counted and contribute zero advantage); MoE balancing
 biases stay as the input model left them (no aux-loss-free update during RL); the MTP module is
-not trained by RL; mu > 1 re-uses the whole batch for each of its optimizer steps.
+not trained by RL; mu > 1 re-uses the whole batch for each of its optimizer steps; a LoRA run
+saves only its merged checkpoint at the end (it cannot resume).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
+import functools
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from ..data.prompts import LAYOUTS, checkpoint_layout, task_from_spec
+from ..data.records import is_builtin, train_and_held_out
+from ..data.tasks import TASKS
 from ..hf.io import load_pretrained, load_with_tokenizer
-from ..data.prompts import LAYOUTS, checkpoint_layout, render_prompt, task_from_spec
-from ..data.tasks import TASKS, extract_answer
 from ..inference import Engine
 from ..plots import read_metrics, save_png
 from ..tokenizer import Tokenizer
-from ..train.evaluate import evaluate_accuracy
 from ..train.batches import RowSampler
-from ..train.loop import opt
+from ..train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from ..train.evaluate import evaluate_accuracy
+from ..train.loop import apply_activation_checkpointing, opt
 from ..train.optim import build_adamw
 from ..train.state import load_train_state, refuse_existing_run, save_checkpoint, start_fresh, truncate_metrics
 from ..train.step import MetricsLog, append_jsonl, optimizer_step
-from .losses import (dapo_loss, dr_grpo_advantages, dr_grpo_loss, grpo_advantages, grpo_loss,
-                     token_entropy, token_logprobs)
-from .rewards import accuracy_reward, parse_rewards, score
+from .lora import add_lora, merge_and_unload, merged
+from .losses import (IMPORTANCE_SAMPLING, LOSS_TYPES, SCALE_REWARDS, bnpo_loss, dapo_loss, dr_grpo_loss, grpo_loss,
+                     mask_truncated, token_entropy, token_logprobs)
+from .rewards import parse_rewards
+from .rollouts import (Rollout, engine_logprobs, logprob_mismatch, policy_logprobs, sample_groups, score_rollout,
+                       sequence_batch)
 
-# variant -> (advantages, loss). DAPO keeps GRPO's normalised advantages.
-VARIANTS = {"grpo": (grpo_advantages, grpo_loss), "dr_grpo": (dr_grpo_advantages, dr_grpo_loss),
-            "dapo": (grpo_advantages, dapo_loss)}
 # A signal above its threshold gets a warning: the run is probably learning nothing.
 WARN_AT = {"no_signal_groups": 0.8, "truncation_rate": 0.3, "unparseable_rate": 0.5}
 ADVICE = {"no_signal_groups": "every completion of most prompts scores the same; make problems easier/harder "
@@ -79,15 +96,29 @@ class GRPOConfig:
 
     model: str = opt(None, "checkpoint folder to start from (with its tokenizer)", required=True)
     out: str = opt(None, "run folder to write (checkpoint, metrics.jsonl, samples.jsonl, grpo.png)", required=True)
-    data: str = opt("arithmetic", f"built-in task ({', '.join(TASKS)}), optionally with settings: "
-                                  "arithmetic:max_digits=2,ops=+-")
+    dataset: str = opt("arithmetic", f"prompts: a built-in task ({', '.join(TASKS)}; settings after a colon, e.g. "
+                                     "arithmetic:max_digits=2,ops=+-), a .jsonl/.parquet file, a datasets "
+                                     "save_to_disk folder or a folder of local data files")
+    split: str = opt("train", "split of --dataset to train on")
+    prompt_column: str = opt("prompt", "column with the prompt (text, or a list of chat messages)")
+    answer_column: str = opt("answer", "column with the reference answer (rewards see every column by name)")
+    eval_dataset: str | None = opt(None, "held-out prompts (default: --dataset's --eval-split, else its last "
+                                         "--eval-size records, kept out of training)")
+    eval_split: str = opt("test", "split of the held-out dataset")
     layout: str | None = opt(None, "prompt layout: chat (template; R1) or text (pretraining's; R1-Zero from a "
                                    "base); default: text for a pretrain checkpoint, else chat", choices=LAYOUTS)
-    reward: list[str] = opt(None, "rewards: built-in accuracy/format/code or package.module:function, "
-                                  "optionally =WEIGHT, space-separated (default: accuracy format=0.1)",
-                            nargs="+")
-    variant: str = opt("grpo", "loss: grpo (DeepSeekMath), dr_grpo (no std, no length normalisation), "
-                               "dapo (token-level; pair with --eps-high 0.28 --beta 0)", choices=tuple(VARIANTS))
+    reward: list[str] = opt(None, "rewards fn(prompts, completions, **columns): built-in accuracy, math, format, "
+                                  "code, overlong, length, verifier, or package.module:function, optionally "
+                                  "=WEIGHT, space-separated (default: accuracy format=0.1)", nargs="+")
+    verifier_command: str | None = opt(None, "the 'verifier' reward's checker command (reads a JSON record on "
+                                             "stdin, prints a score or exits 0 for a pass)")
+    loss_type: str = opt("grpo", "grpo (per-sequence mean, DeepSeekMath), dr_grpo (sum / budget), dapo (token "
+                                 "mean over the batch), bnpo (token mean per micro-batch)", choices=tuple(LOSS_TYPES))
+    scale_rewards: str | None = opt(None, "advantage scale: group std, batch std, or none (default: none for "
+                                          "dr_grpo, else group)", choices=tuple(SCALE_REWARDS))
+    importance_sampling: str = opt("token", "importance ratio per token (GRPO) or per sequence (GSPO)",
+                                   choices=tuple(IMPORTANCE_SAMPLING))
+    mask_truncated_completions: bool = opt(False, "leave completions cut by --max-new-tokens out of the loss (DAPO)")
     steps: int = opt(100, "GRPO steps (each samples a fresh batch)")
     prompts_per_step: int = opt(8, "prompts per step")
     group_size: int = opt(8, "G: completions sampled per prompt")
@@ -101,7 +132,17 @@ class GRPOConfig:
     beta: float = opt(0.04, "KL coefficient to the frozen reference (DeepSeekMath: 0.04; 0 keeps no reference)")
     eps_low: float = opt(0.2, "clip range below 1 for the probability ratio")
     eps_high: float | None = opt(None, "clip range above 1 (default: eps_low; DAPO's clip-higher: 0.28)")
-    mu: int = opt(1, "optimizer steps per sampled batch (GRPO's mu)")
+    mu: int = opt(1, "num_iterations: optimizer steps per sampled batch (GRPO's mu; with 1 the sampling policy "
+                     "is the current one and its log-probabilities are not recomputed)")
+    bf16: bool = opt(False, "bf16 autocast for the trainer's forward and backward (weights stay fp32)")
+    gradient_checkpointing: bool = opt(False, "recompute each block in backward to save memory")
+    lora_rank: int = opt(0, "LoRA rank on attention and dense/shared-expert projections (0 = full fine-tuning; "
+                            "routed experts stay frozen); the end checkpoint is merged")
+    lora_alpha: float = opt(32.0, "LoRA alpha (scale alpha/rank)")
+    seed_per_prompt: bool = opt(False, "sample each prompt's group with its own seed (step, prompt index): rollouts "
+                                       "that do not depend on the number of processes, at the cost of batching")
+    logprob_check_every: int = opt(0, "compare the engine's log-probabilities with the trainer's every N steps "
+                                      "(0 = never; one extra forward)")
     micro_batch_size: int = opt(16, "completions per forward/backward (gradient accumulation)")
     num_train: int = opt(5000, "training problems to draw prompts from")
     eval_every: int = opt(10, "held-out evaluation every N steps (0 = only at start and end)")
@@ -125,13 +166,23 @@ class GRPOConfig:
 
         if not self.model or not self.out:
             raise ValueError("GRPOConfig: --model and --out are required")
-        task_from_spec(self.data)  # raises, naming the task or setting
+        if is_builtin(self.dataset):
+            task_from_spec(self.dataset)  # raises, naming the task or setting
+        elif not Path(self.dataset).exists():
+            bad("dataset", f"neither a built-in task ({', '.join(TASKS)}) nor an existing path")
         if self.layout is None:
             self.layout = checkpoint_layout(self.model)
         if self.layout not in LAYOUTS:
             bad("layout", f"expected one of {', '.join(LAYOUTS)}")
-        if self.variant not in VARIANTS:
-            bad("variant", f"expected one of {', '.join(VARIANTS)}")
+        for name, allowed in (("loss_type", LOSS_TYPES), ("importance_sampling", IMPORTANCE_SAMPLING)):
+            if getattr(self, name) not in allowed:
+                bad(name, f"expected one of {', '.join(allowed)}")
+        if self.scale_rewards is None:
+            self.scale_rewards = "none" if self.loss_type == "dr_grpo" else "group"
+        if self.scale_rewards not in SCALE_REWARDS:
+            bad("scale_rewards", f"expected one of {', '.join(SCALE_REWARDS)}")
+        if self.lora_rank < 0 or (self.lora_rank and self.resume):
+            bad("lora_rank", "must be >= 0, and a LoRA run cannot resume (its checkpoint is merged)")
         for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "micro_batch_size", "num_train",
                      "eval_size", "eval_samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -143,188 +194,161 @@ class GRPOConfig:
         if not self.lr > 0:
             bad("lr", "must be positive")
         for name in ("beta", "eps_low", "weight_decay", "grad_clip", "warmup_steps", "eval_every",
-                     "sample_every", "checkpoint_every"):
+                     "sample_every", "checkpoint_every", "logprob_check_every"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if self.eps_high is not None and self.eps_high < 0:
             bad("eps_high", "must be >= 0")
         self.reward = list(self.reward or ["accuracy", "format=0.1"])
-        parse_rewards(self.reward)  # fails early on a bad module path
-
-
-# ----------------------------------------------------------------------------- rollouts
-
-@dataclass
-class Rollout:
-    """G completions for each of P prompts, prompt-major: completion i is prompt i // G's."""
-    examples: list
-    prompt_texts: list[str]
-    prompts: list[list[int]]  # [P] token ids, generation prompt included
-    completions: list[list[int]]  # [P*G] sampled ids, EOS appended when the model ended the turn
-    texts: list[str]  # [P*G] decoded completions (no EOS)
-    finish_reasons: list[str]  # [P*G] "stop" or "length"
-    seconds: float
-    new_tokens: int
-
-
-def sample_groups(engine: Engine, tokenizer: Tokenizer, examples: list, group_size: int, max_new_tokens: int,
-                  temperature: float, top_p: float | None, seed: int, layout: str = "chat") -> Rollout:
-    """Sample `group_size` completions for each example's prompt in one batched generate."""
-    rendered = [render_prompt(tokenizer, ex, layout) for ex in examples]
-    prompts = [ids for _, ids in rendered]
-    t0 = time.perf_counter()
-    outs = engine.generate([p for p in prompts for _ in range(group_size)], max_new_tokens,
-                           temperature=temperature, top_p=top_p, seed=seed)
-    seconds = time.perf_counter() - t0
-    reasons = [out.finish_reason for out in outs]
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None else engine.config.eos_token_ids[0]
-    completions = [out.tokens + [eos] if out.finish_reason == "stop" else out.tokens for out in outs]
-    texts = [tokenizer.decode(out.tokens) for out in outs]
-    return Rollout(examples, [t for t, _ in rendered], prompts, completions, texts, reasons, seconds,
-                   sum(len(o.tokens) for o in outs))
-
-
-def score_rollout(rollout: Rollout, rewards: list, group_size: int) -> tuple[torch.Tensor, dict]:
-    """(total rewards [P, G], logged means: reward/<name>, accuracy, unparseable_rate)."""
-    rows = []
-    for i, text in enumerate(rollout.texts):
-        p = i // group_size
-        rows.append(score(rewards, rollout.prompt_texts[p], text, rollout.examples[p]))
-    total = torch.tensor([r["total"] for r in rows], dtype=torch.float32).view(-1, group_size)
-    means = {f"reward/{name}": sum(r[name] for r in rows) / len(rows) for name, _, _ in rewards}
-    correct = [r["accuracy"] if "accuracy" in r else
-               accuracy_reward(rollout.prompt_texts[i // group_size], t, rollout.examples[i // group_size])
-               for i, (r, t) in enumerate(zip(rows, rollout.texts))]
-    means["accuracy"] = sum(correct) / len(correct)
-    means["unparseable_rate"] = sum(extract_answer(t) is None for t in rollout.texts) / len(rollout.texts)
-    return total, means
-
-
-# ----------------------------------------------------------------------------- log-probabilities
-
-def sequence_batch(prompts: list[list[int]], completions: list[list[int]], group_size: int, pad_id: int):
-    """Right-padded prompt+completion rows for the trainer's forward.
-
-    Returns input_ids [N, T-1], targets [N, T-1] (the next token) and mask [N, T-1] (1 where the
-    target is a completion token): logits at position j score token j+1.
-    """
-    seqs = [prompts[i // group_size] + c for i, c in enumerate(completions)]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, (s, c) in enumerate(zip(seqs, completions)):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, len(s) - len(c):len(s)] = True
-    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
-
-
-@torch.no_grad()
-def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, temperature: float,
-                    micro_batch_size: int) -> torch.Tensor:
-    """log pi(target) at every position [N, T] with the model's training forward, no gradient."""
-    return torch.cat([token_logprobs(model(input_ids[a:a + micro_batch_size]), targets[a:a + micro_batch_size],
-                                     temperature) for a in range(0, len(input_ids), micro_batch_size)])
-
-
-@torch.inference_mode()
-def engine_logprobs(engine: Engine, prompts: list[list[int]], completions: list[list[int]],
-                    temperature: float) -> list[torch.Tensor]:
-    """The engine's log-probabilities of each completion's tokens: prefill through the latent cache,
-    then the completion in one absorbed-attention forward (what token-by-token decoding computes).
-    Compared with the trainer's to catch stale weights or a numerics gap between the two paths."""
-    B, Tp = len(prompts), max(len(p) for p in prompts)
-    Tc = max(len(c) for c in completions)
-    lengths = torch.tensor([len(p) for p in prompts])
-    ids = torch.zeros(B, Tp, dtype=torch.long)
-    comp = torch.zeros(B, Tc, dtype=torch.long)
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        ids[b, :len(p)], comp[b, :len(c)] = torch.tensor(p), torch.tensor(c, dtype=torch.long)
-    cache = engine.new_cache(B, Tp + Tc)
-    hidden = engine.forward(ids, torch.arange(Tp).expand(B, Tp), cache, absorb=False)
-    last = hidden[torch.arange(B), lengths - 1][:, None]  # predicts completion token 0
-    if Tc > 1:
-        positions = lengths[:, None] + torch.arange(Tc - 1)
-        last = torch.cat((last, engine.forward(comp[:, :-1], positions, cache, absorb=True)), dim=1)
-    logp = token_logprobs(engine.logits(last), comp, temperature)
-    return [logp[b, :len(c)] for b, c in enumerate(completions)]
-
-
-def logprob_mismatch(trainer_logp: torch.Tensor, mask: torch.Tensor, engine_logp: list[torch.Tensor]) -> dict:
-    """Mean and max |trainer - engine| over the completion tokens."""
-    diffs = torch.cat([(trainer_logp[i][mask[i]] - e).abs() for i, e in enumerate(engine_logp)])
-    return {"logprob_mismatch_mean": float(diffs.mean()), "logprob_mismatch_max": float(diffs.max())}
+        parse_rewards(self.reward, self.verifier_command)  # fails early on a bad module path
 
 
 # ----------------------------------------------------------------------------- one step
 
-def loss_counts(loss_fn, num_sequences: int, num_tokens: int, max_tokens: int) -> dict:
-    """The normalisers each variant takes, over the whole batch (micro-batches add up exactly)."""
+@dataclass
+class Algorithm:
+    """The functions cfg picks, resolved once: no string is branched on inside the step."""
+    advantages: object  # rewards [P, G] -> advantages [P, G]
+    loss: object  # one of losses.LOSS_TYPES
+    ratio: object  # losses.token_log_ratio or sequence_log_ratio
+    precision: object  # a context factory for the trainer's forward (bf16 autocast or nothing)
+
+    @classmethod
+    def from_config(cls, cfg: GRPOConfig, device_type: str = "cpu") -> "Algorithm":
+        precision = functools.partial(torch.autocast, device_type, dtype=torch.bfloat16) if cfg.bf16 \
+            else contextlib.nullcontext
+        return cls(SCALE_REWARDS[cfg.scale_rewards], LOSS_TYPES[cfg.loss_type],
+                   IMPORTANCE_SAMPLING[cfg.importance_sampling], precision)
+
+
+def loss_counts(loss_fn, num_sequences: int, num_tokens: int, max_tokens: int, num_micro_batches: int) -> dict:
+    """The normalisers each loss takes, over the whole batch of every process (micro-batches and
+    processes add up exactly to the one-batch gradient)."""
     return {grpo_loss: dict(num_sequences=num_sequences),
             dr_grpo_loss: dict(num_sequences=num_sequences, max_tokens=max_tokens),
-            dapo_loss: dict(num_tokens=num_tokens)}[loss_fn]
+            dapo_loss: dict(num_tokens=num_tokens), bnpo_loss: dict(num_micro_batches=num_micro_batches)}[loss_fn]
 
 
-def policy_update(model: nn.Module, optimizer, batch: tuple, advantages: torch.Tensor, old_logp: torch.Tensor,
-                  ref_logp: torch.Tensor | None, cfg: GRPOConfig, lr: float) -> dict:
-    """cfg.mu AdamW steps on one sampled batch; returns the logged loss statistics."""
+def _global_sum(value: float, env: DistEnv) -> float:
+    return float(all_reduce_sum(torch.tensor([float(value)], dtype=torch.float64), env)) if env.distributed \
+        else float(value)
+
+
+def _all_reduce_grads(model: nn.Module, env: DistEnv) -> None:
+    """Sum gradients over processes: each process's loss is already normalised by global counts."""
+    if env.distributed:
+        for p in model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def policy_update(model: nn.Module, optimizer, batch: tuple, advantages: torch.Tensor, old_logp: torch.Tensor | None,
+                  ref_logp: torch.Tensor | None, cfg: GRPOConfig, lr: float, algo: Algorithm,
+                  env: DistEnv = DistEnv(), num_sequences: int | None = None) -> dict:
+    """cfg.mu AdamW steps on one sampled batch (this process's share); returns the logged statistics.
+    old_logp None (mu = 1): pi_old = sg(pi) inside the loss, no extra forward."""
     input_ids, targets, mask = batch
-    _, loss_fn = VARIANTS[cfg.variant]
-    counts = loss_counts(loss_fn, len(input_ids), int(mask.sum()), cfg.max_new_tokens)
-    kw = dict(beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high, **counts)
+    n_micro = -(-len(input_ids) // cfg.micro_batch_size)
+    total_tokens = _global_sum(mask.sum(), env)
+    counts = loss_counts(algo.loss, num_sequences or len(input_ids), int(total_tokens), cfg.max_new_tokens,
+                         int(_global_sum(n_micro, env)))
+    kw = dict(beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high, ratio_fn=algo.ratio, **counts)
     model.train()
     sums = collections.defaultdict(float)
     for _ in range(cfg.mu):
         for a in range(0, len(input_ids), cfg.micro_batch_size):
             sl = slice(a, a + cfg.micro_batch_size)
-            logits = model(input_ids[sl])
+            with algo.precision():
+                logits = model(input_ids[sl])
             logp = token_logprobs(logits, targets[sl], cfg.temperature)
             ref = ref_logp[sl] if ref_logp is not None else None
-            loss, stats = loss_fn(logp, old_logp[sl], advantages[sl], mask[sl], ref, **kw)
+            old = old_logp[sl] if old_logp is not None else None
+            loss, stats = algo.loss(logp, old, advantages[sl], mask[sl], ref, **kw)
             loss.backward()
-            share = float(mask[sl].sum()) / max(float(mask.sum()), 1.0) / cfg.mu  # token-weighted means
+            share = float(mask[sl].sum()) / max(total_tokens, 1.0) / cfg.mu  # token-weighted means
             sums["loss"] += float(loss.detach()) / cfg.mu
             for k, v in stats.items():
                 sums[k] += v * share
             with torch.no_grad():
                 sums["entropy"] += float((token_entropy(logits, cfg.temperature) * mask[sl]).sum()) \
-                    / max(float(mask.sum()), 1.0) / cfg.mu
+                    / max(total_tokens, 1.0) / cfg.mu
+        _all_reduce_grads(model, env)
         sums["grad_norm"] += optimizer_step(model, optimizer, lr, cfg.grad_clip, where="GRPO") / cfg.mu
     for moe in model.moe_layers():  # routing kept for balancing holds the last graph alive; RL does not use it
         moe.scores = moe.indices = None
     model.eval()
-    return dict(sums)
+    return {k: _global_sum(v, env) if k in ("loss", "entropy", "clip_fraction", "kl") else v for k, v in sums.items()}
+
+
+def _rollout(engine, tokenizer, examples, cfg: GRPOConfig, step: int, first_index: int) -> Rollout:
+    """This process's completions, on the live (adapter-merged) weights; with seed_per_prompt each
+    prompt is sampled with a seed of its own, so the result does not depend on how prompts are split."""
+    seed = cfg.seed * 1_000_003 + step
+    with merged(engine.model):
+        if not cfg.seed_per_prompt:
+            return sample_groups(engine, tokenizer, examples, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
+                                 cfg.top_p, seed=seed, layout=cfg.layout)
+        parts = [sample_groups(engine, tokenizer, [ex], cfg.group_size, cfg.max_new_tokens, cfg.temperature,
+                               cfg.top_p, seed=seed * 7919 + first_index + i, layout=cfg.layout)
+                 for i, ex in enumerate(examples)]
+    return Rollout(examples, *[sum((getattr(r, f) for r in parts), []) for f in
+                               ("prompt_texts", "prompts", "completions", "texts", "finish_reasons")],
+                   sum(r.seconds for r in parts), sum(r.new_tokens for r in parts))
+
+
+def _gather(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Concatenate every process's [P_r, G] rewards in rank order (all processes hold equal shares)."""
+    if not env.distributed:
+        return t
+    parts = [torch.empty_like(t) for _ in range(env.world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def grpo_step(model: nn.Module, ref_model: nn.Module | None, engine: Engine, optimizer, tokenizer: Tokenizer,
-              examples: list, rewards: list, cfg: GRPOConfig, step: int) -> tuple[dict, Rollout]:
-    """Sample, score, update: one GRPO step (0-based `step`). Returns (metrics row, the rollout)."""
-    G = cfg.group_size
+              examples: list, rewards: list, cfg: GRPOConfig, step: int, env: DistEnv = DistEnv(),
+              algo: Algorithm | None = None) -> tuple[dict, Rollout]:
+    """Sample, score, update: one GRPO step (0-based `step`) over `examples`, the step's prompts of
+    every process; this process rolls out its contiguous share. Returns (metrics row, its rollout)."""
+    G, algo = cfg.group_size, algo or Algorithm.from_config(cfg)
+    share = len(examples) // env.world_size
+    mine = examples[env.rank * share:(env.rank + 1) * share]
     model.eval()
-    rollout = sample_groups(engine, tokenizer, examples, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                            seed=cfg.seed * 1_000_003 + step, layout=cfg.layout)
-    reward, reward_means = score_rollout(rollout, rewards, G)
-    advantages_fn, _ = VARIANTS[cfg.variant]
-    advantages = advantages_fn(reward).flatten()
+    rollout = _rollout(engine, tokenizer, mine, cfg, step, env.rank * share)
+    local_reward, reward_means = score_rollout(rollout, rewards, G, cfg.max_new_tokens)
+    reward = _gather(local_reward, env)  # group statistics (and the batch std) over every prompt of the step
+    advantages = algo.advantages(reward)[env.rank * share:(env.rank + 1) * share].flatten()
 
     t0 = time.perf_counter()
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    batch = sequence_batch(rollout.prompts, rollout.completions, G, pad)
-    input_ids, targets, mask = batch
-    old_logp = policy_logprobs(model, input_ids, targets, cfg.temperature, cfg.micro_batch_size)
+    input_ids, targets, mask = sequence_batch(rollout.prompts, rollout.completions, G, pad)
+    if cfg.mask_truncated_completions:
+        mask = mask_truncated(mask, rollout.finish_reasons)
+    old_logp = None if cfg.mu == 1 else policy_logprobs(model, input_ids, targets, cfg.temperature,
+                                                        cfg.micro_batch_size, algo.precision)
     ref_logp = None if ref_model is None else \
-        policy_logprobs(ref_model, input_ids, targets, cfg.temperature, cfg.micro_batch_size)
-    mismatch = logprob_mismatch(old_logp, mask, engine_logprobs(
-        engine, [rollout.prompts[i // G] for i in range(len(rollout.completions))], rollout.completions,
-        cfg.temperature))
+        policy_logprobs(ref_model, input_ids, targets, cfg.temperature, cfg.micro_batch_size, algo.precision)
+    mismatch = {}
+    if cfg.logprob_check_every and step % cfg.logprob_check_every == 0:
+        trainer_logp = old_logp if old_logp is not None else policy_logprobs(
+            model, input_ids, targets, cfg.temperature, cfg.micro_batch_size, algo.precision)
+        with merged(model):
+            mismatch = logprob_mismatch(trainer_logp, mask, engine_logprobs(
+                engine, [rollout.prompts[i // G] for i in range(len(rollout.completions))], rollout.completions,
+                cfg.temperature))
     lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-    stats = policy_update(model, optimizer, batch, advantages, old_logp, ref_logp, cfg, lr)
+    stats = policy_update(model, optimizer, (input_ids, targets, mask), advantages, old_logp, ref_logp, cfg, lr,
+                          algo, env, num_sequences=reward.numel())
     update_s = time.perf_counter() - t0
 
+    n = reward.numel()
     lengths = [len(c) for c in rollout.completions]
     row = {"step": step + 1, "reward_mean": float(reward.mean()), "reward_std": float(reward.std()),
-           **reward_means, "response_length": sum(lengths) / len(lengths),
+           **reward_means, "response_length": _global_sum(sum(lengths), env) / n,
            "no_signal_groups": float((reward.max(-1).values == reward.min(-1).values).float().mean()),
-           "truncation_rate": sum(r == "length" for r in rollout.finish_reasons) / len(lengths),
+           "truncation_rate": _global_sum(sum(r == "length" for r in rollout.finish_reasons), env) / n,
            **stats, **mismatch, "lr": lr, "rollout_tokens": rollout.new_tokens, "rollout_s": rollout.seconds,
            "rollout_tokens_per_s": rollout.new_tokens / max(rollout.seconds, 1e-9), "update_s": update_s}
     return row, rollout
@@ -344,14 +368,17 @@ def _load(cfg: GRPOConfig) -> tuple[nn.Module, Tokenizer]:
     return load_with_tokenizer(path, dtype=torch.float32)
 
 
-def _start_step(cfg: GRPOConfig, model, optimizer) -> int:
+def _start_step(cfg: GRPOConfig, model, optimizer, env: DistEnv) -> int:
     out = Path(cfg.out)
     if cfg.resume:
         state = load_train_state(out, model, optimizer)
-        truncate_metrics(out / "metrics.jsonl", state["step"])
+        if env.is_main:
+            truncate_metrics(out / "metrics.jsonl", state["step"])
         return int(state["step"])
-    refuse_existing_run(out)
-    start_fresh(out, logs=("metrics.jsonl", "samples.jsonl"))
+    if env.is_main:
+        refuse_existing_run(out)
+        start_fresh(out, logs=("metrics.jsonl", "samples.jsonl"))
+    barrier(env)
     return 0
 
 
@@ -367,74 +394,115 @@ class HeldOut:
     """Held-out pass@1 (and maj@k) of the live policy. The time it takes is kept apart, so the
     run's training time and its --max-minutes budgets do not count evaluation."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, task, cfg: GRPOConfig):
-        self.model, self.tokenizer, self.task, self.cfg = model, tokenizer, task, cfg
-        self.examples = task.examples("test", cfg.eval_size, seed=cfg.seed)
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, examples: list, cfg: GRPOConfig):
+        self.model, self.tokenizer, self.examples, self.cfg = model, tokenizer, examples, cfg
         self.seconds = self.cpu_seconds = 0.0
 
     def __call__(self) -> dict:
         cfg = self.cfg
         t0, c0 = time.perf_counter(), time.process_time()
-        res = evaluate_accuracy(self.model, self.tokenizer, self.task, max_new_tokens=cfg.max_new_tokens,
-                                layout=cfg.layout, k=cfg.eval_samples, temperature=cfg.eval_temperature,
-                                top_p=cfg.eval_top_p, seed=cfg.seed, examples=self.examples, progress=False)
+        with merged(self.model):
+            res = evaluate_accuracy(self.model, self.tokenizer, None, max_new_tokens=cfg.max_new_tokens,
+                                    layout=cfg.layout, k=cfg.eval_samples, temperature=cfg.eval_temperature,
+                                    top_p=cfg.eval_top_p, seed=cfg.seed, examples=self.examples, progress=False)
         self.seconds += time.perf_counter() - t0
         self.cpu_seconds += time.process_time() - c0
-        return {f"eval/{k}": v for k, v in res.items() if k.startswith(("pass@", "maj@")) or k == "truncated"}
+        return {f"eval/{k}": v for k, v in res.items()
+                if k.startswith(("pass@", "maj@", "cons@")) or k in ("truncated", "stderr")}
 
 
-def grpo(cfg: GRPOConfig) -> Path:
-    """Run (or resume) GRPO from cfg.model; returns the run folder."""
-    out = Path(cfg.out)
+def _prepare(cfg: GRPOConfig, env: DistEnv):
+    """The policy (LoRA-wrapped and checkpointed as asked), its reference, tokenizer and optimizer."""
     model, tokenizer = _load(cfg)
+    model.to(env.device)
     ref_model = _reference(cfg, model)
+    if cfg.lora_rank:
+        model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.gradient_checkpointing:
+        apply_activation_checkpointing(model)
+    return model, ref_model, tokenizer, build_adamw(model, cfg.lr, cfg.weight_decay)
+
+
+def grpo(cfg: GRPOConfig, env: DistEnv | None = None) -> Path:
+    """Run (or resume) GRPO from cfg.model; returns the run folder. Under torchrun each process rolls
+    out its share of every step's prompts (prompts_per_step must divide among them); rewards are
+    gathered so advantages are the one-process run's, gradients summed; rank 0 evaluates and writes."""
+    own_env = env is None
+    env = env or init_distributed()
+    try:
+        return _run(cfg, env)
+    finally:
+        if own_env:
+            shutdown(env)
+
+
+def _run(cfg: GRPOConfig, env: DistEnv) -> Path:
+    """The loop of `grpo` (long: it reads top to bottom, logging and budgets included)."""
+    if cfg.prompts_per_step % env.world_size:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide among {env.world_size} processes")
+    out = Path(cfg.out)
+    model, ref_model, tokenizer, optimizer = _prepare(cfg, env)
     engine = Engine(model, tokenizer)  # the same module object: rollouts always see the live weights
-    optimizer = build_adamw(model, cfg.lr, cfg.weight_decay)
-    start = _start_step(cfg, model, optimizer)
-    rewards = parse_rewards(cfg.reward)
-    task = task_from_spec(cfg.data)
-    train_set = task.examples("train", cfg.num_train, seed=cfg.seed)
-    held_out = HeldOut(model, tokenizer, task, cfg)
+    start = _start_step(cfg, model, optimizer, env)
+    rewards, algo = parse_rewards(cfg.reward, cfg.verifier_command), Algorithm.from_config(cfg, env.device.type)
+    train_set, held_examples = train_and_held_out(cfg.dataset, cfg.split, cfg.eval_dataset, cfg.eval_split,
+                                                  cfg.eval_size, cfg.prompt_column, cfg.answer_column,
+                                                  n=cfg.num_train, seed=cfg.seed)
+    held_out = HeldOut(model, tokenizer, held_examples, cfg)
     order = RowSampler(len(train_set), cfg.prompts_per_step, cfg.seed)
-    meta = {"stage": "grpo", "source": {"model": cfg.model, "data": cfg.data}, "grpo_config": dataclasses.asdict(cfg)}
-    print(f"grpo: {model.num_params():,} parameters, {cfg.variant}, {cfg.prompts_per_step} prompts x G="
-          f"{cfg.group_size}, rewards {cfg.reward}, beta={cfg.beta}, steps {start}->{cfg.steps}")
-    log = MetricsLog(out / "metrics.jsonl")
+    meta = {"stage": "grpo", "source": {"model": cfg.model, "dataset": cfg.dataset},
+            "grpo_config": dataclasses.asdict(cfg)}
+    if env.is_main:
+        print(f"grpo: {model.num_params():,} parameters ({sum(p.numel() for p in model.parameters() if p.requires_grad):,}"
+              f" trained), {cfg.loss_type}/{cfg.scale_rewards}/{cfg.importance_sampling}, {cfg.prompts_per_step} "
+              f"prompts x G={cfg.group_size} over {env.world_size} process(es), rewards {cfg.reward}, "
+              f"beta={cfg.beta}, steps {start}->{cfg.steps}")
+    log = MetricsLog(out / "metrics.jsonl", enabled=env.is_main)
     t_start, cpu_start, row, warned = time.perf_counter(), time.process_time(), {}, set()
-    first_eval = held_out() if start == 0 else {}
+    first_eval = held_out() if start == 0 and env.is_main else {}
     if first_eval:
         log.append({"step": 0, **first_eval})
         print(f"grpo: held-out pass@1 at start {first_eval['eval/pass@1']:.1%}")
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", desc="grpo", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and env.is_main), unit="step", desc="grpo",
+               dynamic_ncols=True)
     step = start
     for step in range(start, cfg.steps):
         examples = [train_set[int(i)] for i in order.rows(step)]
-        row, rollout = grpo_step(model, ref_model, engine, optimizer, tokenizer, examples, rewards, cfg, step)
+        row, rollout = grpo_step(model, ref_model, engine, optimizer, tokenizer, examples, rewards, cfg, step, env,
+                                 algo)
         row["elapsed_s"] = time.perf_counter() - t_start - held_out.seconds  # training time: evaluation not counted
         row["cpu_s"] = time.process_time() - cpu_start - held_out.cpu_seconds
         out_of_time = (cfg.max_minutes is not None and row["elapsed_s"] > 60 * cfg.max_minutes) or \
             (cfg.max_cpu_minutes is not None and row["cpu_s"] > 60 * cfg.max_cpu_minutes)
+        out_of_time = _global_sum(out_of_time, env) > 0  # every process stops at the same step
         last = step + 1 == cfg.steps or out_of_time
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+        if env.is_main and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
             row.update(held_out())
-        warned = _warn(row, warned, step)
+        warned = _warn(row, warned, step) if env.is_main else warned
         log.append(row)
-        if cfg.sample_every and (step % cfg.sample_every == 0 or last):
+        if env.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or last):
             _write_samples(out / "samples.jsonl", step + 1, rollout, cfg.group_size)
         bar.update(1)
-        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.0%}",
-                        len=f"{row['response_length']:.0f}", tok_s=f"{row['rollout_tokens_per_s']:.0f}")
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last:
+        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", len=f"{row['response_length']:.0f}",
+                        tok_s=f"{row['rollout_tokens_per_s']:.0f}")
+        if env.is_main and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last \
+                and not cfg.lora_rank:
             save_checkpoint(out, model, optimizer, step + 1, tokenizer, meta)
+        barrier(env)
         if out_of_time:
             print(f"grpo: stopping after {row['elapsed_s'] / 60:.1f} min wall, {row['cpu_s'] / 60:.1f} min CPU "
                   f"(budget: --max-minutes {cfg.max_minutes}, --max-cpu-minutes {cfg.max_cpu_minutes})")
             break
     bar.close()
-    if start < cfg.steps:
+    if start < cfg.steps and env.is_main:
+        if cfg.lora_rank:  # the adapters merged into their weights: a plain checkpoint any loader reads
+            model = merge_and_unload(model)
+            optimizer = build_adamw(model, cfg.lr, cfg.weight_decay)
         save_checkpoint(out, model, optimizer, step + 1, tokenizer, meta)
         plot_grpo(read_metrics(out / "metrics.jsonl"), out / "grpo.png")
-    _summary(out, row, first_eval)
+    barrier(env)
+    if env.is_main:
+        _summary(out, row, first_eval)
     return out
 
 

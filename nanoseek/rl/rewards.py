@@ -1,84 +1,68 @@
-"""Reward functions for GRPO: rule-based, as DeepSeek-R1-Zero's, plus plug-ins.
+"""Reward functions for GRPO, in TRL's shape: batched, and seeing the dataset's columns.
 
-    reward = accuracy_reward(prompt, completion, example)   # 1.0 if the final answer is right
-    reward = format_reward(prompt, completion, example)     # 1.0 for <think>...</think> then <answer>
-    fn = load_reward("my_pkg.rewards:brevity")              # any callable(prompt, completion, example)
-    rewards = parse_rewards(["accuracy", "format=0.5"])     # [(name, fn, weight)] for the trainer
+    def my_reward(prompts, completions, **columns) -> list[float | None]: ...
+    rewards = parse_rewards(["accuracy", "format=0.1", "my_pkg.rewards:my_reward=0.5"])  # [(name, fn, weight)]
+    total, values = score_batch(rewards, prompts, completions, columns)   # total [N], values {name: [N]}
 
-A reward function is a plain callable ``fn(prompt: str, completion: str, example) -> float``:
-`prompt` is the text the model saw (the chat template's generation prompt included, so it ends
-in the ``<think>\\n`` the template opened), `completion` the text the model wrote (decoded, no
-end-of-sentence token), `example` the task's Example (answer, meta) or whatever the data holds.
+`prompts` are the texts the model saw (the chat template's generation prompt included, so they end
+in the ``<think>\\n`` the template opened), `completions` what it wrote (decoded, no EOS). `columns`
+are the dataset's columns by name, one entry per completion (data.records.reward_columns: "answer",
+"example" and every column of the record), plus what the trainer adds: "completion_ids" (token
+ids), "finish_reasons", "group" (the prompt's index: completions of one prompt share it) and
+"max_new_tokens". A reward takes what it needs and swallows the rest with **kwargs. None means "does
+not apply to this completion": it is left out of the weighted sum (a completion no reward applies
+to scores 0).
 
 Built-ins (BUILTIN_REWARDS):
-  accuracy  the final answer (last <answer>...</answer>, else last \\boxed{}) checked by the
-            task's own checker when the example names a built-in task (Countdown accepts any
-            valid expression), else against example.answer exactly or numerically.
+  accuracy  the final answer (last <answer>...</answer>, else last \\boxed{}) checked by the built-in
+            task's checker (Countdown accepts any valid expression), else against "answer" exactly,
+            as numbers, or by math-verify (nanoseek.data.answers).
+  math      the final answer against "answer" with math-verify (LaTeX, fractions, sets, intervals,
+            units: \\frac{1}{2} equals 0.5) only: no task checker, no plain string match.
   format    reasoning closed by </think> (opened by the template or by the completion itself),
             then the answer in <answer>...</answer> or \\boxed{}, and nothing after it.
-  code      the last ```python block of the completion, followed by example.meta["tests"], run
-            by nanoseek.rl.sandbox in a separate limited process; 1.0 if it exits cleanly.
+  code      the last ```python block, then the "tests" column, in nanoseek.rl.sandbox; 1.0 if the
+            tests ran to the end.
+  overlong  DAPO's soft overlong punishment: 0 up to max_new_tokens - cache, then linearly down to
+            -1 at the budget (cache = a quarter of it).
+  length    Kimi k1.5's length reward within each group: lambda = 0.5 - (len - min)/(max - min);
+            lambda for a correct completion, min(0, lambda) for a wrong one.
+  verifier  (with --verifier-command) each completion piped to an external checker: see verifier_reward.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import math
+import os
 import re
+import signal
+import subprocess
 from collections.abc import Callable
-from fractions import Fraction
 
-from ..data.tasks import TASKS, extract_answer, get_task
+import torch
+
+from ..data.answers import answers_match, is_correct, math_equal
+from ..data.tasks import extract_answer
 from ..tokenizer import THINK_END, THINK_START
 from .sandbox import run_python
 
-RewardFn = Callable[[str, str, object], float]
+RewardFn = Callable[..., list]
 
 
 # ----------------------------------------------------------------------------- accuracy
 
-def _number(text: str) -> Fraction | None:
-    """A plain number ("1,234", "-3.50", "7/2") as an exact fraction; None otherwise."""
-    s = text.replace(",", "").replace(" ", "").replace("$", "")
-    try:
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
+def accuracy_reward(prompts, completions, answer=None, example=None, **_) -> list[float]:
+    """1.0 when a completion's final answer is right (data.answers.is_correct: the task's checker, else
+    exact, numeric or math-verify equality with the "answer" column), else 0.0."""
+    answer, example = answer or [None] * len(completions), example or [None] * len(completions)
+    return [float(is_correct(c, e, a)) for c, e, a in zip(completions, example, answer)]
 
 
-def answers_match(predicted: str | None, reference: str) -> bool:
-    """Exact match after trimming whitespace, else equal as numbers (so "12.0" == "12")."""
-    if predicted is None:
-        return False
-    predicted, reference = predicted.strip(), str(reference).strip()
-    if predicted == reference:
-        return True
-    a, b = _number(predicted), _number(reference)
-    return a is not None and a == b
-
-
-_TASKS: dict = {}
-
-
-def _task_of(example):
-    """The built-in task that made `example` (its meta names it), or None."""
-    name = (getattr(example, "meta", None) or {}).get("task")
-    if name not in TASKS:
-        return None
-    if name not in _TASKS:
-        _TASKS[name] = get_task(name)
-    return _TASKS[name]
-
-
-def accuracy_reward(prompt: str, completion: str, example) -> float:
-    """1.0 when the completion's final answer solves `example`, else 0.0 (also when unparseable)."""
-    answer = extract_answer(completion)
-    task = _task_of(example)
-    if task is not None:
-        return float(task.check(answer, example))
-    reference = example.get("answer") if isinstance(example, dict) else getattr(example, "answer", None)
-    if reference is None:
-        raise ValueError("accuracy reward: the example has neither a built-in task in meta nor an 'answer'")
-    return float(answers_match(answer, reference))
+def math_reward(prompts, completions, answer, **_) -> list[float | None]:
+    """1.0 when the final answer equals the "answer" column by math-verify; None without a reference."""
+    return [None if a is None else float(math_equal(extract_answer(c), a)) for c, a in zip(completions, answer)]
 
 
 # ----------------------------------------------------------------------------- format
@@ -91,23 +75,55 @@ def think_opened_by_prompt(prompt: str) -> bool:
     return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
 
 
-def format_reward(prompt: str, completion: str, example=None) -> float:
-    """1.0 for "<think>reasoning</think> answer" where the answer is <answer>...</answer> or
-    \\boxed{...} with nothing after it, else 0.0.
-
-    The opening <think> may be the prompt's (the chat template opened it: the completion starts
-    inside the reasoning) or the completion's own first token; the reasoning must be non-empty
-    and closed exactly once.
-    """
+def is_well_formatted(prompt: str, completion: str) -> bool:
+    """"<think>reasoning</think> answer", the answer <answer>...</answer> or \\boxed{...} with nothing
+    after it. The opening <think> may be the prompt's (the template opened it) or the completion's
+    first token; the reasoning must be non-empty and closed exactly once."""
     text = completion.lstrip()
     if text.startswith(THINK_START):
         text = text[len(THINK_START):]
     elif not think_opened_by_prompt(prompt):
-        return 0.0
+        return False
     if THINK_START in text or text.count(THINK_END) != 1:
-        return 0.0
+        return False
     reasoning, _, rest = text.partition(THINK_END)
-    return float(bool(reasoning.strip()) and _ANSWER_TAIL.fullmatch(rest) is not None)
+    return bool(reasoning.strip()) and _ANSWER_TAIL.fullmatch(rest) is not None
+
+
+def format_reward(prompts, completions, **_) -> list[float]:
+    """1.0 for a well-formatted completion (is_well_formatted), else 0.0."""
+    return [float(is_well_formatted(p, c)) for p, c in zip(prompts, completions)]
+
+
+# ----------------------------------------------------------------------------- length
+
+def overlong_reward(prompts, completions, completion_ids, max_new_tokens, **_) -> list[float]:
+    """DAPO's soft overlong punishment (eq. 13) with cache = max_new_tokens // 4:
+    0 if L <= Lmax - cache; (Lmax - cache - L) / cache up to Lmax; -1 beyond."""
+    cache = max(1, max_new_tokens // 4)
+    out = []
+    for ids in completion_ids:
+        L = len(ids)
+        out.append(0.0 if L <= max_new_tokens - cache else -1.0 if L >= max_new_tokens
+                   else (max_new_tokens - cache - L) / cache)
+    return out
+
+
+def length_reward(prompts, completions, completion_ids, group, answer=None, example=None, **_) -> list[float]:
+    """Kimi k1.5's length reward: within each group lambda = 0.5 - (L - min L) / (max L - min L),
+    lambda for a correct completion and min(0, lambda) for a wrong one (0 when all lengths match)."""
+    correct = accuracy_reward(prompts, completions, answer, example)
+    lengths = [len(ids) for ids in completion_ids]
+    bounds: dict = {}
+    for g, L in zip(group, lengths):
+        lo, hi = bounds.get(g, (L, L))
+        bounds[g] = (min(lo, L), max(hi, L))
+    out = []
+    for g, L, ok in zip(group, lengths, correct):
+        lo, hi = bounds[g]
+        lam = 0.0 if hi == lo else 0.5 - (L - lo) / (hi - lo)
+        out.append(lam if ok else min(0.0, lam))
+    return out
 
 
 # ----------------------------------------------------------------------------- code
@@ -122,32 +138,86 @@ def extract_code(completion: str) -> str | None:
     return blocks[-1] if blocks else None
 
 
-def code_reward(prompt: str, completion: str, example, timeout_s: float = 5.0, memory_mb: int = 256) -> float:
-    """1.0 when the completion's code, followed by the example's tests, runs to a clean exit in the
-    sandbox; 0.0 for no code, a failing test, an error, a timeout or a blown memory limit.
-
-    The tests are example.meta["tests"] (or example["tests"]): Python source, typically asserts.
-    """
+def passes_tests(completion: str, tests: str, timeout_s: float = 5.0, memory_mb: int = 256) -> bool:
+    """The completion's code, then `tests`, ran to the end in the sandbox (an early exit fails)."""
     code = extract_code(completion)
-    if code is None:
+    return code is not None and run_python(code, tests=tests or "", timeout_s=timeout_s, memory_mb=memory_mb).ok
+
+
+def code_reward(prompts, completions, tests=None, example=None, **_) -> list[float]:
+    """1.0 when a completion's code passes its "tests" column (or example.meta["tests"]) in the sandbox."""
+    if tests is None:
+        tests = [(getattr(e, "meta", None) or {}).get("tests", "") for e in example or [None] * len(completions)]
+    return [float(passes_tests(c, t)) for c, t in zip(completions, tests)]
+
+
+# ----------------------------------------------------------------------------- an external checker
+
+def verifier_reward(command: list[str] | str, timeout_s: float = 10.0) -> RewardFn:
+    """A reward that runs `command` once per completion (a proof checker, a unit-test runner, a judge).
+
+    The checker reads one JSON object on stdin: {"prompt", "completion", "answer", and every other
+    JSON-serialisable column}. Its score is the last line of its stdout if that is a number, else 1.0
+    for exit status 0 and 0.0 otherwise. A checker that runs past `timeout_s` is killed with its whole
+    process group and scores 0.0. The checker is the user's own, trusted code: it is not sandboxed.
+    """
+    argv = command.split() if isinstance(command, str) else list(command)
+    if not argv:
+        raise ValueError("verifier reward: empty --verifier-command")
+
+    def verifier(prompts, completions, **columns) -> list[float]:
+        scores = []
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            record = {"prompt": p, "completion": c}
+            record.update({k: v[i] for k, v in columns.items() if _jsonable(v[i])})
+            scores.append(_run_checker(argv, json.dumps(record), timeout_s))
+        return scores
+
+    return verifier
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _run_checker(argv: list[str], stdin: str, timeout_s: float) -> float:
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True, text=True)
+    try:
+        out, _ = proc.communicate(stdin, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         return 0.0
-    meta = example if isinstance(example, dict) else (getattr(example, "meta", None) or {})
-    tests = meta.get("tests", "")
-    return float(run_python(code + "\n\n" + tests, timeout_s=timeout_s, memory_mb=memory_mb).ok)
+    lines = out.strip().splitlines()
+    try:
+        value = float(lines[-1])
+        return value if math.isfinite(value) else 0.0
+    except (IndexError, ValueError):
+        return float(proc.returncode == 0)
 
 
 # ----------------------------------------------------------------------------- plug-ins
 
-BUILTIN_REWARDS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward, "code": code_reward}
+BUILTIN_REWARDS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "math": math_reward, "format": format_reward,
+                                        "code": code_reward, "overlong": overlong_reward, "length": length_reward}
 
 
-def load_reward(spec: str) -> RewardFn:
-    """A built-in reward by name, or ``"package.module:function"`` imported from the Python path."""
+def load_reward(spec: str, verifier_command: str | None = None) -> RewardFn:
+    """A built-in reward by name, "verifier" (needs verifier_command), or "package.module:function"."""
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
+    if spec == "verifier":
+        if not verifier_command:
+            raise ValueError("reward 'verifier' needs --verifier-command (the checker to run)")
+        return verifier_reward(verifier_command)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward {spec!r}: expected a built-in ({', '.join(BUILTIN_REWARDS)}) or "
+        raise ValueError(f"reward {spec!r}: expected a built-in ({', '.join(BUILTIN_REWARDS)}, verifier) or "
                          "'package.module:function'")
     try:
         module = importlib.import_module(module_name)
@@ -163,7 +233,7 @@ def load_reward(spec: str) -> RewardFn:
     return fn
 
 
-def parse_rewards(specs: list[str]) -> list[tuple[str, RewardFn, float]]:
+def parse_rewards(specs: list[str], verifier_command: str | None = None) -> list[tuple[str, RewardFn, float]]:
     """["accuracy", "format=0.5", "pkg.mod:fn=2"] -> [(name, fn, weight)]; weight defaults to 1."""
     if not specs:
         raise ValueError("at least one reward is needed (e.g. --reward accuracy)")
@@ -176,17 +246,23 @@ def parse_rewards(specs: list[str]) -> list[tuple[str, RewardFn, float]]:
             w = float(weight)
         except ValueError:
             raise ValueError(f"reward {spec!r}: weight {weight!r} is not a number") from None
-        out.append((name, load_reward(name), w))
+        out.append((name, load_reward(name, verifier_command), w))
     return out
 
 
-def score(rewards: list[tuple[str, RewardFn, float]], prompt: str, completion: str, example) -> dict[str, float]:
-    """Each reward's value and their weighted sum under "total"; a reward that raises names itself."""
-    values = {}
-    for name, fn, _ in rewards:
+def score_batch(rewards: list[tuple[str, RewardFn, float]], prompts: list[str], completions: list[str],
+                columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, list]]:
+    """(weighted total [N] float32, {name: values with None kept}); a reward that raises or returns
+    the wrong number of values names itself."""
+    values, total = {}, torch.zeros(len(completions))
+    for name, fn, weight in rewards:
         try:
-            values[name] = float(fn(prompt, completion, example))
+            out = list(fn(prompts, completions, **columns))
         except Exception as e:
-            raise RuntimeError(f"reward {name!r} failed on completion {completion[:80]!r}: {e!r}") from e
-    values["total"] = sum(w * values[name] for name, _, w in rewards)
-    return values
+            raise RuntimeError(f"reward {name!r} failed on a batch of {len(completions)} (first completion "
+                               f"{completions[0][:80]!r}): {e!r}") from e
+        if len(out) != len(completions):
+            raise ValueError(f"reward {name!r} returned {len(out)} values for {len(completions)} completions")
+        values[name] = [None if v is None else float(v) for v in out]
+        total += weight * torch.tensor([0.0 if v is None else v for v in values[name]])
+    return total, values

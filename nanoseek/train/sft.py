@@ -5,7 +5,8 @@
 
 The data are conversations: a built-in task's worked problems (the reasoning goes into the
 assistant's reasoning_content, so the chat template renders it inside <think>...</think> as
-DeepSeek-R1 answers), or JSONL/Parquet files with a "messages" list per record. Each one is
+DeepSeek-R1 answers), or JSONL/Parquet files and `datasets` folders with a "messages" list or "prompt"/"completion" fields
+per record. Each one is
 rendered with the tokenizer's chat template (Tokenizer.encode_chat), and only the tokens the
 assistant wrote — reasoning, </think>, answer, the closing EOS — are targets; the template's
 own tokens and the user's turns are never trained on. Conversations are packed whole (a cut
@@ -43,8 +44,8 @@ class SFTConfig:
     out: str = opt(None, "stage folder to write (checkpoint, metrics.jsonl, plots)", required=True)
     model: str = opt(None, "checkpoint folder to fine-tune (nanoseek or Hugging Face DeepSeek, with its "
                            "tokenizer)", required=True)
-    data: str = opt("arithmetic", f"a built-in task ({', '.join(TASKS)}) or comma-separated .jsonl/.parquet "
-                                  "files of {\"messages\": [...]} records")
+    dataset: str = opt("arithmetic", f"a built-in task ({', '.join(TASKS)}) or comma-separated .jsonl/.parquet "
+                                     "files or datasets folders of {\"messages\": [...]} or {\"prompt\", \"completion\"} records")
     seq_len: int = opt(512, "tokens per packed row; longer conversations are left out (counted)")
     num_examples: int = opt(5000, "built-in tasks: training conversations to generate")
     data_seed: int = opt(1, "built-in tasks: seed of the generated problems (pretraining draws with the run "
@@ -115,9 +116,9 @@ def sft(cfg: SFTConfig, env: DistEnv | None = None) -> Path:
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")
-    conversations = load_conversations(cfg.data, cfg.num_examples, cfg.data_seed)
+    conversations = load_conversations(cfg.dataset, cfg.num_examples, cfg.data_seed)
     rows = pack_conversations(conversations, tokenizer, cfg.seq_len, verbose=env.is_main)
-    meta = {"source": {"model": cfg.model, "data": cfg.data, "seq_len": cfg.seq_len,
+    meta = {"source": {"model": cfg.model, "dataset": cfg.dataset, "seq_len": cfg.seq_len,
                        "num_examples": cfg.num_examples, "data_seed": cfg.data_seed},
             "data_counts": {"conversations": len(conversations), "rows": len(rows),
                             "dropped_long": rows.n_dropped}}
