@@ -108,7 +108,7 @@ def step_load_and_decode(a: dict) -> dict:
     from nanoseek.inference import Engine
     torch.set_num_threads(a["threads"])
     t0 = time.perf_counter()
-    model = load_pretrained(a["path"], quantize=a["format"] if a["format"] != "bf16" else None)
+    model = load_pretrained(a["path"], quantize=a["format"] if a["format"] != "bf16" else None, group_size=64)
     load_s = time.perf_counter() - t0
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     engine, out = Engine(model), {"load_s": load_s, "peak_rss_load": rss_loaded}

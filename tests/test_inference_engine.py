@@ -186,6 +186,17 @@ def test_seed_reproduces_sampling():
     assert a == b and a != c
 
 
+def test_row_seeds_make_each_rows_samples_independent_of_the_batch():
+    engine = Engine(tiny())
+    kw = dict(temperature=1.0, top_k=20)
+    together = tokens(engine.generate(PROMPTS, 8, seeds=[11, 12, 13], **kw))
+    alone = [engine.generate([p], 8, seeds=[s], **kw)[0].tokens for p, s in zip(PROMPTS, (11, 12, 13))]
+    assert together == alone
+    assert tokens(engine.generate(PROMPTS[::-1], 8, seeds=[13, 12, 11], **kw)) == together[::-1]
+    with pytest.raises(ValueError, match="seeds has 2 entries"):
+        engine.generate(PROMPTS, 8, seeds=[1, 2], **kw)
+
+
 def test_eos_and_stop_sequences_end_generation():
     model = tiny()
     full = Engine(model).generate([PROMPTS[0]], 10)[0].tokens

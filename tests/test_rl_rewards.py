@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 
+from nanoseek.data.answers import answers_match
 from nanoseek.data.tasks import Example, get_task
 from nanoseek.rl import rewards as R
-from nanoseek.rl.rewards import (answers_match, extract_code, load_reward, parse_rewards, score_batch,
-                                 think_opened_by_prompt)
+from nanoseek.rl.rewards import extract_code, load_reward, parse_rewards, score_batch, think_opened_by_prompt
 
 
 def format_reward(prompt, completion, example=None):

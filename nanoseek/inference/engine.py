@@ -121,10 +121,12 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop: list[list[int]] | None = None, speculative: str | None = None) -> list[Completion]:
+                 stop: list[list[int]] | None = None, speculative: str | None = None,
+                 seeds: list[int] | None = None) -> list[Completion]:
         """Each prompt's new token ids and finish reason (prompt, EOS and stop sequence excluded):
-        admit every prompt, step until all are done."""
-        seqs, batch = self._start(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative)
+        admit every prompt, step until all are done. seeds: one per prompt instead of `seed`, each
+        row then sampled with its own generator, so a row's tokens do not depend on the others."""
+        seqs, batch = self._start(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative, seeds)
         for _ in self._run(seqs, batch):
             pass
         return [Completion(s.out, s.finish_reason, s.cached_tokens) for s in seqs]
@@ -141,13 +143,20 @@ class Engine:
         seqs, batch = self._start(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative)
         yield from self._run(seqs, batch)
 
-    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative):
+    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative, seeds=None):
         """Validate a generate/stream call and admit its prompts into a batch of their own."""
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed,
                                 stop_token_ids=[list(s) if isinstance(s, (list, tuple)) else s for s in stop or []])
         self._validate(prompts, max_new_tokens, params, speculative)
-        generator = new_generator(seed, self.device) if temperature > 0 else None  # one stream for the batch
-        seqs = [Sequence(p, params, generator=generator) for p in prompts]
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
+        if temperature <= 0:
+            generators = [None] * len(prompts)
+        elif seeds is None:  # one stream for the whole batch
+            generators = [new_generator(seed, self.device)] * len(prompts)
+        else:
+            generators = [new_generator(s, self.device) for s in seeds]
+        seqs = [Sequence(p, params, generator=g) for p, g in zip(prompts, generators)]
         batch = Batch(self, len(seqs), max(len(p) for p in prompts) + max_new_tokens + 1, speculative)
         batch.admit(seqs)
         return seqs, batch

@@ -37,7 +37,9 @@ from ..inference import Engine
 from ..hf.fsutil import atomic_write_text
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from ..device import resolve_device
 from ..train.batches import RowSampler, attention_mask, document_positions
+from ..train.distributed import DistEnv
 from ..train.loop import TrainConfig, opt, train
 from ..train.evaluate import evaluate_accuracy
 from ..train.losses import IGNORE, cross_entropy
@@ -58,6 +60,7 @@ class DistillConfig:
     """A distillation run; `train` holds the loop's options (steps, lr, batch size...)."""
 
     teacher: str = opt(None, "teacher checkpoint folder (with its tokenizer)", required=True)
+    device: str = opt(None, "cpu, cuda or cuda:N for the teacher's rollouts and the student's training (default: cpu)")
     out: str = opt(None, "run folder to write (student checkpoint, traces.jsonl, distill.json)", required=True)
     student: str = opt("tiny", "student: a preset name or a checkpoint folder")
     dataset: str = opt("arithmetic", f"prompts: a built-in task ({', '.join(TASKS)}; name:key=value,...), a "
@@ -175,7 +178,8 @@ def logit_distill(student: Transformer, teacher: Transformer, rows, cfg: TrainCo
                   out_dir: Path, tokenizer: Tokenizer, meta: dict) -> Path:
     """CE on the traces + kl_weight * kl_fn(student, teacher) at every assistant token; AdamW with
     the loop's schedule and clipping; metrics.jsonl and a checkpoint at the end."""
-    student.train()
+    device = teacher.model.embed_tokens.weight.device
+    student.to(device).train()
     teacher.eval().requires_grad_(False)
     optimizer = build_adamw(student, cfg.lr, cfg.weight_decay)
     sampler = RowSampler(len(rows), cfg.batch_size, cfg.seed)
@@ -183,9 +187,9 @@ def logit_distill(student: Transformer, teacher: Transformer, rows, cfg: TrainCo
     log, t0 = MetricsLog(out_dir / "metrics.jsonl"), time.perf_counter()
     for step in range(cfg.steps):
         idx = sampler.rows(step)
-        ids, docs, targets = rows.input_ids[idx], rows.doc_ids[idx], rows.targets[idx]
+        ids, docs, targets = (getattr(rows, n)[idx].to(device) for n in ("input_ids", "doc_ids", "targets"))
         n_tok = int((targets != IGNORE).sum())
-        sums = torch.zeros(2)
+        sums = torch.zeros(2, device=device)
         for a in range(0, len(idx), cfg.micro_batch_size):
             sl = slice(a, a + cfg.micro_batch_size)
             pos, mask = document_positions(docs[sl]), attention_mask(docs[sl])
@@ -216,7 +220,8 @@ def distill(cfg: DistillConfig) -> dict:
     out = Path(cfg.out)
     refuse_existing_run(out, resumable=False)
     start_fresh(out)
-    teacher, tokenizer = load_with_tokenizer(cfg.teacher, dtype=torch.float32)
+    device = resolve_device(cfg.device)
+    teacher, tokenizer = load_with_tokenizer(cfg.teacher, dtype=torch.float32, device=device)
     prompts, held_out = train_and_held_out(cfg.dataset, cfg.split, cfg.eval_dataset, "test", cfg.eval_size,
                                            cfg.prompt_column, cfg.answer_column, n=cfg.num_prompts, seed=cfg.train.seed)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -243,7 +248,7 @@ def distill(cfg: DistillConfig) -> dict:
                                            "kl": cfg.kl, "traces": stats}}
     t1, c1 = time.perf_counter(), time.process_time()
     if cfg.kl is None:
-        train(student, rows, cfg.train, out, tokenizer, stage="distill", meta=meta)
+        train(student, rows, cfg.train, out, tokenizer, stage="distill", meta=meta, env=DistEnv(device=device))
     else:
         logit_distill(student, teacher, rows, cfg.train, KL[cfg.kl], cfg.kl_weight, out, tokenizer, meta)
     after = evaluate()

@@ -95,6 +95,7 @@ class GRPOConfig:
     """A GRPO run; every field is also a CLI flag."""
 
     model: str = opt(None, "checkpoint folder to start from (with its tokenizer)", required=True)
+    device: str = opt(None, "cpu, cuda or cuda:N for training and rollouts (default: cuda when there is one)")
     out: str = opt(None, "run folder to write (checkpoint, metrics.jsonl, samples.jsonl, grpo.png)", required=True)
     dataset: str = opt("arithmetic", f"prompts: a built-in task ({', '.join(TASKS)}; settings after a colon, e.g. "
                                      "arithmetic:max_digits=2,ops=+-), a .jsonl/.parquet file, a datasets "
@@ -283,19 +284,16 @@ def policy_update(model: nn.Module, optimizer, batch: tuple, advantages: torch.T
 
 
 def _rollout(engine, tokenizer, examples, cfg: GRPOConfig, step: int, first_index: int) -> Rollout:
-    """This process's completions, on the live (adapter-merged) weights; with seed_per_prompt each
-    prompt is sampled with a seed of its own, so the result does not depend on how prompts are split."""
+    """This process's completions, on the live (adapter-merged) weights; with seed_per_prompt every
+    completion has a seed of its own (step, prompt's index in the whole batch, row), so the result does
+    not depend on how prompts are split across processes, and they still decode as one batch."""
     seed = cfg.seed * 1_000_003 + step
+    G = cfg.group_size
+    row_seeds = [(seed * 7919 + first_index + i) * G + j for i in range(len(examples)) for j in range(G)] \
+        if cfg.seed_per_prompt else None
     with merged(engine.model):
-        if not cfg.seed_per_prompt:
-            return sample_groups(engine, tokenizer, examples, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
-                                 cfg.top_p, seed=seed, layout=cfg.layout)
-        parts = [sample_groups(engine, tokenizer, [ex], cfg.group_size, cfg.max_new_tokens, cfg.temperature,
-                               cfg.top_p, seed=seed * 7919 + first_index + i, layout=cfg.layout)
-                 for i, ex in enumerate(examples)]
-    return Rollout(examples, *[sum((getattr(r, f) for r in parts), []) for f in
-                               ("prompt_texts", "prompts", "completions", "texts", "finish_reasons")],
-                   sum(r.seconds for r in parts), sum(r.new_tokens for r in parts))
+        return sample_groups(engine, tokenizer, examples, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                             seed=seed, layout=cfg.layout, row_seeds=row_seeds)
 
 
 def _gather(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -428,7 +426,7 @@ def grpo(cfg: GRPOConfig, env: DistEnv | None = None) -> Path:
     out its share of every step's prompts (prompts_per_step must divide among them); rewards are
     gathered so advantages are the one-process run's, gradients summed; rank 0 evaluates and writes."""
     own_env = env is None
-    env = env or init_distributed()
+    env = env or init_distributed(cfg.device)
     try:
         return _run(cfg, env)
     finally:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..data.answers import answers_match, is_correct, math_equal
+from ..data.answers import is_correct, math_equal
 from ..data.tasks import extract_answer
 from ..tokenizer import THINK_END, THINK_START
 from .sandbox import run_python

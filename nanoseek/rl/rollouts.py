@@ -38,13 +38,15 @@ class Rollout:
 
 
 def sample_groups(engine: Engine, tokenizer: Tokenizer, examples: list, group_size: int, max_new_tokens: int,
-                  temperature: float, top_p: float | None, seed: int, layout: str = "chat") -> Rollout:
-    """Sample `group_size` completions for each example's prompt in one batched generate."""
+                  temperature: float, top_p: float | None, seed: int, layout: str = "chat",
+                  row_seeds: list[int] | None = None) -> Rollout:
+    """Sample `group_size` completions for each example's prompt in one batched generate (with
+    row_seeds, each completion from a generator of its own: one seed per prompt x group row)."""
     rendered = [render_prompt(tokenizer, ex, layout) for ex in examples]
     prompts = [ids for _, ids in rendered]
     t0 = time.perf_counter()
     outs = engine.generate([p for p in prompts for _ in range(group_size)], max_new_tokens,
-                           temperature=temperature, top_p=top_p, seed=seed)
+                           temperature=temperature, top_p=top_p, seed=seed, seeds=row_seeds)
     seconds = time.perf_counter() - t0
     reasons = [out.finish_reason for out in outs]
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else engine.config.eos_token_ids[0]

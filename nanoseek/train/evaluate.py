@@ -38,6 +38,7 @@ from ..data.tasks import TASKS, Task
 from ..inference import Engine
 from ..hf.fsutil import atomic_write_text
 from ..tokenizer import Tokenizer
+from ..device import resolve_device
 from .distributed import default_device
 from .batches import attention_mask, document_positions
 from .loop import opt
@@ -168,6 +169,7 @@ class EvalConfig:
     """An evaluation of one checkpoint on a built-in task's test split or any prompt dataset."""
 
     model: str = opt(None, "checkpoint folder (with its tokenizer)", required=True)
+    device: str = opt(None, "cpu, cuda or cuda:N (default: cuda when there is one)")
     dataset: str = opt("arithmetic", f"a built-in task ({', '.join(TASKS)}) or a .jsonl/.parquet file, datasets "
                                      "save_to_disk folder or folder of local data files")
     split: str = opt("test", "split of --dataset")
@@ -200,7 +202,7 @@ class EvalConfig:
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     """Load the checkpoint and return {"loss", "perplexity", "accuracy", ...} (evaluate_accuracy's keys);
     the held-out loss only for a built-in task (its worked solutions are the reference text)."""
-    device = default_device()
+    device = default_device() if cfg.device is None else resolve_device(cfg.device)
     model, tokenizer = load_with_tokenizer(cfg.model, dtype=torch.float32, device=device)
     layout = checkpoint_layout(cfg.model) if cfg.layout == "auto" else cfg.layout
     task = task_from_spec(cfg.dataset) if is_builtin(cfg.dataset) else None
