@@ -63,7 +63,7 @@ def test_model_type_defaults():
     ("num_experts_per_tok", 5, "num_experts_per_tok=5.*4 experts the chosen groups hold"),
     ("hidden_size", -8, "hidden_size=-8.*positive"),
     ("scoring_func", "relu", "scoring_func='relu'"),
-    ("model_type", "llama", "model_type='llama'.*unknown"),
+    ("model_type", "gpt2", "model_type='gpt2'.*unknown"),
     ("qk_rope_head_dim", 7, "qk_rope_head_dim=7.*even"),
 ])
 def test_invalid_fields_are_named(field, value, match):
@@ -72,8 +72,8 @@ def test_invalid_fields_are_named(field, value, match):
 
 
 def test_from_hf_errors_name_the_file(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(dict(V3_PUBLISHED, model_type="llama")))
-    with pytest.raises(ValueError, match=r"config\.json.*model_type='llama'"):
+    (tmp_path / "config.json").write_text(json.dumps(dict(V3_PUBLISHED, model_type="gpt2")))
+    with pytest.raises(ValueError, match=r"config\.json.*model_type='gpt2'"):
         ModelConfig.from_hf(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

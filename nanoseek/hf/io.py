@@ -26,7 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
-from ..model import Gate, RotaryEmbedding, Transformer, rope_frequencies
+from ..layers import RotaryEmbedding, rope_frequencies
+from ..model import Gate, Transformer
 from ..quant.formats import FORMATS, WeightFormat, swap_modules, weight_format
 from ..quant.modules import QuantExperts, QuantLinear
 from ..tokenizer import Tokenizer
