@@ -239,6 +239,13 @@ class ModelConfig:
         return self.qk_rope_head_dim if self.attention == "mla" else self.attention_head_dim
 
     @property
+    def head_dims(self) -> tuple[int, int]:
+        """(query/key, value) size of one attention head: MLA's (dn + dr, dv), GQA's (dh, dh)."""
+        if self.attention == "mla":
+            return self.qk_head_dim, self.v_head_dim
+        return self.attention_head_dim, self.attention_head_dim
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 

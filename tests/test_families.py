@@ -1,0 +1,201 @@
+"""The dense and first-MoE DeepSeek families against their references: Llama and Qwen2 against
+transformers' LlamaForCausalLM / Qwen2ForCausalLM (every weight random, fp32), each RoPE scaling,
+checkpoints both ways, greedy decoding through the engine (slot and paged caches), and
+DeepSeekMoE-16B against a reference assembled from transformers' Llama attention and DeepSeek-V2 MoE."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import randomize_
+
+from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
+from nanoseek.inference import Batch, Engine, SamplingParams, Sequence
+from nanoseek.inference.cache import PagedLatentCache, PrefixCache
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=None)
+ROPES = {
+    "none": {},
+    "linear": dict(rope_type="linear", rope_factor=4.0),  # DeepSeek-Coder's
+    "llama3": dict(rope_type="llama3", rope_factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16),  # R1-Distill-Llama's, scaled down
+    "yarn": dict(rope_type="yarn", rope_factor=4.0, original_max_position_embeddings=32),
+}
+CASES = [  # (family, rope, extra fields): GQA with 2 key/value heads throughout
+    ("llama", "none", dict(tie_word_embeddings=False)),
+    ("llama", "linear", dict(tie_word_embeddings=True, attention_bias=True)),
+    ("llama", "llama3", dict(tie_word_embeddings=False, head_dim=24)),
+    ("llama", "yarn", dict(tie_word_embeddings=False)),
+    ("qwen2", "none", dict(tie_word_embeddings=True)),
+    ("qwen2", "yarn", dict(tie_word_embeddings=False)),
+]
+IDS = [f"{f}-{r}-{'tied' if kw['tie_word_embeddings'] else 'untied'}" for f, r, kw in CASES]
+
+
+def small(family, rope="none", **kw):
+    return ModelConfig.family(family, **{**SMALL, **ROPES[rope], **kw})
+
+
+def hf_from(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("family,rope,kw", CASES, ids=IDS)
+def test_nanoseek_saved_model_matches_transformers(family, rope, kw, tmp_path, one_thread):
+    model = randomize_(Transformer(small(family, rope, **kw))).eval()
+    save_pretrained(model, tmp_path)
+    hf = hf_from(tmp_path)
+    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+    x = torch.randint(0, 96, (2, 48))  # past every scaled rope's original context
+    with torch.no_grad():
+        ours, ref = model(x), hf(x).logits
+    assert (ours - ref).abs().max() < 1e-4
+    assert ours.abs().max() > 1e-2
+    if rope != "none":  # the scaling is in play: the unscaled model differs
+        plain = Transformer(model.config.replace(rope_type="default")).eval()
+        plain.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert (plain(x) - ours).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_transformers_saved_model_loads_and_saves_back(family, tmp_path, one_thread):
+    cfg = small(family, "llama3" if family == "llama" else "none", tie_word_embeddings=family == "qwen2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    randomize_(hf, seed=1)
+    hf.save_pretrained(tmp_path / "hf")
+    x = torch.randint(0, 96, (2, 40))
+    with torch.no_grad():
+        ref = hf(x).logits
+    model = load_pretrained(tmp_path / "hf")
+    assert model.config.model_type == family and model.config.kv_heads == 2
+    with torch.no_grad():
+        assert (model(x) - ref).abs().max() < 1e-4
+    save_pretrained(model, tmp_path / "ours")  # and back: transformers reads nanoseek's save
+    with torch.no_grad():
+        assert (hf_from(tmp_path / "ours")(x).logits - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_engine_greedy_tokens_equal_transformers_generate(family, tmp_path, one_thread):
+    model = randomize_(Transformer(small(family, "yarn" if family == "qwen2" else "llama3")), scale=0.1).eval()
+    save_pretrained(model, tmp_path)
+    hf = hf_from(tmp_path)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(20, 41))]
+    engine = Engine(model)
+    ours = [c.tokens for c in engine.generate(prompts, 12)]  # one batch, ragged prompts
+    for p, got in zip(prompts, ours):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+        assert got == out[0, len(p):].tolist()
+    # the paged cache holds per-head K/V the same way: the same tokens, pages shared across rows
+    cfg = model.config
+    cache = PagedLatentCache(cfg.num_hidden_layers, 32, 4, cfg.cache_width, engine.dtype, slots=4,
+                             max_len=cfg.max_position_embeddings)
+    batch = Batch(engine, 4, cfg.max_position_embeddings, None, PrefixCache(0, 4), cache)
+    seqs = [Sequence(p, SamplingParams(max_tokens=12)) for p in prompts]
+    batch.admit(seqs)
+    while batch.rows:
+        batch.step()
+        batch.leave()
+    assert [s.out for s in seqs] == ours
+
+
+def test_gqa_cache_width_and_bytes():
+    cfg = small("qwen2")  # 2 key/value heads of 16
+    assert cfg.cache_width == 2 * 2 * 16
+    assert Engine(Transformer(cfg)).cache_bytes_per_token() == 64 * 2 * 4  # 2 layers, fp32
+    r1 = ModelConfig.preset("r1-distill-qwen-1.5b")
+    assert r1.cache_bytes_per_token(2) == 2 * 2 * 128 * 28 * 2  # 28 KiB/token in bf16
+
+
+# ----------------------------------------------------------------------------- DeepSeekMoE-16B
+
+MOE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+           num_key_value_heads=4, max_position_embeddings=128, moe_intermediate_size=16, n_routed_experts=8,
+           n_shared_experts=2, num_experts_per_tok=3, first_k_dense_replace=1, moe_layer_freq=1,
+           bos_token_id=0, eos_token_id=1)
+
+
+def deepseek_moe_reference(model):
+    """A forward of DeepSeekMoE-16B assembled from transformers' modules (no class ships for it):
+    Llama's attention, norms, rotary and dense MLP, DeepSeek-V2's MoE (softmax, greedy top-k,
+    shared experts), every weight copied from `model`."""
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as dv2
+    from transformers.models.llama import modeling_llama as ll
+    cfg = model.config
+    lcfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf().items() if k in transformers.LlamaConfig()
+                                       .to_dict() or k in ("rope_theta", "rope_scaling")})
+    lcfg._attn_implementation = "eager"
+    mcfg = transformers.DeepseekV2Config(hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_intermediate_size,
+                                         n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
+                                         num_experts_per_tok=cfg.num_experts_per_tok, topk_method="greedy",
+                                         routed_scaling_factor=1.0, norm_topk_prob=False, n_group=1, topk_group=1)
+    sd = model.state_dict()
+    layers = []
+    for i, block in enumerate(model.main_layers):
+        p = f"model.layers.{i}."
+        attn = ll.LlamaAttention(lcfg, i)
+        attn.load_state_dict({k[len(p) + 10:]: v for k, v in sd.items() if k.startswith(p + "self_attn.")})
+        if cfg.is_moe_layer(i):
+            ffn = dv2.DeepseekV2Moe(mcfg)
+            g = p + "mlp."
+            with torch.no_grad():
+                ffn.gate.weight.copy_(sd[g + "gate.weight"])
+                ffn.experts.gate_up_proj.copy_(torch.cat((sd[g + "experts.gate_proj"], sd[g + "experts.up_proj"]), 1))
+                ffn.experts.down_proj.copy_(sd[g + "experts.down_proj"])
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    getattr(ffn.shared_experts, proj).weight.copy_(sd[f"{g}shared_experts.{proj}.weight"])
+        else:
+            ffn = ll.LlamaMLP(lcfg)
+            ffn.load_state_dict({k[len(p) + 4:]: v for k, v in sd.items() if k.startswith(p + "mlp.")})
+        norms = [ll.LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps) for _ in range(2)]
+        norms[0].weight.data.copy_(sd[p + "input_layernorm.weight"])
+        norms[1].weight.data.copy_(sd[p + "post_attention_layernorm.weight"])
+        layers.append((norms, attn, ffn))
+    rotary = ll.LlamaRotaryEmbedding(lcfg)
+
+    def forward(x):
+        B, T = x.shape
+        h = model.model.embed_tokens(x)
+        pos = torch.arange(T).expand(B, T)
+        cos_sin = rotary(h, pos)
+        mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+        for (n1, n2), attn, ffn in layers:
+            h = h + attn(n1(h), cos_sin, mask)[0]
+            h = h + ffn(n2(h))
+        return model.lm_head(model.model.norm(h))
+    return forward
+
+
+def test_deepseek_moe_16b_matches_a_reference_built_from_transformers_modules(tmp_path, one_thread):
+    model = randomize_(Transformer(ModelConfig.family("deepseek", **MOE))).eval()
+    assert [type(b.mlp).__name__ for b in model.main_layers] == ["MLP", "MoE", "MoE"]
+    x = torch.randint(0, 96, (2, 24))
+    with torch.no_grad():
+        ours, ref = model(x), deepseek_moe_reference(model)(x)
+    assert (ours - ref).abs().max() < 1e-4 and ours.abs().max() > 1e-2
+    # saved in the published layout: DeepseekForCausalLM, per-expert keys, loads back exactly
+    save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekForCausalLM"] and config["model_type"] == "deepseek"
+    assert "kv_lora_rank" not in config and config["num_key_value_heads"] == 4
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"model.layers.1.mlp.experts.7.down_proj.weight", "model.layers.1.mlp.shared_experts.up_proj.weight",
+            "model.layers.1.mlp.gate.weight", "model.layers.0.mlp.gate_proj.weight",
+            "model.layers.2.self_attn.k_proj.weight"} <= keys
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path)(x), ours)
