@@ -385,10 +385,9 @@ class ModelConfig:
                     d[f.name] = getattr(self, f.name)
             d["num_key_value_heads"] = self.num_attention_heads
         else:
-            d.update({key: getattr(self, key) for key in family.keys})
+            d.update({key: getattr(self, key) for key in family.keys if getattr(self, key) is not None
+                      or key.endswith("token_id")})
             d["num_key_value_heads"] = self.kv_heads
-            if "head_dim" in family.keys and self.head_dim is None:
-                d["head_dim"] = self.attention_head_dim
         if self.model_type == "deepseek":
             d["auto_map"] = dict(_DEEPSEEK_AUTO_MAP)
         d["hidden_act"] = "silu"

@@ -199,3 +199,63 @@ def test_deepseek_moe_16b_matches_a_reference_built_from_transformers_modules(tm
             "model.layers.2.self_attn.k_proj.weight"} <= keys
     with torch.no_grad():
         assert torch.equal(load_pretrained(tmp_path)(x), ours)
+
+
+# ----------------------------------------------------------------------------- the rest of the stack
+
+def test_every_family_trains_through_the_shared_loop(tmp_path, one_thread):
+    from nanoseek.data import pack_documents
+    from nanoseek.train.loop import TrainConfig, train
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(2, 48, (12,), generator=g).tolist() for _ in range(4)]
+    rows = pack_documents(docs, seq_len=24, eos_id=1, pad_id=0)
+    for family, kw in (("qwen2", {}), ("deepseek", {k: v for k, v in MOE.items() if "expert" in k or "moe" in k})):
+        cfg = ModelConfig.family(family, **{**SMALL, "vocab_size": 48, **kw})
+        model = Transformer(cfg)
+        train(model, rows, TrainConfig(steps=30, batch_size=len(rows), micro_batch_size=len(rows), lr=1e-2,
+                                        weight_decay=0.0, warmup_steps=2, progress=False), tmp_path / family)
+        losses = [json.loads(line)["loss"] for line in open(tmp_path / family / "metrics.jsonl")]
+        assert losses[-1] < losses[0] / 2, (family, losses[0], losses[-1])
+
+
+def test_quantize_on_load_keeps_biases_and_the_logits(tmp_path, one_thread):
+    from nanoseek.quant.modules import QuantLinear
+    model = randomize_(Transformer(small("qwen2", hidden_size=128, intermediate_size=256))).eval()
+    save_pretrained(model, tmp_path)
+    q = load_pretrained(tmp_path, quantize="int8")
+    proj = q.model.layers[0].self_attn.q_proj
+    assert isinstance(proj, QuantLinear) and torch.equal(proj.bias, model.model.layers[0].self_attn.q_proj.bias)
+    x = torch.randint(0, 96, (1, 16))
+    with torch.no_grad():
+        ref, got = model(x), q(x)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert [c.tokens for c in Engine(q).generate([[3, 4, 5]], 4)][0].__len__() == 4
+
+
+def test_stored_rotary_frequencies_are_skipped(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = randomize_(Transformer(small("llama"))).eval()
+    save_pretrained(model, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # as older Llama checkpoints hold
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    x = torch.randint(0, 96, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path)(x), model(x))
+
+
+def test_an_r1_distill_style_template_opens_think(tmp_path):
+    """R1-Distill checkpoints ship their own chat template, whose generation prompt opens <think>;
+    nanoseek renders the checkpoint's template (a stand-in written here) and says so."""
+    from nanoseek.chat import chat_prompt
+    from nanoseek.tokenizer import Tokenizer
+    tok = Tokenizer.train(["the quick brown fox jumps over the lazy dog " * 20], vocab_size=300)
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>"
+                               "{{ m['content'] }}{% else %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
+                               "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = Tokenizer.from_pretrained(tmp_path)
+    ids, opens_think = chat_prompt(loaded, [{"role": "user", "content": "the fox"}])
+    assert opens_think and loaded.decode(ids).endswith("<｜Assistant｜><think>\n")
