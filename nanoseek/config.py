@@ -312,20 +312,29 @@ class ModelConfig:
 
     @classmethod
     def from_spec(cls, spec: str, **base) -> "ModelConfig":
-        """A config from a short spec such as ``qwen2:hidden=256,layers=4,heads=4,kv_heads=2,inter=768``:
-        the family, then field=value pairs (full field names or SPEC_ALIASES), over `base` (say the
-        teacher's vocab_size and token ids). How a distillation student's shape is written."""
-        model_type, _, rest = spec.partition(":")
-        kw = dict(base)
-        names = {f.name: f for f in fields(cls)}
+        """A config from a short spec: a family or a preset, then field=value pairs (full field names
+        or SPEC_ALIASES) over `base` (say the teacher's vocab_size and token ids), e.g.
+
+            qwen2:hidden=256,layers=4,heads=4,kv_heads=2,inter=768     # a family's defaults + these
+            tiny-qwen2:layers=2                                          # a preset + these
+
+        How a distillation student's shape is written (``nanoseek distill --student qwen2:...``)."""
+        head, _, rest = spec.partition(":")
+        head = head.strip()
+        kw = dict(PRESETS[head]) if head in PRESETS else dict(model_type=head)
+        kw.update(base)
+        names = {f.name for f in fields(cls)} - {"extra", "model_type"}
         for item in filter(None, (part.strip() for part in rest.split(","))):
-            key, eq, value = item.partition("=")
-            key = SPEC_ALIASES.get(key.strip(), key.strip())
-            if not eq or key not in names or key in ("extra", "model_type"):
+            key, eq, value = (x.strip() for x in item.partition("="))
+            key = SPEC_ALIASES.get(key, key)
+            if not eq or key not in names:
                 raise ValueError(f"{spec!r}: {item!r} is not field=value for a ModelConfig field "
                                  f"(short names: {', '.join(SPEC_ALIASES)})")
-            kw[key] = json.loads(value) if value.strip() not in ("true", "false") else value.strip() == "true"
-        return cls.family(model_type.strip(), **kw)
+            try:
+                kw[key] = json.loads(value)
+            except json.JSONDecodeError:
+                kw[key] = value  # a bare string: scoring_func=softmax
+        return cls.family(**kw)
 
     # ------------------------------------------------------------------ Hugging Face config.json
     @classmethod
@@ -428,6 +437,11 @@ _UNSUPPORTED = [
     ("use_sliding_window", False, "R1-Distill-Qwen ships it off; sliding-window attention is not built"),
     ("pretraining_tp", 1, "only the unsplit projections are built"),
 ]
+
+def is_spec(text: str) -> bool:
+    """Whether `text` is a ``from_spec`` spec (a family or preset name, optionally ``:field=value,...``)."""
+    return text.partition(":")[0].strip() in FAMILIES.keys() | PRESETS.keys()
+
 
 def _read_config(source: str | os.PathLike | dict) -> tuple[dict, str]:
     """A config.json's dict (from a directory, the file, or the dict itself) and where it came from."""

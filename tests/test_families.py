@@ -259,3 +259,21 @@ def test_an_r1_distill_style_template_opens_think(tmp_path):
     loaded = Tokenizer.from_pretrained(tmp_path)
     ids, opens_think = chat_prompt(loaded, [{"role": "user", "content": "the fox"}])
     assert opens_think and loaded.decode(ids).endswith("<｜Assistant｜><think>\n")
+
+
+def test_a_student_from_a_spec_is_a_standard_checkpoint(tmp_path, one_thread):
+    """The library side of distilling into a Qwen2 student: a spec on the teacher's vocabulary builds a
+    model that save_pretrained writes and transformers' Qwen2ForCausalLM runs to the same logits."""
+    from nanoseek.config import is_spec
+    teacher = ModelConfig.preset("tiny")
+    spec = "qwen2:hidden=64,layers=2,heads=4,kv_heads=2,inter=128"
+    assert is_spec(spec) and is_spec("tiny-qwen2:layers=2") and not is_spec("runs/student")
+    cfg = ModelConfig.from_spec(spec, vocab_size=teacher.vocab_size, bos_token_id=teacher.bos_token_id,
+                                eos_token_id=teacher.eos_token_id)
+    student = randomize_(Transformer(cfg)).eval()
+    save_pretrained(student, tmp_path)
+    hf = hf_from(tmp_path)
+    x = torch.randint(0, teacher.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert type(hf).__name__ == "Qwen2ForCausalLM" and (hf(x).logits - student(x)).abs().max() < 1e-4
+    assert ModelConfig.from_spec("tiny-qwen2:layers=2").num_hidden_layers == 2
