@@ -134,7 +134,9 @@ def main(argv=None) -> int:
             same = str(out == ref[1]) if ref and precision == "bf16" else "-"
             lcpp = "not run"
             if args.llama_cpp:
-                lcpp = f"{time_llama_cpp(args.llama_cpp, folder, precision, args.context, args.new_tokens, torch.get_num_threads()) * 1e3:.1f}"
+                t_cpp = time_llama_cpp(args.llama_cpp, folder, precision, args.context, args.new_tokens,
+                                       torch.get_num_threads())
+                lcpp = f"{t_cpp * 1e3:.1f}"
             print(f"{precision:>9}{t * 1e3:>19.1f}{ratio:>22}{lcpp:>20}{cache:>15,}{same:>13}")
             sys.stdout.flush()
     return 0

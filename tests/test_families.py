@@ -252,9 +252,10 @@ def test_an_r1_distill_style_template_opens_think(tmp_path):
     tok = Tokenizer.train(["the quick brown fox jumps over the lazy dog " * 20], vocab_size=300)
     tok.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["chat_template"] = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>"
-                               "{{ m['content'] }}{% else %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
-                               "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")
+    config["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+        "{% else %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     loaded = Tokenizer.from_pretrained(tmp_path)
     ids, opens_think = chat_prompt(loaded, [{"role": "user", "content": "the fox"}])
@@ -277,3 +278,32 @@ def test_a_student_from_a_spec_is_a_standard_checkpoint(tmp_path, one_thread):
     with torch.no_grad():
         assert type(hf).__name__ == "Qwen2ForCausalLM" and (hf(x).logits - student(x)).abs().max() < 1e-4
     assert ModelConfig.from_spec("tiny-qwen2:layers=2").num_hidden_layers == 2
+
+
+def test_the_server_core_and_the_cli_run_a_qwen2_checkpoint(tmp_path, capsys, one_thread):
+    """serve's scheduler (a paged K/V pool under preemption, prefix pages) gives the engine's tokens,
+    and `nanoseek generate` loads a Qwen2 checkpoint with its tokenizer."""
+    from nanoseek import cli
+    from nanoseek.inference.scheduler import Scheduler
+    from nanoseek.tokenizer import Tokenizer
+    tok = Tokenizer.train(["12+30=42", "the answer is 42", "think first"] * 20, vocab_size=300)
+    cfg = ModelConfig.preset("tiny-qwen2").replace(vocab_size=300, eos_token_id=None, max_position_embeddings=256)
+    model = randomize_(Transformer(cfg), scale=0.1).eval()
+    engine = Engine(model)
+    budget = 16 * cfg.num_hidden_layers * 4 * cfg.cache_width * 4  # 16 pages of 4 tokens, fp32
+    sched = Scheduler(engine, max_batch=4, block=4, kv_cache_bytes=budget, max_batched_tokens=6,
+                      prefix_cache_bytes=1 << 20)
+    prompts = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17, 18], [40] * 20]
+    events = [[] for _ in prompts]
+    reqs = [sched.submit(p, SamplingParams(max_tokens=12 + i), ev.append)
+            for i, (p, ev) in enumerate(zip(prompts, events))]
+    for _ in range(10_000):
+        if not sched.step() and sched.waiting == 0:
+            break
+    for ev, req, p in zip(events, reqs, prompts):
+        assert [t for e in ev for t in e.token_ids] == engine.generate([p], req.params.max_tokens)[0].tokens
+    assert sched.stats["preempted"] > 0
+    save_pretrained(model, tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "12+30=", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip()
