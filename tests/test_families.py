@@ -307,3 +307,13 @@ def test_the_server_core_and_the_cli_run_a_qwen2_checkpoint(tmp_path, capsys, on
     tok.save_pretrained(tmp_path)
     assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "12+30=", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_fim_is_offered_only_by_tokenizers_that_hold_coders_sentinels():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from nanoseek.tokenizer import Tokenizer
+    coder_like = Tokenizer.train(["def f(x): return x"] * 10, vocab_size=300)  # holds <｜fim▁begin｜> ...
+    plain = Tokenizer(HFTokenizer(models.BPE()))
+    assert coder_like.has_fim and not plain.has_fim
