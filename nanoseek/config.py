@@ -62,7 +62,8 @@ FAMILIES = {
         rope_interleave=False)),
     "llama": Family("gqa", "LlamaForCausalLM", moe=False, qkv_bias=False,
                     keys=_GQA_KEYS + ("attention_bias", "head_dim"), defaults=dict(_DENSE)),
-    "qwen2": Family("gqa", "Qwen2ForCausalLM", moe=False, qkv_bias=True, keys=_GQA_KEYS, defaults=dict(_DENSE)),
+    "qwen2": Family("gqa", "Qwen2ForCausalLM", moe=False, qkv_bias=True, keys=_GQA_KEYS + ("head_dim",),
+                    defaults=dict(_DENSE)),
 }
 # The published DeepSeekMoE-16B config.json loads its classes from the checkpoint's own code.
 _DEEPSEEK_AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekConfig",

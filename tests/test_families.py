@@ -31,7 +31,7 @@ CASES = [  # (family, rope, extra fields): GQA with 2 key/value heads throughout
     ("llama", "llama3", dict(tie_word_embeddings=False, head_dim=24)),
     ("llama", "yarn", dict(tie_word_embeddings=False)),
     ("qwen2", "none", dict(tie_word_embeddings=True)),
-    ("qwen2", "yarn", dict(tie_word_embeddings=False)),
+    ("qwen2", "yarn", dict(tie_word_embeddings=False, head_dim=8)),
 ]
 IDS = [f"{f}-{r}-{'tied' if kw['tie_word_embeddings'] else 'untied'}" for f, r, kw in CASES]
 
