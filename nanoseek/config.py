@@ -36,7 +36,7 @@ class Family:
     architecture: str  # config.json "architectures"
     moe: bool  # its layers may be DeepSeekMoE (else every FFN is the dense MLP)
     qkv_bias: bool  # biases on q/k/v whatever attention_bias says (Qwen2)
-    keys: tuple[str, ...]  # the fields to_hf writes (besides model_type, RoPE and dtype)
+    keys: tuple[str, ...]  # GQA families: the fields to_hf writes besides model_type, RoPE, dtype (MLA: all)
     defaults: dict  # field values the family implies when config.json leaves them out
 
 
