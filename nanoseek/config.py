@@ -1,12 +1,21 @@
-"""ModelConfig: one flat, documented description of a DeepSeek-V2/V3 model.
+"""ModelConfig: one flat, documented description of any DeepSeek model.
 
-Field names are the keys of the Hugging Face ``config.json`` that DeepSeek publishes, so a
-config reads the same here, in the paper and in the checkpoint. The nested RoPE/YaRN block
-(``rope_scaling`` in published checkpoints, ``rope_parameters`` in newer transformers) is
-flattened into ``rope_*`` fields named after its keys.
+Five families, told apart by config.json's ``model_type`` (``FAMILIES``):
+
+    deepseek_v3, deepseek_v2  MLA + DeepSeekMoE (+ MTP): V3, R1, V2, V2-Lite
+    deepseek                  multi-head attention + DeepSeekMoE: DeepSeekMoE-16B
+    llama                     grouped-query attention, dense: DeepSeek-LLM, DeepSeek-Coder, R1-Distill-Llama
+    qwen2                     grouped-query attention with q/k/v biases, dense: R1-Distill-Qwen
+
+Field names are the keys of the families' Hugging Face ``config.json``, so a config reads the
+same here, in the paper and in the checkpoint; a family simply leaves the other families' fields
+alone (and ``to_hf`` writes only its own). The nested RoPE block (``rope_scaling`` in published
+checkpoints, ``rope_parameters`` in newer transformers) is flattened into fields named after its keys.
 
     cfg = ModelConfig.from_hf("path/to/DeepSeek-V2-Lite")      # or a dict
-    cfg = ModelConfig.preset("tiny")                              # tests and the demo
+    cfg = ModelConfig.preset("r1-distill-qwen-1.5b")              # tiny, and every published shape
+    cfg = ModelConfig.family("qwen2", hidden_size=256, ...)       # the family's defaults + these
+    cfg = ModelConfig.from_spec("qwen2:hidden=256,layers=4", vocab_size=1024)   # a student's shape
     json.dump(cfg.to_hf(), open("config.json", "w"))              # transformers loads it
 """
 
@@ -20,9 +29,51 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+@dataclass(frozen=True)
+class Family:
+    """What a config.json ``model_type`` builds and how its checkpoints are spelled."""
+    attention: str  # "mla" | "gqa": the class attention.ATTENTION builds
+    architecture: str  # config.json "architectures"
+    moe: bool  # its layers may be DeepSeekMoE (else every FFN is the dense MLP)
+    qkv_bias: bool  # biases on q/k/v whatever attention_bias says (Qwen2)
+    keys: tuple[str, ...]  # GQA families: the fields to_hf writes besides model_type, RoPE, dtype (MLA: all)
+    defaults: dict  # field values the family implies when config.json leaves them out
+
+
+_GQA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+             "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id")
+_MOE_KEYS = ("moe_intermediate_size", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+             "first_k_dense_replace", "moe_layer_freq", "scoring_func", "norm_topk_prob")
+_DENSE = dict(n_routed_experts=0, n_shared_experts=0, num_nextn_predict_layers=0, first_k_dense_replace=0,
+              rope_interleave=False)
+
+FAMILIES = {
+    "deepseek_v3": Family("mla", "DeepseekV3ForCausalLM", moe=True, qkv_bias=False, keys=(), defaults=dict(
+        scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5,
+        num_nextn_predict_layers=0)),
+    "deepseek_v2": Family("mla", "DeepseekV2ForCausalLM", moe=True, qkv_bias=False, keys=(), defaults=dict(
+        scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1,
+        topk_group=1, num_nextn_predict_layers=0, first_k_dense_replace=0, moe_layer_freq=1, n_shared_experts=2)),
+    "deepseek": Family("gqa", "DeepseekForCausalLM", moe=True, qkv_bias=False,
+                       keys=_GQA_KEYS + ("attention_bias",) + _MOE_KEYS, defaults=dict(
+        scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1,
+        topk_group=1, num_nextn_predict_layers=0, first_k_dense_replace=0, moe_layer_freq=1, n_shared_experts=0,
+        rope_interleave=False)),
+    "llama": Family("gqa", "LlamaForCausalLM", moe=False, qkv_bias=False,
+                    keys=_GQA_KEYS + ("attention_bias", "head_dim"), defaults=dict(_DENSE)),
+    "qwen2": Family("gqa", "Qwen2ForCausalLM", moe=False, qkv_bias=True, keys=_GQA_KEYS + ("head_dim",),
+                    defaults=dict(_DENSE)),
+}
+# The published DeepSeekMoE-16B config.json loads its classes from the checkpoint's own code.
+_DEEPSEEK_AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekConfig",
+                      "AutoModel": "modeling_deepseek.DeepseekModel",
+                      "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"}
+
+
 @dataclass
 class ModelConfig:
-    model_type: str = "deepseek_v3"  # "deepseek_v2" | "deepseek_v3": sets the routing defaults
+    model_type: str = "deepseek_v3"  # a key of FAMILIES: picks attention, FFN, key spelling and defaults
 
     # --- sizes
     vocab_size: int = 1024
@@ -33,22 +84,28 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
-    attention_bias: bool = False  # bias on q_a/kv_a/o projections (False in every DeepSeek release)
+    attention_bias: bool = False  # MLA: bias on q_a/kv_a/o; GQA: on q/k/v/o (False in every DeepSeek release)
+    num_attention_heads: int = 4
+
+    # --- gqa: grouped-query attention (Llama, Qwen2, DeepSeek-LLM/Coder/MoE-16B)
+    num_key_value_heads: int | None = None  # G key/value heads shared by H/G query heads each; None = H
+    head_dim: int | None = None  # per-head size; None = hidden_size / num_attention_heads
 
     # --- mla: multi-head latent attention (DeepSeek-V2 §2.1)
-    num_attention_heads: int = 4
     q_lora_rank: int | None = 64  # d'_c: query compression rank; None = full-rank q_proj (V2-Lite)
     kv_lora_rank: int = 32  # d_c: the latent c_KV that is cached instead of keys and values
     qk_nope_head_dim: int = 32  # d_h: per-head query/key part without position
     qk_rope_head_dim: int = 16  # d_h^R: decoupled rotary part; one shared key per token
     v_head_dim: int = 32
-    rope_interleave: bool = True  # rotary pairs are (x0,x1),(x2,x3)...: the checkpoints' layout
+    rope_interleave: bool = True  # MLA's rotary pairs are (x0,x1),(x2,x3)...: its checkpoints' layout
 
-    # --- rope / yarn (DeepSeek-V2 appendix; YaRN, Peng et al. 2023)
+    # --- rope and its context extensions (layers.py: one function per rope_type)
     rope_theta: float = 10000.0
-    rope_type: str = "default"  # "default" | "yarn"
+    rope_type: str = "default"  # "default" | "linear" (DeepSeek-Coder) | "llama3" (R1-Distill-Llama) | "yarn"
     rope_factor: float = 1.0  # s: context extension factor
-    original_max_position_embeddings: int | None = None  # pretraining context of the YaRN model
+    original_max_position_embeddings: int | None = None  # pretraining context (llama3, yarn)
+    low_freq_factor: float = 1.0  # llama3: wavelengths beyond orig/low_freq_factor are divided by s
+    high_freq_factor: float = 4.0  # llama3: wavelengths below orig/high_freq_factor are kept
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     mscale: float = 1.0
@@ -89,31 +146,32 @@ class ModelConfig:
         def bad(name, why):
             raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: {why}")
 
-        if self.model_type not in ("deepseek_v2", "deepseek_v3"):
-            bad("model_type", "unknown model_type; expected 'deepseek_v2' or 'deepseek_v3'")
+        if self.model_type not in FAMILIES:
+            bad("model_type", f"unknown model_type; expected one of {', '.join(FAMILIES)}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim",
-                     "max_position_embeddings"):
+                     "num_attention_heads", "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
-        for name in ("qk_rope_head_dim", "n_routed_experts", "n_shared_experts", "moe_intermediate_size",
+        for name in ("n_routed_experts", "n_shared_experts", "moe_intermediate_size",
                      "first_k_dense_replace", "num_nextn_predict_layers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be a non-negative integer")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
-            bad("q_lora_rank", "must be a positive integer or null")
-        if self.qk_rope_head_dim % 2:
-            bad("qk_rope_head_dim", "must be even (rotary dimensions come in pairs)")
+        if self.attention == "mla":
+            self._validate_mla(bad)
+        else:
+            self._validate_gqa(bad)
         if self.moe_layer_freq < 1:
             bad("moe_layer_freq", "must be >= 1")
         if self.scoring_func not in ("softmax", "sigmoid"):
             bad("scoring_func", "expected 'softmax' or 'sigmoid'")
         if self.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
             bad("topk_method", "expected 'greedy', 'group_limited_greedy' or 'noaux_tc'")
-        if self.rope_type not in ("default", "yarn"):
-            bad("rope_type", "expected 'default' or 'yarn'")
-        if self.rope_type == "yarn" and self.rope_factor <= 0:
+        if self.rope_type not in ("default", "linear", "llama3", "yarn"):
+            bad("rope_type", "expected 'default', 'linear', 'llama3' or 'yarn'")
+        if self.rope_type != "default" and self.rope_factor <= 0:
             bad("rope_factor", "must be positive")
+        if self.rope_type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            bad("low_freq_factor", f"must be positive and below high_freq_factor={self.high_freq_factor}")
         if self.rms_norm_eps <= 0:
             bad("rms_norm_eps", "must be positive")
         if self.has_moe:
@@ -131,7 +189,63 @@ class ModelConfig:
             if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2:
                 bad("n_group", "noaux_tc scores a group by its top-2 experts, so groups need >= 2 experts")
 
+    def _validate_mla(self, bad) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                bad(name, "must be a positive integer")
+        if not isinstance(self.qk_rope_head_dim, int) or self.qk_rope_head_dim < 0 or self.qk_rope_head_dim % 2:
+            bad("qk_rope_head_dim", "must be a non-negative even integer (rotary dimensions come in pairs)")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            bad("q_lora_rank", "must be a positive integer or null")
+        if self.num_key_value_heads not in (None, self.num_attention_heads):
+            bad("num_key_value_heads", "MLA has one latent per token and needs it equal to num_attention_heads")
+
+    def _validate_gqa(self, bad) -> None:
+        G = self.kv_heads
+        if not isinstance(G, int) or G <= 0 or self.num_attention_heads % G:
+            bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            bad("head_dim", f"must be given when num_attention_heads does not divide hidden_size={self.hidden_size}")
+        if not isinstance(self.attention_head_dim, int) or self.attention_head_dim <= 0 or self.attention_head_dim % 2:
+            bad("head_dim", "must be a positive even integer (rotary dimensions come in pairs)")
+        if not FAMILIES[self.model_type].moe and self.n_routed_experts:
+            bad("n_routed_experts", f"{self.model_type} models are dense (build one with "
+                                    f"ModelConfig.family({self.model_type!r}, ...) for the family's defaults)")
+        if self.num_nextn_predict_layers:
+            bad("num_nextn_predict_layers", f"{self.model_type} models have no MTP module")
+
     # ------------------------------------------------------------------ derived
+    @property
+    def attention(self) -> str:
+        """"mla" or "gqa": the attention class (attention.ATTENTION) of this model_type."""
+        return FAMILIES[self.model_type].attention
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Biases on the GQA q/k/v projections: Qwen2's always, Llama's with attention_bias."""
+        return FAMILIES[self.model_type].qkv_bias or self.attention_bias
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
+
+    @property
+    def attention_head_dim(self) -> int:
+        """GQA's per-head size: head_dim, or hidden_size / num_attention_heads."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions the rotary embedding turns: MLA's decoupled k^R, or GQA's whole head."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.attention_head_dim
+
+    @property
+    def head_dims(self) -> tuple[int, int]:
+        """(query/key, value) size of one attention head: MLA's (dn + dr, dv), GQA's (dh, dh)."""
+        if self.attention == "mla":
+            return self.qk_head_dim, self.v_head_dim
+        return self.attention_head_dim, self.attention_head_dim
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -142,7 +256,7 @@ class ModelConfig:
 
     def is_moe_layer(self, layer_id: int) -> bool:
         """DeepSeek's rule: dense for the first k layers, then MoE every `moe_layer_freq` layers."""
-        return (self.n_routed_experts > 0 and layer_id >= self.first_k_dense_replace
+        return (FAMILIES[self.model_type].moe and self.n_routed_experts > 0 and layer_id >= self.first_k_dense_replace
                 and layer_id % self.moe_layer_freq == 0)
 
     @property
@@ -152,17 +266,28 @@ class ModelConfig:
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
     @property
+    def cache_width(self) -> int:
+        """Numbers the KV cache holds per layer and token: MLA's latent c_KV and rotary key k^R, or
+        GQA's key and value of every key/value head."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.kv_heads * self.attention_head_dim
+
+    @property
     def latent_cache_width(self) -> int:
-        """Numbers MLA caches per layer and token: the latent c_KV and the rotary key k^R."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
+        """``cache_width`` under the name the inference core used before GQA (MLA's latent)."""
+        return self.cache_width
 
     def cache_bytes_per_token(self, itemsize: int, layers: int | None = None) -> int:
-        """Latent-cache bytes per token over `layers` (default: the main model's) at this element size."""
-        return self.latent_cache_width * (self.num_hidden_layers if layers is None else layers) * itemsize
+        """KV-cache bytes per token over `layers` (default: the main model's) at this element size."""
+        return self.cache_width * (self.num_hidden_layers if layers is None else layers) * itemsize
 
     @property
     def softmax_scale(self) -> float:
-        """1/sqrt(d_h + d_h^R), times YaRN's mscale^2 when the context is extended."""
+        """GQA: 1/sqrt(head_dim). MLA: 1/sqrt(d_h + d_h^R), times YaRN's mscale^2 when the context is
+        extended (DeepSeek-V2's rule; Llama-family YaRN scales only cos/sin)."""
+        if self.attention == "gqa":
+            return self.attention_head_dim ** -0.5
         scale = self.qk_head_dim ** -0.5
         if self.rope_type == "yarn" and self.mscale_all_dim:
             m = yarn_mscale(self.rope_factor, self.mscale_all_dim)
@@ -177,22 +302,63 @@ class ModelConfig:
     def preset(cls, name: str) -> "ModelConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**PRESETS[name])
+        return cls.family(**PRESETS[name])
+
+    @classmethod
+    def family(cls, model_type: str, **fields_) -> "ModelConfig":
+        """A config of `model_type` with the family's defaults (FAMILIES) under the given fields."""
+        if model_type not in FAMILIES:
+            raise ValueError(f"model_type={model_type!r}: expected one of {', '.join(FAMILIES)}")
+        return cls(**{**FAMILIES[model_type].defaults, "model_type": model_type, **fields_})
+
+    @classmethod
+    def from_spec(cls, spec: str, **base) -> "ModelConfig":
+        """A config from a short spec: a family or a preset, then field=value pairs (full field names
+        or SPEC_ALIASES) over `base` (say the teacher's vocab_size and token ids), e.g.
+
+            qwen2:hidden=256,layers=4,heads=4,kv_heads=2,inter=768     # a family's defaults + these
+            tiny-qwen2:layers=2                                          # a preset + these
+
+        How a distillation student's shape is written (``nanoseek distill --student qwen2:...``)."""
+        head, _, rest = spec.partition(":")
+        head = head.strip()
+        kw = dict(PRESETS[head]) if head in PRESETS else dict(model_type=head)
+        kw.update(base)
+        names = {f.name for f in fields(cls)} - {"extra", "model_type"}
+        for item in filter(None, (part.strip() for part in rest.split(","))):
+            key, eq, value = (x.strip() for x in item.partition("="))
+            key = SPEC_ALIASES.get(key, key)
+            if not eq or key not in names:
+                raise ValueError(f"{spec!r}: {item!r} is not field=value for a ModelConfig field "
+                                 f"(short names: {', '.join(SPEC_ALIASES)})")
+            try:
+                kw[key] = json.loads(value)
+            except json.JSONDecodeError:
+                kw[key] = value  # a bare string: scoring_func=softmax
+        return cls.family(**kw)
 
     # ------------------------------------------------------------------ Hugging Face config.json
     @classmethod
     def from_hf(cls, source: str | os.PathLike | dict) -> "ModelConfig":
-        """Read a DeepSeek config.json (a directory, the file, or its dict), either rope spelling."""
+        """Read any family's config.json (a directory, the file, or its dict), either rope spelling."""
         d, where = _read_config(source)
         model_type = d.pop("model_type", None)
-        if model_type not in ("deepseek_v2", "deepseek_v3"):
-            raise ValueError(f"{where}: model_type={model_type!r} is not a DeepSeek model "
-                             "(expected 'deepseek_v2' or 'deepseek_v3')")
-        kw: dict[str, Any] = dict(_MODEL_TYPE_DEFAULTS[model_type], model_type=model_type, **_rope_fields(d))
+        if model_type not in FAMILIES:
+            raise ValueError(f"{where}: model_type={model_type!r} is not a DeepSeek model family nanoseek "
+                             f"builds (expected one of {', '.join(FAMILIES)})")
+        try:
+            kw: dict[str, Any] = dict(FAMILIES[model_type].defaults, model_type=model_type, **_rope_fields(d))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = d.pop("num_mtp_layers")
         if "dtype" in d and "torch_dtype" not in d:
             d["torch_dtype"] = d.pop("dtype")
+        if FAMILIES[model_type].attention == "mla":  # written for transformers; MLA has no key/value heads
+            heads = d.pop("num_key_value_heads", None)
+            if heads is not None and heads != d.get("num_attention_heads", heads):
+                raise ValueError(f"{where}: num_key_value_heads={heads} differs from num_attention_heads; "
+                                 "MLA has one latent per token and needs them equal")
 
         names = {f.name for f in fields(cls)} - {"extra", "model_type"}
         extra = {}
@@ -204,15 +370,12 @@ class ModelConfig:
                 kw[key] = value
             else:
                 extra[key] = value  # architectures, auto_map, transformers_version, ...
-        act = extra.pop("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{where}: hidden_act={act!r} is not supported (DeepSeek uses 'silu')")
+        for key, supported, why in _UNSUPPORTED:
+            if extra.get(key, supported) != supported:
+                raise ValueError(f"{where}: {key}={extra[key]!r} is not supported ({why})")
+        extra.pop("hidden_act", None)
         for derived in ("architectures", "auto_map"):  # to_hf() writes its own; never remote code
             extra.pop(derived, None)
-        heads = extra.pop("num_key_value_heads", None)
-        if heads is not None and heads != kw.get("num_attention_heads", heads):
-            raise ValueError(f"{where}: num_key_value_heads={heads} differs from num_attention_heads; "
-                             "MLA has one latent per token and needs them equal")
         kw["extra"] = extra
         try:
             return cls(**kw)
@@ -220,32 +383,65 @@ class ModelConfig:
             raise ValueError(f"{where}: {e}") from None
 
     def to_hf(self) -> dict:
-        """A config.json dict in the published DeepSeek spelling; transformers loads it."""
+        """A config.json dict in the family's published spelling; transformers loads it (DeepSeekMoE-16B:
+        the published layout, whose classes come with the checkpoint's own code)."""
+        family = FAMILIES[self.model_type]
         d = dict(self.extra)
-        arch = "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
-        d["architectures"] = [arch]
-        for f in fields(self):
-            if f.name in ("extra", "rope_type", "rope_factor", "beta_fast", "beta_slow", "mscale",
-                          "mscale_all_dim", "original_max_position_embeddings", "quantization_config",
-                          "torch_dtype"):
-                continue
-            d[f.name] = getattr(self, f.name)
-        d["num_key_value_heads"] = self.num_attention_heads
+        d["architectures"] = [family.architecture]
+        d["model_type"] = self.model_type
+        if family.attention == "mla":
+            for f in fields(self):
+                if f.name not in _NOT_WRITTEN:
+                    d[f.name] = getattr(self, f.name)
+            d["num_key_value_heads"] = self.num_attention_heads
+        else:
+            d.update({key: getattr(self, key) for key in family.keys if getattr(self, key) is not None
+                      or key.endswith("token_id")})
+            d["num_key_value_heads"] = self.kv_heads
+        if self.model_type == "deepseek":
+            d["auto_map"] = dict(_DEEPSEEK_AUTO_MAP)
         d["hidden_act"] = "silu"
-        d["rope_scaling"] = None
-        if self.rope_type == "yarn":
-            d["rope_scaling"] = {
-                "type": "yarn", "factor": self.rope_factor,
-                "original_max_position_embeddings": self.original_max_position_embeddings
-                or self.max_position_embeddings,
-                "beta_fast": self.beta_fast, "beta_slow": self.beta_slow,
-                "mscale": self.mscale, "mscale_all_dim": self.mscale_all_dim,
-            }
+        d["rope_theta"] = self.rope_theta
+        d["rope_scaling"] = self._rope_scaling()
         if self.torch_dtype is not None:
             d["torch_dtype"] = self.torch_dtype
         if self.quantization_config is not None:
             d["quantization_config"] = self.quantization_config
         return d
+
+    def _rope_scaling(self) -> dict | None:
+        """config.json's rope_scaling block: DeepSeek's spelling ("type") for MLA, "rope_type" elsewhere."""
+        if self.rope_type == "default":
+            return None
+        spelling = "type" if self.attention == "mla" else "rope_type"
+        block = {spelling: self.rope_type, "factor": self.rope_factor}
+        orig = self.original_max_position_embeddings or self.max_position_embeddings
+        if self.rope_type == "llama3":
+            block.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor,
+                         original_max_position_embeddings=orig)
+        elif self.rope_type == "yarn":
+            block.update(original_max_position_embeddings=orig, beta_fast=self.beta_fast, beta_slow=self.beta_slow,
+                         mscale=self.mscale, mscale_all_dim=self.mscale_all_dim)
+        return block
+
+
+# Fields to_hf leaves out of an MLA config.json: RoPE goes in its block, the rest is bookkeeping or
+# another family's.
+_NOT_WRITTEN = {"extra", "rope_type", "rope_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "quantization_config",
+                "torch_dtype", "num_key_value_heads", "head_dim"}
+
+# config.json keys whose other values nanoseek does not build: (key, the value it builds, why).
+_UNSUPPORTED = [
+    ("hidden_act", "silu", "every DeepSeek release uses 'silu'"),
+    ("mlp_bias", False, "no DeepSeek release has MLP biases"),
+    ("use_sliding_window", False, "R1-Distill-Qwen ships it off; sliding-window attention is not built"),
+    ("pretraining_tp", 1, "only the unsplit projections are built"),
+]
+
+def is_spec(text: str) -> bool:
+    """Whether `text` is a ``from_spec`` spec (a family or preset name, optionally ``:field=value,...``)."""
+    return text.partition(":")[0].strip() in FAMILIES.keys() | PRESETS.keys()
 
 
 def _read_config(source: str | os.PathLike | dict) -> tuple[dict, str]:
@@ -274,14 +470,19 @@ def _rope_fields(d: dict) -> dict:
     if theta is not None:
         kw["rope_theta"] = float(theta)
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope_type not in ("default", "linear", "llama3", "yarn"):
+        raise ValueError(f"rope_type={rope_type!r} is not supported (default, linear, llama3, yarn)")
+    if rope.get("attention_factor") is not None:
+        raise ValueError("rope_scaling.attention_factor is not supported (YaRN's amplitude comes from its mscales)")
     kw["rope_type"] = rope_type
-    if rope_type == "yarn":
+    if rope_type != "default":
         kw["rope_factor"] = float(rope.get("factor", 1.0))
-        for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
-            if rope.get(key) is not None:
-                kw[key] = float(rope[key])
+    if rope_type in ("llama3", "yarn"):
         kw["original_max_position_embeddings"] = rope.get(
             "original_max_position_embeddings", d.get("original_max_position_embeddings"))
+    for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "low_freq_factor", "high_freq_factor"):
+        if rope_type in ("llama3", "yarn") and rope.get(key) is not None:
+            kw[key] = float(rope[key])
     d.pop("original_max_position_embeddings", None)
     return kw
 
@@ -291,14 +492,10 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-# Routing defaults that a model_type implies when config.json leaves them out.
-_MODEL_TYPE_DEFAULTS = {
-    "deepseek_v2": dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
-                        routed_scaling_factor=1.0, n_group=1, topk_group=1, num_nextn_predict_layers=0,
-                        first_k_dense_replace=0, moe_layer_freq=1, n_shared_experts=2),
-    "deepseek_v3": dict(scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
-                        routed_scaling_factor=2.5, num_nextn_predict_layers=0),
-}
+# Short names from_spec accepts for the fields a student's shape is written with.
+SPEC_ALIASES = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+                "kv_heads": "num_key_value_heads", "inter": "intermediate_size", "vocab": "vocab_size",
+                "tie": "tie_word_embeddings", "context": "max_position_embeddings"}
 
 PRESETS: dict[str, dict] = {
     # A forward pass in milliseconds on a CPU: MLA with q compression, 1 dense + 3 MoE layers,
@@ -333,4 +530,49 @@ PRESETS: dict[str, dict] = {
                         max_position_embeddings=163840, rope_theta=10000.0, rope_type="yarn",
                         rope_factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
                         beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, bos_token_id=0, eos_token_id=1),
+    # The dense and first-MoE releases, from their published config.json files. Parameter counts
+    # (tests/test_estimate.py) are within 1% of the model cards'.
+    **{f"r1-distill-qwen-{size}": dict(model_type="qwen2", vocab_size=vocab, hidden_size=hidden,
+                                       intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                                       num_key_value_heads=kv, max_position_embeddings=131072, rms_norm_eps=eps,
+                                       rope_theta=theta, bos_token_id=151646, eos_token_id=151643,
+                                       extra=dict(use_sliding_window=False, sliding_window=4096,
+                                                  max_window_layers=window))
+       for size, vocab, hidden, inter, layers, heads, kv, eps, theta, window in [
+           ("1.5b", 151936, 1536, 8960, 28, 12, 2, 1e-6, 10000.0, 21),
+           ("7b", 152064, 3584, 18944, 28, 28, 4, 1e-6, 10000.0, 28),
+           ("14b", 152064, 5120, 13824, 48, 40, 8, 1e-5, 1000000.0, 48),
+           ("32b", 152064, 5120, 27648, 64, 40, 8, 1e-5, 1000000.0, 64)]},
+    **{f"r1-distill-llama-{size}": dict(model_type="llama", vocab_size=128256, hidden_size=hidden,
+                                        intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                                        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                                        rope_theta=500000.0, rope_type="llama3", rope_factor=8.0,
+                                        low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_position_embeddings=8192, bos_token_id=128000,
+                                        eos_token_id=128001)
+       for size, hidden, inter, layers, heads in [("8b", 4096, 14336, 32, 32), ("70b", 8192, 28672, 80, 64)]},
+    **{f"deepseek-llm-{size}": dict(model_type="llama", vocab_size=102400, hidden_size=hidden,
+                                    intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                                    num_key_value_heads=kv, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                                    bos_token_id=100000, eos_token_id=100001)
+       for size, hidden, inter, layers, heads, kv in [("7b", 4096, 11008, 30, 32, 32),
+                                                       ("67b", 8192, 22016, 95, 64, 8)]},
+    **{f"deepseek-coder-{size}": dict(model_type="llama", vocab_size=32256, hidden_size=hidden,
+                                      intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=kv, max_position_embeddings=16384, rms_norm_eps=1e-6,
+                                      rope_theta=100000.0, rope_type="linear", rope_factor=4.0,
+                                      bos_token_id=32013, eos_token_id=32014)
+       for size, hidden, inter, layers, heads, kv in [("1.3b", 2048, 5504, 24, 16, 16),
+                                                       ("6.7b", 4096, 11008, 32, 32, 32),
+                                                       ("33b", 7168, 19200, 62, 56, 8)]},
+    # DeepSeekMoE-16B: multi-head attention, 1 dense layer, then 64 routed (6 per token) + 2 shared experts.
+    "deepseek-moe-16b": dict(model_type="deepseek", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                             num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
+                             max_position_embeddings=4096, rms_norm_eps=1e-6, moe_intermediate_size=1408,
+                             n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+                             first_k_dense_replace=1, moe_layer_freq=1, bos_token_id=100000, eos_token_id=100001),
+    # Tiny dense students for tests and the demo's distillation: Qwen2's layout (q/k/v biases), GQA.
+    "tiny-qwen2": dict(model_type="qwen2", vocab_size=1024, hidden_size=128, intermediate_size=384,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=1024, bos_token_id=0, eos_token_id=1),
 }

@@ -1,8 +1,9 @@
 """What hardware does a DeepSeek model need? Parameters, weight, KV-cache and training memory,
-answered from its config alone (command: cli/estimate.py).
+answered from its config alone (command: cli/estimate.py), for every family: MLA models cache a
+latent, grouped-query ones the keys and values of their key/value heads.
 
     print(report(ModelConfig.preset("deepseek-v3"), context=32768, batch=1))
-    estimate(ModelConfig.preset("deepseek-v3")).kv_cache_bytes_per_token
+    estimate(ModelConfig.preset("r1-distill-qwen-7b")).kv_cache_bytes_per_token
 
 The model is built on the meta device (no memory is allocated), so even DeepSeek-V3's 671B
 parameters are counted in a second.
@@ -27,8 +28,8 @@ class Estimate:
     active_params: int  # per token: shared parts + K of E routed experts (main model)
     mtp_params: int
     mtp_stored_copies: int  # DeepSeek-V3 stores the MTP module's shared embedding and head again
-    kv_cache_bytes_per_token: int  # latent cache, main model layers, at kv_dtype
-    mha_cache_bytes_per_token: int  # what per-head K and V caching of the same model would take
+    kv_cache_bytes_per_token: int  # what the engine caches (MLA latent or GQA K/V), main layers, at kv_dtype
+    mha_cache_bytes_per_token: int  # what caching K and V of every query head would take
     kv_dtype_bytes: int
 
     def weight_bytes(self, dtype: str) -> float:
@@ -44,7 +45,7 @@ def estimate(cfg: ModelConfig, kv_dtype_bytes: int = 2) -> Estimate:
         model = Transformer(cfg)
     total = model.num_params()
     no_mtp = model.num_params(include_mtp=False)
-    mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    mha = cfg.num_attention_heads * sum(cfg.head_dims)
     return Estimate(
         total_params=total, total_params_no_mtp=no_mtp,
         active_params=model.num_params(active=True, include_mtp=False),
@@ -64,18 +65,28 @@ def _human(n: float, unit: str = "B") -> str:
     return f"{n:.1f}"
 
 
+def cache_kind(cfg: ModelConfig) -> str:
+    """What the KV cache holds, in words."""
+    if cfg.attention == "mla":
+        return "MLA latent"
+    if cfg.kv_heads == cfg.num_attention_heads:
+        return f"K/V of all {cfg.kv_heads} heads"
+    return f"GQA: K/V of {cfg.kv_heads} key/value heads"
+
+
 def report(cfg: ModelConfig, context: int, batch: int) -> str:
     e = estimate(cfg)
+    mtp = (f" ({e.total_params_no_mtp / 1e9:,.2f}B main model + {e.mtp_params / 1e9:,.2f}B MTP; "
+           f"{(e.total_params + e.mtp_stored_copies) / 1e9:,.2f}B as DeepSeek stores it, with the MTP layer's "
+           "copies of embedding and head)") if cfg.num_nextn_predict_layers else ""
     lines = [
-        f"parameters: {e.total_params / 1e9:,.2f}B total ({e.total_params_no_mtp / 1e9:,.2f}B main model + "
-        f"{e.mtp_params / 1e9:,.2f}B MTP; {(e.total_params + e.mtp_stored_copies) / 1e9:,.2f}B as DeepSeek "
-        "stores it, with the MTP layer's copies of embedding and head)",
+        f"parameters: {e.total_params / 1e9:,.2f}B total{mtp}",
         f"active per token: {e.active_params / 1e9:,.2f}B",
         "weights: " + ", ".join(f"{k} {_human(e.weight_bytes(k))}" for k in BYTES_PER_PARAM),
-        f"KV cache (MLA latent, bf16): {e.kv_cache_bytes_per_token:,} bytes/token; "
+        f"KV cache ({cache_kind(cfg)}, bf16): {e.kv_cache_bytes_per_token:,} bytes/token; "
         f"{_human(e.kv_cache_bytes_per_token * context * batch)} for {batch} x {context:,} tokens "
-        f"(per-head K/V caching would take {e.mha_cache_bytes_per_token:,} bytes/token, "
-        f"{e.mha_cache_bytes_per_token / e.kv_cache_bytes_per_token:.1f}x more)",
+        f"(K/V of every query head would take {e.mha_cache_bytes_per_token:,} bytes/token, "
+        f"{e.mha_cache_bytes_per_token / e.kv_cache_bytes_per_token:.1f}x as much)",
         f"training with AdamW (fp32 master weights, grads, 2 moments; activations extra): "
         f"{_human(e.training_bytes())}",
     ]

@@ -1,15 +1,18 @@
-"""The DeepSeek-V2/V3 transformer, built from primitives in reading order.
+"""The transformer of every DeepSeek family, built from primitives in reading order.
 
-    RMSNorm -> rotary embedding with YaRN -> MLA (multi-head latent attention)
-    -> MLP (dense SwiGLU) -> Gate -> Experts -> MoE (DeepSeekMoE) -> Block -> MTPLayer -> Transformer
+    layers.py     Linear -> RMSNorm -> rotary embedding (default, linear, llama3, YaRN)
+    attention.py  MLA (DeepSeek-V2/V3) | GQA (Llama, Qwen2, DeepSeek-LLM/Coder/MoE-16B)
+    here          MLP (dense SwiGLU) -> Gate -> Experts -> MoE (DeepSeekMoE) -> Block -> MTPLayer -> Transformer
 
-Module names are the Hugging Face checkpoint keys (``model.layers.N.self_attn.kv_a_proj_with_mqa``,
-``model.layers.N.mlp.gate.e_score_correction_bias`` ...), so ``model.state_dict()`` reads like a
-DeepSeek checkpoint; the one difference is that routed experts are stacked into 3-D tensors
+The config picks the variants: ``cfg.attention`` the attention class, ``cfg.is_moe_layer(i)``
+whether layer i's feed-forward is DeepSeekMoE or the dense MLP, ``num_nextn_predict_layers`` the
+MTP modules. Module names are the Hugging Face checkpoint keys (``model.layers.N.self_attn.q_proj``,
+``model.layers.N.mlp.gate.e_score_correction_bias`` ...), so ``model.state_dict()`` reads like the
+family's checkpoint; the one difference is that routed experts are stacked into 3-D tensors
 (``mlp.experts.gate_proj`` is ``[E, I, D]``), which ``hf/keys.py`` splits per expert on save.
 
-Shapes: B batch, T query tokens, S key tokens, D hidden, H heads, R kv_lora_rank,
-dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim, E routed experts, K experts per token.
+Shapes: B batch, T query tokens, D hidden, E routed experts, K experts per token (attention's in
+attention.py).
 
 The model is single-device and dtype-agnostic: parallelism, quantization, compile and dtype are
 applied from outside (``model.to(torch.bfloat16)``, ``quant.quantize_model(model)``, ``torch.compile``).
@@ -17,203 +20,18 @@ applied from outside (``model.to(torch.bfloat16)``, ``quant.quantize_model(model
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, yarn_mscale
+from .attention import ATTENTION, GQA, MLA
+from .config import ModelConfig
 from .kernels import group_by_expert, linear, sort_by_expert
+from .layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, rope_frequencies
 
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and checkpoint keys) computed by `linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 as the reference does."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype == torch.float32:  # the same arithmetic in one fused kernel
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-# ----------------------------------------------------------------------------- rotary / YaRN
-
-def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [dr/2] and the cos/sin amplitude (YaRN's attention factor).
-
-    YaRN (Peng et al. 2023) keeps high-frequency dimensions as they are (extrapolation),
-    divides low-frequency ones by the factor s (interpolation) and ramps linearly between
-    the dimensions that turn beta_fast and beta_slow times over the original context.
-    """
-    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    if cfg.rope_type != "yarn":
-        return inv_freq, 1.0
-    s = cfg.rope_factor
-    orig = cfg.original_max_position_embeddings or cfg.max_position_embeddings
-
-    def correction_dim(rotations):
-        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    inv_freq = inv_freq / s * ramp + inv_freq * (1 - ramp)
-
-    if cfg.mscale and cfg.mscale_all_dim:
-        amplitude = yarn_mscale(s, cfg.mscale) / yarn_mscale(s, cfg.mscale_all_dim)
-    else:
-        amplitude = yarn_mscale(s, 1.0)
-    return inv_freq, float(amplitude)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x [B, T, (H,) dr] by position; cos/sin are [B, T, dr/2].
-
-    DeepSeek checkpoints pair dimensions (x0,x1),(x2,x3)...; we de-interleave to the
-    half-split layout first. q and k get the same permutation, so q·k is unchanged.
-    """
-    if interleaved:
-        x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
-    if x.dim() == 4:  # [B, T, H, dr]: broadcast over heads
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-class RotaryEmbedding(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        inv_freq, self.amplitude = rope_frequencies(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [B, T, dr/2]
-        return (freqs.cos() * self.amplitude).to(dtype), (freqs.sin() * self.amplitude).to(dtype)
-
-
-# ----------------------------------------------------------------------------- attention
-
-class MLA(nn.Module):
-    """Multi-head latent attention (DeepSeek-V2 §2.1).
-
-    Keys and values are compressed into one latent c_KV = RMSNorm(W_DKV h) of R dims per
-    token, plus a single rotary key k^R shared by all heads: this (R + dr) vector is all
-    that a KV cache stores. Two ways to attend, same result:
-      expanded  - up-project the latent to per-head keys/values (W_UK, W_UV in kv_b_proj)
-                  and run SDPA; cheapest when many queries share the keys (training, prefill).
-      absorbed  - fold W_UK into the query and W_UV after attention, so attention runs in the
-                  latent space; cost per query grows with R x context, not H x dh x context (decode).
-    """
-
-    def __init__(self, cfg: ModelConfig, layer_id: int):
-        super().__init__()
-        self.layer_id = layer_id
-        self.n_heads = cfg.num_attention_heads
-        self.q_lora_rank = cfg.q_lora_rank
-        self.kv_lora_rank = cfg.kv_lora_rank
-        self.qk_nope_head_dim = cfg.qk_nope_head_dim
-        self.qk_rope_head_dim = cfg.qk_rope_head_dim
-        self.v_head_dim = cfg.v_head_dim
-        self.interleaved = cfg.rope_interleave
-        self.softmax_scale = cfg.softmax_scale
-        H, dqk = cfg.num_attention_heads, cfg.qk_head_dim
-        if cfg.q_lora_rank is None:
-            self.q_proj = Linear(cfg.hidden_size, H * dqk, bias=False)
-        else:
-            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = Linear(cfg.q_lora_rank, H * dqk, bias=False)
-        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-                                            bias=cfg.attention_bias)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = Linear(H * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
-
-    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """What a cache stores for x [B, T, D]: [c_KV ; rope(k^R)] as [B, T, R + dr]."""
-        kv = self.kv_a_proj_with_mqa(x)
-        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        return torch.cat((self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin, self.interleaved)), dim=-1)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None, cache=None, absorb: bool = False) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D].
-
-        mask: bool [B, 1, T, S], True = may attend; None = causal over x alone.
-        cache: an object with ``update(layer_id, latent [B,T,R+dr]) -> [B,S,R+dr]`` holding the
-        latents of earlier tokens (``engine.LatentCache``); the returned S keys are attended.
-        """
-        B, T, _ = x.shape
-        H, dn, dr = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_pe = q.view(B, T, H, dn + dr).split([dn, dr], dim=-1)  # [B, T, H, dn], [B, T, H, dr]
-        q_pe = apply_rotary(q_pe, cos, sin, self.interleaved)
-        kv = self.latent(x, cos, sin)  # [B, T, R + dr]
-        if cache is not None:
-            kv = cache.update(self.layer_id, kv)  # [B, S, R + dr]
-        if absorb:
-            out = self._attend_absorbed(q_nope, q_pe, kv, mask)
-        else:
-            out = self._attend_expanded(q_nope, q_pe, kv, mask)
-        return self.o_proj(out.flatten(2))  # [B, T, H*dv] -> [B, T, D]
-
-    def _attend_expanded(self, q_nope, q_pe, kv, mask):
-        B, T, H, _ = q_nope.shape
-        S = kv.shape[1]
-        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, -1).split([self.qk_nope_head_dim, self.v_head_dim], -1)
-        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, H, T, dn+dr]
-        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)), dim=-1).transpose(1, 2)  # [B, H, S, dn+dr]
-        v = v.transpose(1, 2)  # [B, H, S, dv]
-        causal = mask is None and T > 1
-        if mask is None and T > 1 and S != T:
-            raise ValueError("a causal mask is needed when queries and keys differ in length")
-        # Flash kernels want one head size for q, k and v; zero-padding v (dv < dn+dr in MLA) and
-        # slicing the output is exact and, on CPU, ~3x faster than SDPA's unfused fallback.
-        pad = q.shape[-1] - v.shape[-1]
-        if pad > 0:
-            v = F.pad(v, (0, pad))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
-        return o[..., :self.v_head_dim].transpose(1, 2)  # [B, T, H, dv]
-
-    def _attend_absorbed(self, q_nope, q_pe, kv, mask):
-        B, T, H, _ = q_nope.shape
-        R = self.kv_lora_rank
-        w = self.kv_b_proj.weight.view(H, -1, R)  # [H, dn+dv, R]
-        w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
-        # W_UK folded into the query, one matmul per head over all B*T queries (a bmm: einsum's
-        # equation handling costs more than the product itself at decode sizes)
-        q_lat = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)  # [H, B*T, R]
-        q_lat = q_lat.transpose(0, 1).view(B, T, H, R)
-        q = torch.cat((q_lat, q_pe), dim=-1).flatten(1, 2)  # [B, T*H, R+dr]: every head is a query of one MQA
-        scores = torch.bmm(q, kv.transpose(1, 2)).float() * self.softmax_scale  # [B, T*H, S]
-        if mask is not None:
-            scores = scores.view(B, T, H, -1).masked_fill(~mask.transpose(1, 2), float("-inf")).flatten(1, 2)
-        elif T > 1:
-            causal = torch.ones(T, kv.shape[1], dtype=torch.bool, device=kv.device).tril(kv.shape[1] - T)
-            scores = scores.view(B, T, H, -1).masked_fill(~causal[None, :, None], float("-inf")).flatten(1, 2)
-        p = scores.softmax(-1).to(kv.dtype)
-        o_lat = torch.bmm(p, kv[..., :R])  # [B, T*H, R]: attention output, still in latent space
-        o = torch.bmm(o_lat.view(B * T, H, R).transpose(0, 1), w_uv.transpose(1, 2))  # W_UV after: [H, B*T, dv]
-        return o.transpose(0, 1).reshape(B, T, H, -1)  # [B, T, H, dv]
+# The primitives and attention classes were first defined here; callers may import them from here.
+__all__ = ["Linear", "RMSNorm", "RotaryEmbedding", "apply_rotary", "rope_frequencies", "MLA", "GQA", "MLP",
+           "Gate", "Experts", "MoE", "Block", "MTPLayer", "Transformer", "document_mask"]
 
 
 # ----------------------------------------------------------------------------- feed-forward
@@ -371,11 +189,12 @@ class MoE(nn.Module):
 # ----------------------------------------------------------------------------- blocks
 
 class Block(nn.Module):
-    """Pre-norm residual block: h += MLA(norm(h)); h += FFN(norm(h))."""
+    """Pre-norm residual block: h += attention(norm(h)); h += FFN(norm(h)), FFN being DeepSeekMoE on
+    the layers the config makes MoE and the dense MLP elsewhere."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
-        self.self_attn = MLA(cfg, layer_id)
+        self.self_attn = ATTENTION[cfg.attention](cfg, layer_id)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -427,7 +246,7 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
-    """DeepSeek-V2/V3 causal LM.
+    """The causal LM of every family (``ModelConfig.model_type``).
 
     ``model(input_ids)`` -> logits [B, T, vocab]. ``forward_train`` returns the final hidden
     states and the MTP logits (the inference engine runs the MTP module itself to draft).

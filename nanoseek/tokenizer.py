@@ -279,6 +279,12 @@ class Tokenizer:
     def pad_id(self) -> int | None:
         return self.token_to_id(self.pad_token)
 
+    @property
+    def has_fim(self) -> bool:
+        """Whether DeepSeek-Coder's fill-in-the-middle sentinels are single tokens here (Coder's and
+        nanoseek's tokenizers: yes; R1-Distill's: no, so a FIM prompt would be plain text)."""
+        return all(self.token_to_id(t) is not None for t in (FIM_BEGIN, FIM_HOLE, FIM_END))
+
     # -- text -------------------------------------------------------------------------------
 
     def _bos(self, add_bos: bool) -> list[int]:

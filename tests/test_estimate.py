@@ -18,3 +18,25 @@ def test_cli_prints_report(capsys):
     assert main(["estimate", "--preset", "deepseek-v3", "--context", "1000"]) == 0
     out = capsys.readouterr().out
     assert "70,272 bytes/token" in out and "active per token: 37.55B" in out and "int4" in out
+
+
+# The parameter counts on each model card (Hugging Face's safetensors count), in billions.
+PUBLISHED = {"r1-distill-qwen-1.5b": 1.78, "r1-distill-qwen-7b": 7.62, "r1-distill-qwen-14b": 14.8,
+             "r1-distill-qwen-32b": 32.8, "r1-distill-llama-8b": 8.03, "r1-distill-llama-70b": 70.6,
+             "deepseek-llm-7b": 6.91, "deepseek-llm-67b": 67.4, "deepseek-coder-1.3b": 1.35,
+             "deepseek-coder-6.7b": 6.74, "deepseek-coder-33b": 33.3, "deepseek-moe-16b": 16.4}
+
+
+def test_every_published_family_size_within_one_percent():
+    for name, billions in PUBLISHED.items():
+        e = estimate(ModelConfig.preset(name))
+        assert abs(e.total_params / 1e9 / billions - 1) < 0.01, name
+    moe = estimate(ModelConfig.preset("deepseek-moe-16b"))
+    assert abs(moe.active_params / 1e9 / 2.8 - 1) < 0.02  # "2.8B activated parameters"
+    assert estimate(ModelConfig.preset("r1-distill-llama-8b")).kv_cache_bytes_per_token == 2 * 8 * 128 * 32 * 2
+
+
+def test_cli_reports_a_gqa_cache(capsys):
+    assert main(["estimate", "--preset", "r1-distill-qwen-1.5b", "--context", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 1.78B total\n" in out and "GQA: K/V of 2 key/value heads" in out and "28,672 bytes/token" in out

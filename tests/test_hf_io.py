@@ -138,9 +138,9 @@ def test_wrong_dtype_is_named(tmp_path):
 def test_unexpected_tensor_error_and_opt_out(tmp_path):
     save_pretrained(tiny(), tmp_path)
     t = load_file(tmp_path / "model.safetensors")
-    t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    t["model.layers.0.self_attn.extra_proj.weight"] = torch.ones(8)
     save_file(t, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="unexpected tensor model.layers.0.self_attn.rotary_emb.inv_freq"):
+    with pytest.raises(CheckpointError, match="unexpected tensor model.layers.0.self_attn.extra_proj.weight"):
         load_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

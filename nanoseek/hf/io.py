@@ -26,13 +26,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
-from ..model import Gate, RotaryEmbedding, Transformer, rope_frequencies
+from ..layers import RotaryEmbedding, rope_frequencies
+from ..model import Gate, Transformer
 from ..quant.formats import FORMATS, WeightFormat, swap_modules, weight_format
 from ..quant.modules import QuantExperts, QuantLinear
 from ..tokenizer import Tokenizer
 from .fsutil import atomic_directory
 from .keys import (EXPERT_KEY, FUSED_EXPERT_KEY, companion_keys, expert_keys, has_mtp_layers, hf_keys,
-                   hf_state_dict, is_mtp_shared_copy, natural_key, quantized_keys)
+                   hf_state_dict, is_computed, is_mtp_shared_copy, natural_key, quantized_keys)
 
 FP8 = FORMATS["fp8"]  # what DeepSeek-V3/R1 ship; read whatever the config says
 
@@ -188,7 +189,9 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     allow_unexpected: bool = False, quantize: str | None = None, group_size: int = 128,
                     keep: list[str] | None = None) -> Transformer:
-    """Load a DeepSeek-V2/V3 checkpoint directory written by nanoseek, transformers or DeepSeek.
+    """Load a checkpoint directory of any family (``config.FAMILIES``: DeepSeek-V2/V3/R1, DeepSeekMoE-16B,
+    Llama-layout DeepSeek-LLM/Coder/R1-Distill-Llama, Qwen2-layout R1-Distill-Qwen) written by
+    nanoseek, transformers or DeepSeek.
 
     dtype: compute dtype of everything not held quantized, activations included (default: the
     config's torch_dtype; FP8 checkpoints load as bf16).
@@ -361,8 +364,8 @@ class _Loader:
                     up.copy_(t[:, gate.shape[1]:])
             names = ("down_proj",) if m[2] == "down_proj" else ("gate_proj", "up_proj")
             return expert_keys(m[1], params[f"{m[1]}.down_proj"].shape[0], names)
-        if is_mtp_shared_copy(self.cfg, key):
-            return []  # copies of the shared embedding / head
+        if is_mtp_shared_copy(self.cfg, key) or is_computed(key):
+            return []  # copies of the shared embedding / head; rotary frequencies
         if key not in params:
             return self._unexpected(key, file)
         check_shape(params[key].shape)

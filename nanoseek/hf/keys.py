@@ -4,8 +4,10 @@
     expected = hf_keys(model)                 # the keys a complete checkpoint of it holds (load)
     m = EXPERT_KEY.match(key)                 # a per-expert key -> (stacked name, expert, projection)
 
-nanoseek's module names are DeepSeek's keys (``model.layers.N.self_attn.kv_a_proj_with_mqa.weight``)
-except where this file says otherwise:
+nanoseek's module names are the checkpoint keys of every family it builds (DeepSeek-V2/V3's
+``model.layers.N.self_attn.kv_a_proj_with_mqa.weight``; Llama's, Qwen2's and DeepSeekMoE-16B's
+``model.layers.N.self_attn.q_proj.weight``/``.bias``, ``mlp.shared_experts.*``) except where this
+file says otherwise:
 
     routed experts  nanoseek stacks ``model.layers.N.mlp.experts.gate_proj`` [E, I, D]; checkpoints
                     hold ``model.layers.N.mlp.experts.E.gate_proj.weight`` per expert (and
@@ -14,6 +16,8 @@ except where this file says otherwise:
                     there copies of the shared embedding and output head (``embed_tokens``,
                     ``shared_head.head``), written on save and skipped on load
     tied head       ``lm_head.weight`` is not written when tie_word_embeddings
+    rotary buffers  older Llama-layout checkpoints store ``self_attn.rotary_emb.inv_freq``; it is
+                    computed from the config, so it is skipped on load and never written
     quantized       a stored weight keeps its key; its companions sit at ``<key><suffix>`` with the
                     format's suffixes (``quant.formats``: ``_scale``, ``_min``, FP8's ``_scale_inv``)
 """
@@ -34,6 +38,12 @@ STACKED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|u
 EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 FUSED_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 MTP_SHARED = re.compile(r"^model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)$")
+COMPUTED = re.compile(r"\.rotary_emb\.inv_freq$")
+
+
+def is_computed(key: str) -> bool:
+    """A buffer some checkpoints store that the model computes from its config (rotary frequencies)."""
+    return bool(COMPUTED.search(key))
 
 
 def natural_key(key: str):

@@ -13,6 +13,11 @@ positions 0..len-1, and every forward writes its tokens' latents before it atten
 entry (padding, a rejected draft) at position p is overwritten by the row's real token p before
 any query at p or later can see it: a speculative rollback is just setting the row's length back.
 Rows move and prefixes are restored only through the methods here, never by writing ``kv``.
+
+The same caches hold grouped-query attention's keys and values (Llama, Qwen2, DeepSeek-LLM/Coder,
+DeepSeekMoE-16B): there the vector per layer and token is [k_1..k_G ; v_1..v_G] of the G key/value
+heads, 2·G·head_dim numbers (``ModelConfig.cache_width``), written and read by the same
+``update(layer_id, vector)``; slots, pages, copy-on-write and prefix blocks work unchanged.
 """
 
 from __future__ import annotations

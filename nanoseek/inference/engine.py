@@ -65,13 +65,13 @@ class Engine:
         return eos
 
     def cache_bytes_per_token(self) -> int:
-        """Main-model cache bytes per token: (kv_lora_rank + qk_rope_head_dim) x layers x element size.
+        """Main-model cache bytes per token: ``cache_width`` (MLA's latent or GQA's K/V) x layers x element size.
         Speculative decoding adds the MTP module's own entries (one more layer's worth per depth)."""
         return self.config.cache_bytes_per_token(self.dtype.itemsize)
 
     def new_cache(self, batch_size: int, max_len: int, mtp_layers: int = 0) -> LatentCache:
         cfg = self.config
-        return LatentCache(cfg.num_hidden_layers + mtp_layers, batch_size, max_len, cfg.latent_cache_width,
+        return LatentCache(cfg.num_hidden_layers + mtp_layers, batch_size, max_len, cfg.cache_width,
                            self.dtype, self.device)
 
     # ------------------------------------------------------------------ forwards

@@ -35,7 +35,7 @@ def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
         n -= model.model.embed_tokens.weight.numel()  # a lookup, not a matmul
     n += cfg.num_nextn_predict_layers * cfg.vocab_size * cfg.hidden_size  # lm_head again per MTP depth
     layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    attn = 6 * layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
+    attn = 6 * layers * cfg.num_attention_heads * sum(cfg.head_dims) * seq_len
     return 6.0 * n + attn
 
 

@@ -197,7 +197,10 @@ def train(model: nn.Module, rows, cfg: TrainConfig, out_dir: str | Path, tokeniz
 
 
 def _expert_fields(layer_ids: list[int], loads: torch.Tensor, collapsed: list) -> dict:
-    """A metrics row's expert-load fields: max/mean load per MoE layer, the loads, collapsed layers."""
+    """A metrics row's expert-load fields: max/mean load per MoE layer, the loads, collapsed layers
+    (none for a dense model)."""
+    if not layer_ids:
+        return {}
     return {"expert_load_max_mean": {str(i): round(r, 4) for i, r in zip(layer_ids, load_max_over_mean(loads).tolist())},
             "expert_load": {str(i): load.tolist() for i, load in zip(layer_ids, loads)},
             "collapsed_layers": collapsed}
@@ -225,8 +228,8 @@ def train_step(forward: nn.Module, model: nn.Module, optimizer, rows, row_ids: t
             bal = torch.zeros((), device=ce.device)
             real = doc_ids[sl] >= 0  # padding (doc id -1) is routed but neither balanced nor counted
             if cfg.balance_loss_alpha > 0:
-                bal = sum(sequence_balance_loss(moe.scores, moe.indices, real, num_sequences=cfg.batch_size)
-                          for moe in model.moe_layers())
+                bal = sum((sequence_balance_loss(moe.scores, moe.indices, real, num_sequences=cfg.batch_size)
+                           for moe in model.moe_layers()), bal)  # a dense model's stays the zero tensor
             loss = ce + cfg.mtp_weight * mtp + cfg.balance_loss_alpha * bal
             # DDP averages gradients over processes; each loss is already a share of the global sum.
             (loss * env.world_size).backward()
