@@ -273,11 +273,6 @@ class ModelConfig:
             return self.kv_lora_rank + self.qk_rope_head_dim
         return 2 * self.kv_heads * self.attention_head_dim
 
-    @property
-    def latent_cache_width(self) -> int:
-        """``cache_width`` under the name the inference core used before GQA (MLA's latent)."""
-        return self.cache_width
-
     def cache_bytes_per_token(self, itemsize: int, layers: int | None = None) -> int:
         """KV-cache bytes per token over `layers` (default: the main model's) at this element size."""
         return self.cache_width * (self.num_hidden_layers if layers is None else layers) * itemsize

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanoseek import cli
 from nanoseek.demo import report, stages
@@ -136,6 +137,25 @@ def test_samples_show_reasoning_and_next_commands(demo, capsys):
     model = re.search(r"nanoseek chat --model (\S+)", printed).group(1)
     assert Path(model, "config.json").exists() and f"nanoseek serve --model {model}" in printed
     assert "finished earlier" in printed
+
+
+def test_the_student_is_a_qwen2_checkpoint_transformers_runs_alike(demo):
+    """The student the demo distills into (its pretrained base here: --quick's teacher solves nothing,
+    so nothing is distilled) is a standard Qwen2 checkpoint: transformers loads it and decodes alike."""
+    import transformers
+
+    from nanoseek.hf import load_pretrained
+    from nanoseek.inference import Engine
+    path = demo["out"] / ("student_distill" if (demo["out"] / "student_distill" / "config.json").exists()
+                          else "student")
+    ours = load_pretrained(path, dtype=torch.float32)
+    assert ours.config.model_type == "qwen2"
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = [[5, 6, 7, 8, 9]]
+    with torch.no_grad():
+        want = ref.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                            pad_token_id=0)[0, 5:].tolist()
+    assert Engine(ours).generate(prompt, 8)[0].tokens == want
 
 
 def test_resume_with_other_sizes_is_refused(demo):

@@ -23,7 +23,7 @@ def engine():
 
 def paged_batch(engine, pages=64, page=4, slots=8, speculative=None, budget=None, prefix_bytes=0):
     cfg = engine.config
-    cache = PagedLatentCache(cfg.num_hidden_layers + (speculative == "mtp"), pages, page, cfg.latent_cache_width,
+    cache = PagedLatentCache(cfg.num_hidden_layers + (speculative == "mtp"), pages, page, cfg.cache_width,
                              engine.dtype, slots=slots, max_len=cfg.max_position_embeddings)
     return Batch(engine, slots, cfg.max_position_embeddings, speculative, PrefixCache(prefix_bytes, page), cache,
                  max_batched_tokens=budget)

@@ -93,7 +93,7 @@ def test_a_paged_scheduler_with_a_token_budget_equals_the_engine_under_preemptio
     prompts are prefilled in chunks of the step budget, prefixes share pages; every output is the
     engine's."""
     cfg = engine.config
-    budget = 16 * cfg.num_hidden_layers * 4 * cfg.latent_cache_width * 4  # 16 pages of 4 tokens, fp32
+    budget = 16 * cfg.num_hidden_layers * 4 * cfg.cache_width * 4  # 16 pages of 4 tokens, fp32
     sched = Scheduler(engine, max_batch=4, block=4, kv_cache_bytes=budget, max_batched_tokens=6,
                       prefix_cache_bytes=1 << 20)
     runs = [collect(sched, p, SamplingParams(max_tokens=12 + i)) for i, p in enumerate(PROMPTS)]

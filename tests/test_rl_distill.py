@@ -65,6 +65,10 @@ def test_students_from_presets(teacher):
     dense = build_student(DistillConfig(teacher=str(teacher), out="o", student_layers=2, dense=True), tok)
     assert moe.config.vocab_size == tok.vocab_size and moe.config.num_hidden_layers == 2 and moe.moe_layers()
     assert not dense.moe_layers() and dense.config.hidden_size == ModelConfig.preset("tiny").hidden_size
+    qwen = build_student(DistillConfig(teacher=str(teacher), out="o",
+                                       student="qwen2:hidden=64,layers=2,heads=4,kv_heads=2,inter=128"), tok)
+    assert qwen.config.model_type == "qwen2" and qwen.config.num_key_value_heads == 2
+    assert qwen.config.vocab_size == tok.vocab_size and not qwen.moe_layers()
     with pytest.raises(ValueError, match="student"):
         DistillConfig(teacher=str(teacher), out="o", student="no-such-preset")
     with pytest.raises(ValueError, match="kl"):

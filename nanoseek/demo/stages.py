@@ -109,9 +109,10 @@ def _new_model(cfg: ModelConfig, tokenizer: Tokenizer, seed: int, path: Path) ->
 
 
 def student_config() -> ModelConfig:
-    """The student: the tiny preset at 3/4 width and 2 of its 4 layers (one dense, one MoE), same tokenizer."""
-    return ModelConfig.preset("tiny").replace(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
-                                              moe_intermediate_size=48)
+    """The student: a small dense Qwen2-architecture model (as R1 distilled into Qwen2 and Llama), so
+    what the demo distills is a standard checkpoint transformers and llama.cpp load; same tokenizer."""
+    return ModelConfig.preset("tiny-qwen2").replace(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2)
 
 
 def stage_tokenizer(ctx: Context) -> dict:

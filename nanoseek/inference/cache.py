@@ -7,7 +7,7 @@
     latents = prefix.lookup(prompt, limit); prefix.insert(prompt, cache.row(slot))
 
 The cache is MLA's promise kept: per layer and token it stores the normalised latent c_KV and the
-rotary key k^R, (kv_lora_rank + qk_rope_head_dim) numbers (``ModelConfig.latent_cache_width``);
+rotary key k^R, (kv_lora_rank + qk_rope_head_dim) numbers (``ModelConfig.cache_width``);
 decoding attends in that latent space with W_UK / W_UV absorbed. Each batch row keeps its own
 positions 0..len-1, and every forward writes its tokens' latents before it attends, so a stale
 entry (padding, a rejected draft) at position p is overwritten by the row's real token p before

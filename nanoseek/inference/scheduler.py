@@ -81,7 +81,7 @@ class Scheduler:
         context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
         layers = cfg.num_hidden_layers + (speculative == "mtp")
         cache = None if kv_cache_bytes is None else PagedLatentCache.for_budget(
-            kv_cache_bytes, layers, block, cfg.latent_cache_width, engine.dtype, device=engine.device,
+            kv_cache_bytes, layers, block, cfg.cache_width, engine.dtype, device=engine.device,
             slots=max_batch, max_len=context)
         self.batch = Batch(engine, max_batch, context, speculative, PrefixCache(prefix_cache_bytes, block), cache,
                            max_batched_tokens, chunk_cost)

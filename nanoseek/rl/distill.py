@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from ..hf.io import load_pretrained, load_with_tokenizer
-from ..config import ModelConfig
+from ..config import ModelConfig, is_spec
 from ..data.prompts import render_prompt, task_from_spec
 from ..data.tasks import TASKS
 from ..inference import Engine
@@ -62,7 +62,8 @@ class DistillConfig:
     teacher: str = opt(None, "teacher checkpoint folder (with its tokenizer)", required=True)
     device: str = opt(None, "cpu, cuda or cuda:N for the teacher's rollouts and the student's training (default: cpu)")
     out: str = opt(None, "run folder to write (student checkpoint, traces.jsonl, distill.json)", required=True)
-    student: str = opt("tiny", "student: a preset name or a checkpoint folder")
+    student: str = opt("tiny", "student: a preset, a family spec (qwen2:hidden=256,layers=4,heads=4,kv_heads=2,"
+                                "inter=768: a standard Qwen2 checkpoint) or a checkpoint folder")
     dataset: str = opt("arithmetic", f"prompts: a built-in task ({', '.join(TASKS)}; name:key=value,...), a "
                                      ".jsonl/.parquet file or a datasets folder")
     split: str = opt("train", "split of --dataset the teacher answers")
@@ -101,8 +102,9 @@ class DistillConfig:
                      "eval_size", "eval_samples", "batch_size_generate"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}: must be a positive integer")
-        if self.student not in _preset_names() and not Path(self.student).is_dir():
-            raise ValueError(f"DistillConfig.student={self.student!r}: neither a preset ({', '.join(_preset_names())}) "
+        if not is_spec(self.student) and not Path(self.student).is_dir():
+            raise ValueError(f"DistillConfig.student={self.student!r}: neither a preset ({', '.join(_preset_names())}), "
+                             "a family spec such as qwen2:hidden=256,layers=4,heads=4,kv_heads=2,inter=768, "
                              "nor a checkpoint folder")
 
 
@@ -149,15 +151,17 @@ def rejection_sample(engine: Engine, tokenizer: Tokenizer, examples: list, sampl
 # ----------------------------------------------------------------------------- the student
 
 def build_student(cfg: DistillConfig, tokenizer: Tokenizer) -> Transformer:
-    """A preset student sized by the flags on the teacher's vocabulary, or a loaded checkpoint."""
+    """A student built from a preset or a family spec (``ModelConfig.from_spec``: ``qwen2:...``
+    writes a standard Qwen2 checkpoint, as R1 distilled into) on the teacher's vocabulary and sized
+    by the flags, or a loaded checkpoint."""
     if Path(cfg.student).is_dir():
         student = load_pretrained(cfg.student, dtype=torch.float32)
         if student.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"{cfg.student}: vocab_size {student.config.vocab_size} is smaller than the teacher "
                              f"tokenizer's {tokenizer.vocab_size}")
         return student
-    mcfg = ModelConfig.preset(cfg.student).replace(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                                                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    mcfg = ModelConfig.from_spec(cfg.student, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                                 eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     if cfg.student_layers is not None:
         mcfg = mcfg.replace(num_hidden_layers=cfg.student_layers,
                             first_k_dense_replace=min(mcfg.first_k_dense_replace, cfg.student_layers))
