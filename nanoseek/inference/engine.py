@@ -37,6 +37,7 @@ import torch
 
 from ..chat import TextStream, first_stop, held_suffix
 from .cache import LatentCache, PrefixCache, attention_mask
+from .logits import controlled, needs_control, record_logprobs, record_prompt_logprobs
 from .sampling import (draw, greedy_accept, sample, sampling_probs, speculative_accept,
                        validate_sampling)
 
@@ -54,12 +55,33 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # text stop sequences (need a tokenizer)
     stop_token_ids: list[list[int]] = field(default_factory=list)  # stop sequences of token ids
     ignore_eos: bool = False  # run to max_tokens (benchmarks)
+    # per-request logits controls (logits.py); the defaults leave the model's logits untouched
+    min_p: float | None = None
+    presence_penalty: float = 0.0  # OpenAI's, on generated tokens: - presence x (count > 0)
+    frequency_penalty: float = 0.0  # - frequency x count
+    repetition_penalty: float = 1.0  # CTRL's, on prompt and generated tokens (> 1: less likely)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # EOS is masked until this many tokens were generated
+    logprobs: int | None = None  # record each new token's log-prob and this many alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt (skips the prefix cache)
+    guide: object = field(default=None, compare=False)  # () -> a token guide (constrain.py) per sequence
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting no sampler can honour."""
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens!r}: must be a positive integer")
-        validate_sampling(self.temperature, self.top_k, self.top_p)
+        validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be in [-2, 2]")
+        if not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: must be in (0, 10]")
+        if not all(isinstance(t, int) and -100 <= v <= 100 for t, v in self.logit_bias.items()):
+            raise ValueError("logit_bias: token ids map to biases in [-100, 100]")
+        for name in ("min_tokens", "logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0 or (name != "min_tokens" and v > 20)):
+                raise ValueError(f"{name}={v!r}: must be an integer >= 0{'' if name == 'min_tokens' else ' and <= 20'}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop={self.stop!r}: stop sequences must be non-empty strings")
         for s in self.stop_token_ids:
@@ -112,6 +134,9 @@ class Sequence:
         self.draft: int | None = None  # MTP's guess for the token after `last`
         self.q: torch.Tensor | None = None  # [V] the distribution the draft was drawn from (sampling)
         self.cached_tokens = 0
+        self.guide = params.guide() if params.guide is not None else None  # a token mask per step
+        self.logprobs: list = []  # (token, log-prob, top alternatives) per chosen token, if asked
+        self.prompt_logprobs: list | None = None
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
         self.error: str | None = None
         self.exception: BaseException | None = None
@@ -133,6 +158,8 @@ class Sequence:
         taken before the sequence finished."""
         p = self.params
         for n, t in enumerate(tokens, 1):
+            if self.guide is not None:
+                self.guide.accept(t)
             if t in eos and not p.ignore_eos:
                 self.finish("stop")
                 self._add_text([], final=True)
@@ -178,15 +205,15 @@ class Sequence:
         return ids, text
 
 
-def _groups(seqs: list[Sequence]) -> list[tuple[list[int], SamplingParams, torch.Generator | None]]:
+def _groups(seqs: list[Sequence], skip=()) -> list[tuple[list[int], SamplingParams, torch.Generator | None]]:
     """Rows that can be sampled in one call: all greedy rows together, sampled rows by identical
-    settings and generator. Finished rows are left out."""
+    settings and generator. Finished rows (and `skip`) are left out."""
     groups: dict = {}
     for i, s in enumerate(seqs):
-        if s.finish_reason is not None:
+        if s.finish_reason is not None or i in skip:
             continue
         p = s.params
-        key = None if p.temperature <= 0 else (p.temperature, p.top_k, p.top_p, id(s.generator))
+        key = None if p.temperature <= 0 else (p.temperature, p.top_k, p.top_p, p.min_p, id(s.generator))
         groups.setdefault(key, []).append(i)
     return [(idx, seqs[idx[0]].params, seqs[idx[0]].generator) for idx in groups.values()]
 
@@ -234,7 +261,8 @@ class Batch:
         t0, first, dev = time.perf_counter(), len(self.rows), self.engine.device
         starts = []
         for slot, s in enumerate(seqs, first):
-            cached = self.prefix.lookup(s.prompt, len(s.prompt) - 1)
+            # prompt log-probs need every prompt position's logits: no restored prefix
+            cached = None if s.params.prompt_logprobs is not None else self.prefix.lookup(s.prompt, len(s.prompt) - 1)
             starts.append(0 if cached is None else cached.shape[1])
             if cached is not None:
                 self.cache.restore(slot, cached)
@@ -250,6 +278,9 @@ class Batch:
             hidden = self.engine.forward(ids, positions, cache, absorb=False)  # [B, T, D]
             rows_b, at = torch.arange(len(seqs), device=dev), torch.tensor(lens, device=dev) - 1
             tokens = self._pick(seqs, self.engine.logits(hidden[rows_b, at]))
+            for b, s in enumerate(seqs):
+                if s.params.prompt_logprobs is not None:
+                    record_prompt_logprobs(s, self.engine.logits(hidden[b, :lens[b] - 1]))
             if self.mtp:  # MTP entry i reads (h_i, t_{i+1}); the last prompt position pairs with the new token
                 next_ids = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)
                 next_ids[rows_b, at] = torch.tensor([max(t, 0) for t in tokens], device=dev)
@@ -329,17 +360,23 @@ class Batch:
 
     # ------------------------------------------------------------------ token choice, per group of rows
     def _pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """logits [n, V] -> each row's next token under its own settings (-1 for a row that failed)."""
-        tokens = [-1] * len(seqs)
+        """logits [n, V] -> each row's next token under its own settings and controls (logits.py;
+        -1 for a row that failed)."""
+        tokens, raw = [-1] * len(seqs), logits
+        try:
+            logits = controlled(seqs, logits, self.eos)
+        except Exception as e:  # a guide or a control failed: those rows end, the rest go on
+            _fail(seqs, [i for i, s in enumerate(seqs) if needs_control(s)], "logits control", e)
         for idx, p, gen in _groups(seqs):
             try:
                 got = logits[idx].argmax(-1) if p.temperature <= 0 else \
-                    sample(logits[idx], p.temperature, p.top_k, p.top_p, gen)
+                    sample(logits[idx], p.temperature, p.top_k, p.top_p, gen, p.min_p)
             except Exception as e:  # a kernel error on one request's settings ends only its rows
                 _fail(seqs, idx, "sampling", e)
                 continue
             for i, t in zip(idx, got.tolist()):
                 tokens[i] = t
+        record_logprobs(seqs, raw, tokens)
         return tokens
 
     def _propose(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
@@ -349,7 +386,7 @@ class Batch:
                 if p.temperature <= 0:
                     q, drafts = None, logits[idx].argmax(-1)
                 else:
-                    q = sampling_probs(logits[idx], p.temperature, p.top_k, p.top_p)
+                    q = sampling_probs(logits[idx], p.temperature, p.top_k, p.top_p, p.min_p)
                     drafts = draw(q, gen)
             except Exception as e:
                 _fail(seqs, idx, "sampling", e)
@@ -358,15 +395,20 @@ class Batch:
                 seqs[i].draft, seqs[i].q = d, None if q is None else q[j]
 
     def _verify(self, seqs: list[Sequence], logits: torch.Tensor, draft: torch.Tensor):
-        """logits [n, 2, V] at [last, draft] -> (accepted [n] in {0, 1}, next token [n])."""
+        """logits [n, 2, V] at [last, draft] -> (accepted [n] in {0, 1}, next token [n]). Rows
+        with controls reject their draft and choose from the first position's controlled logits."""
         accepted = torch.zeros(len(seqs), dtype=torch.long, device=logits.device)
         nxt = torch.zeros_like(accepted)
-        for idx, p, gen in _groups(seqs):
+        ctl = [i for i, s in enumerate(seqs) if s.finish_reason is None and needs_control(s)]
+        if ctl:
+            picked = self._pick([seqs[i] for i in ctl], logits[ctl, 0])  # -1 where one failed
+            nxt[ctl] = torch.tensor([max(t, 0) for t in picked], device=logits.device)
+        for idx, p, gen in _groups(seqs, set(ctl)):
             try:
                 if p.temperature <= 0:
                     a, x = greedy_accept(logits[idx], draft[idx, None])
                 else:
-                    probs = sampling_probs(logits[idx], p.temperature, p.top_k, p.top_p)
+                    probs = sampling_probs(logits[idx], p.temperature, p.top_k, p.top_p, p.min_p)
                     q = torch.stack([seqs[i].q for i in idx])[:, None]
                     a, x = speculative_accept(probs, q, draft[idx, None], gen)
             except Exception as e:
