@@ -292,6 +292,10 @@ class Tokenizer:
         """Token ids of `text`; special-token strings in it become their single ids."""
         return self._bos(add_bos) + self._tok.encode(text, add_special_tokens=False).ids
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (for libraries that read a vocabulary, e.g. a grammar engine)."""
+        return self._tok.to_str()
+
     def encode_text(self, text: str) -> list[int]:
         """Token ids of `text` read as plain text: a special token's string in it (a user typing
         "<｜Assistant｜>") is encoded as its characters, never as the special id."""
