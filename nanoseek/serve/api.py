@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from .metrics import Metrics
-from .middleware import BodyTooLarge, Guard
+from .middleware import Guard
 from .prepare import Context, prepare_chat, prepare_completion
 from .protocol import (UNSUPPORTED, APIError, ChatRequest, CompletionRequest, Text, TokenId, error_response,
                        unknown_fields, validation_message)
@@ -72,6 +72,21 @@ def check_listen(host: str, api_key: str | None) -> None:
     if not api_key and not _loopback_only(host):
         raise ValueError(f"--host {host} listens beyond this machine: set --api-key or NANOSEEK_API_KEY "
                          "(or listen on 127.0.0.1)")
+
+
+class Gate:
+    """Plain ASGI middleware answering `check(request)`'s refusal instead of the app (plain so that
+    the body reaches the app's reader untouched: its 413/408 errors must not be wrapped)."""
+
+    def __init__(self, app, check):
+        self.app, self.check = app, check
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = self.check(Request(scope))
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class TokenizeRequest(BaseModel):
@@ -144,18 +159,12 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, exc: HTTPException):
-        cause = exc.__cause__
-        if isinstance(cause, BodyTooLarge):
-            return error_response(413, f"the request body is over the server's limit of {max_request_bytes} bytes",
-                                  code="request_too_large")
-        if isinstance(cause, TimeoutError):
-            return error_response(408, f"the request body did not arrive within {body_timeout}s",
-                                  code="request_timeout")
         status = exc.status_code
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"
                    }.get(status, str(exc.detail))
         return error_response(status, message, "invalid_request_error" if status < 500 else "server_error",
-                              code={404: "not_found", 405: "method_not_allowed"}.get(status),
+                              code={404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                                    413: "request_too_large"}.get(status),
                               headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
@@ -163,8 +172,8 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
         log.exception("unhandled error on %s", request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
+    def gate(request: Request):
+        """The refusal for a request that may not reach a route (host, key, media type), or None."""
         # A keyless server listens on loopback only, but a web page the user visits can still reach
         # it by pointing its own name at 127.0.0.1 (DNS rebinding): answer only requests addressed
         # to this machine by name.
@@ -182,8 +191,9 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
             if ctype != "application/json":
                 return error_response(415, f"Content-Type {ctype!r}: this API takes application/json",
                                       code="unsupported_media_type")
-        return await call_next(request)
+        return None
 
+    app.add_middleware(Gate, check=gate)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"],

@@ -19,13 +19,23 @@ import re
 import time
 import uuid
 
+from starlette.exceptions import HTTPException
+
 from .protocol import error_body
 
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised by the body reader; an HTTPException so that FastAPI passes it on to the 413 handler."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is over the server's limit of {limit} bytes (--max-request-bytes)")
+
+
+class BodyTimeout(HTTPException):
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body did not arrive within {seconds}s")
 
 
 async def _send_error(send, status: int, message: str, code: str, request_id: str) -> None:
@@ -56,17 +66,20 @@ class Guard:
             await _send_error(send, 413, f"the request body is over the server's limit of {self.max_bytes} bytes "
                               "(--max-request-bytes)", "request_too_large", rid)
             return self._done(scope, rid, 413, t0)
-        seen = [0]
+        seen, body_done = [0], [False]
 
         async def limited_receive():
+            if body_done[0]:  # after the body, receive() waits for a disconnect: no timeout then
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.body_timeout)
             except asyncio.TimeoutError:
-                raise TimeoutError from None
+                raise BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
                 seen[0] += len(message.get("body", b""))
                 if seen[0] > self.max_bytes:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.max_bytes)
+                body_done[0] = not message.get("more_body", False)
             return message
 
         async def tracking_send(message):
@@ -77,14 +90,10 @@ class Guard:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            status[0] = 413
-            await _send_error(send, 413, f"the request body is over the server's limit of {self.max_bytes} bytes",
-                              "request_too_large", rid)
-        except TimeoutError:
-            status[0] = 408
-            await _send_error(send, 408, f"the request body did not arrive within {self.body_timeout}s",
-                              "request_timeout", rid)
+        except (BodyTooLarge, BodyTimeout) as e:  # raised outside a route (the app answers them inside)
+            status[0] = e.status_code
+            await _send_error(send, e.status_code, e.detail, "request_too_large" if e.status_code == 413
+                              else "request_timeout", rid)
         finally:
             self._done(scope, rid, status[0], t0)
 

@@ -54,16 +54,22 @@ def submit(server, runs, events: asyncio.Queue) -> list:
     return reqs
 
 
-async def next_event(request: Request, events: asyncio.Queue):
-    """The next (index, Event), or None once the client has gone away."""
+async def next_event(request: Request, events: asyncio.Queue, poll: dict):
+    """The next (index, Event), or None once the client has gone away. The client is checked at
+    least every DISCONNECT_POLL seconds, also while events keep coming (`poll` keeps the time of
+    the last check)."""
+    loop = asyncio.get_running_loop()
     while True:
+        if loop.time() - poll.setdefault("at", loop.time()) >= DISCONNECT_POLL:
+            poll["at"] = loop.time()
+            if await request.is_disconnected():
+                return None
         if not events.empty():
             return events.get_nowait()
         try:
             return await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                return None
+            pass
 
 
 def _token_text(tok, t: int) -> str:
@@ -157,9 +163,9 @@ def _best(job, choices) -> list[int]:
 
 
 async def _whole(server, request, kind, job, events, reqs, rid, t0, choices):
-    tok, last = server.tokenizer, {}
+    tok, last, poll = server.tokenizer, {}, {}
     while any(c.final is None for c in choices):
-        got = await next_event(request, events)
+        got = await next_event(request, events, poll)
         if got is None:
             return error_response(499, "client disconnected")
         i, ev = got
@@ -200,7 +206,7 @@ async def _whole(server, request, kind, job, events, reqs, rid, t0, choices):
 async def _sse(server, request, kind, job, events, reqs, rid, t0, choices, include_usage):
     """The streamed answer: chunks as events arrive, [DONE] at the end (long: the chat and
     completions chunk shapes are written side by side)."""
-    tok, last, n = server.tokenizer, {}, len(job.runs)
+    tok, last, n, poll = server.tokenizer, {}, len(job.runs), {}
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     splitters = [ReasoningSplitter(job.inside) for _ in range(n)]
     calls = [ToolCallStream() if job.tools else None for _ in range(n)]
@@ -243,7 +249,7 @@ async def _sse(server, request, kind, job, events, reqs, rid, t0, choices, inclu
             yield chunk([{"index": i, "text": c.text, "finish_reason": None, "logprobs": None}
                          for i, c in enumerate(choices)])
         while any(c.final is None for c in choices):
-            got = await next_event(request, events)
+            got = await next_event(request, events, poll)
             if got is None:
                 return
             i, ev = got
