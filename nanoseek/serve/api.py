@@ -110,7 +110,8 @@ class Server:
         self.log_requests, self.retry_after = log_requests, retry_after
         self.metrics = Metrics(scheduler)
         self.draining = False  # set at shutdown: /health says 503 and new requests are refused
-        self.ctx = Context(self.tokenizer, scheduler.context, scheduler.engine.eos_ids, default_thinking_budget)
+        self.ctx = Context(self.tokenizer, scheduler.context, scheduler.engine.eos_ids,
+                           scheduler.engine.config.vocab_size, default_thinking_budget)
 
     def health(self) -> str | None:
         """Why the server cannot take requests now, or None."""

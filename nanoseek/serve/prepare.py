@@ -30,6 +30,7 @@ class Context:
     tokenizer: object
     context: int  # tokens per slot
     eos: set[int]
+    vocab_size: int  # the model's (its embedding may have more rows than the tokenizer has tokens)
     default_thinking_budget: int | None = None
 
 
@@ -60,8 +61,8 @@ def _params(ctx: Context, body: RequestBase, max_tokens: int, i: int, **kw) -> S
     seed = None if body.seed is None else body.seed + i  # n choices differ but stay reproducible
     top_k = body.top_k if body.top_k and body.top_k > 0 else None
     bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
-    if any(t >= ctx.tokenizer.vocab_size for t in bias):
-        raise APIError(400, f"logit_bias: a token id is outside the vocabulary of {ctx.tokenizer.vocab_size}",
+    if any(t >= ctx.vocab_size for t in bias):
+        raise APIError(400, f"logit_bias: a token id is outside the vocabulary of {ctx.vocab_size}",
                        param="logit_bias")
     return SamplingParams(max_tokens, body.temperature, top_k, body.top_p, seed, stop,
                           [[t] for t in body.stop_token_ids or []], body.ignore_eos, min_p=body.min_p or None,
@@ -151,8 +152,8 @@ def prepare_completion(ctx: Context, body: CompletionRequest) -> Job:
         texts, token_prompts = p, None
     else:
         token_prompts = [p] if isinstance(p[0], int) else p
-        if any(t >= tok.vocab_size for ids in token_prompts for t in ids):
-            raise APIError(400, f"prompt: a token id is outside the vocabulary of {tok.vocab_size}", param="prompt")
+        if any(t >= ctx.vocab_size for ids in token_prompts for t in ids):
+            raise APIError(400, f"prompt: a token id is outside the vocabulary of {ctx.vocab_size}", param="prompt")
         texts = [tok.decode(ids) for ids in token_prompts]
     if body.suffix is not None and (body.echo or token_prompts is not None):
         raise APIError(400, "suffix cannot be combined with echo or token prompts", param="suffix")
