@@ -26,18 +26,19 @@ import logging
 import threading
 import time
 from importlib import resources
+from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 from starlette.exceptions import HTTPException
 
 from .metrics import Metrics
 from .middleware import Guard
 from .prepare import Context, prepare_chat, prepare_completion
-from .protocol import (UNSUPPORTED, APIError, ChatRequest, CompletionRequest, Text, TokenId, error_response,
-                       unknown_fields, validation_message)
+from .protocol import (UNSUPPORTED, APIError, ChatRequest, CompletionRequest, Message, Model, Text, TokenId,
+                       error_response, unknown_fields, validation_message)
 from .respond import respond
 
 log = logging.getLogger("nanoseek.serve")
@@ -89,14 +90,14 @@ class Gate:
         await self.app(scope, receive, send)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(Model):
     model: Text(256) | None = None
     prompt: Text() | None = None
-    messages: list[dict] | None = None
-    add_special_tokens: bool = True
+    messages: Annotated[list[Message], Field(min_length=1, max_length=2048)] | None = None
+    add_special_tokens: StrictBool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(Model):
     model: Text(256) | None = None
     tokens: list[TokenId] = Field(max_length=1 << 20)
 
@@ -255,7 +256,7 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
             bos = body.add_special_tokens and tok.bos_id is not None
             ids = await asyncio.to_thread(tok.encode, body.prompt, bos)
         else:
-            chat = ChatRequest.model_validate({"model": model_name, "messages": body.messages})
+            chat = ChatRequest(model=model_name, messages=body.messages)
             ids = (await asyncio.to_thread(prepare_chat, server.ctx, chat)).prompts[0]
         return {"count": len(ids), "max_model_len": scheduler.context, "tokens": ids}
 
