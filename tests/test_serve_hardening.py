@@ -173,6 +173,7 @@ def test_operations_endpoints(server):
     assert {"/v1/chat/completions", "/v1/completions", "/tokenize"} <= set(spec["paths"])
     page = httpx.get(server["base"] + "/")
     assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert "max_thinking_tokens" in page.text and "tool_calls" in page.text  # budget sent, calls shown
     pre = httpx.options(server["base"] + "/v1/models", headers={"Origin": "https://ok.example",
                                                                "Access-Control-Request-Method": "GET"})
     assert pre.headers["access-control-allow-origin"] == "https://ok.example"
