@@ -13,6 +13,10 @@ with streaming /v1/completions clients (asyncio + httpx, in this process) over H
 2. Prefix cache: a fresh ~1,000-token prompt sent twice; the second time its latents come from the
    prefix cache. Reported: time to first token and total latency, cold vs cached (median of
    --repeats different prompts); the target is >= 3x faster the second time.
+3. Structured output: one client, tokens/s of completions constrained by a JSON schema (an array of
+   --json-items digits) against plain ones of the same length; the target is <= 1.3x slower.
+4. Tool-call round trip: a chat request with tool_choice "required", the tool's result sent back,
+   and the answer (16 tokens): wall time of the two requests, median of --repeats.
 
 Clients and server share the machine's cores, so the figures are conservative. Without --model the model is a random-weight DeepSeek-V3-style
 config (below) with a tokenizer trained here.
@@ -111,6 +115,57 @@ async def prefix_cache(base: str, model: str, words: int, repeats: int, max_toke
     return rows
 
 
+def structured(base: str, model: str, items: int, repeats: int) -> dict:
+    """tokens/s with a JSON schema, and without it for requests of the same lengths (one client,
+    non-streaming, greedy); a warm-up request of each kind first."""
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+              "minItems": items, "maxItems": items}
+    fmt = {"type": "json_schema", "json_schema": {"name": "digits", "schema": schema}}
+    out, lengths = {}, []
+    with httpx.Client(timeout=300) as client:
+        def run(body):
+            t0 = time.perf_counter()
+            r = client.post(base + "/v1/completions", json=body)
+            r.raise_for_status()
+            return r.json(), time.perf_counter() - t0
+        run({"model": model, "prompt": "warm", "max_tokens": 4 * items + 8, "response_format": fmt})
+        tokens = wall = 0
+        for i in range(repeats):
+            got, s = run({"model": model, "prompt": f"list {i}:", "temperature": 0, "max_tokens": 4 * items + 8,
+                          "response_format": fmt})
+            assert len(json.loads(got["choices"][0]["text"])) == items
+            lengths.append(got["usage"]["completion_tokens"])
+            tokens, wall = tokens + lengths[-1], wall + s
+        out["schema"] = dict(tokens=tokens, wall=wall, tps=tokens / wall)
+        tokens = wall = 0
+        for i, n in enumerate(lengths):
+            got, s = run({"model": model, "prompt": f"list {i}:", "temperature": 0, "max_tokens": n, "ignore_eos": True})
+            tokens, wall = tokens + got["usage"]["completion_tokens"], wall + s
+        out["plain"] = dict(tokens=tokens, wall=wall, tps=tokens / wall)
+    return out
+
+
+def tool_round_trip(base: str, model: str, repeats: int) -> list[float]:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Tokyo"]}}, "required": ["city"],
+        "additionalProperties": False}}}
+    times = []
+    with httpx.Client(timeout=300) as client:
+        for i in range(repeats + 1):
+            msgs = [{"role": "user", "content": f"weather {i}?"}]
+            t0 = time.perf_counter()
+            call = client.post(base + "/v1/chat/completions", json={
+                "model": model, "messages": msgs, "tools": [tool], "tool_choice": "required", "max_tokens": 256,
+                "temperature": 0, "max_thinking_tokens": 0}).json()["choices"][0]["message"]
+            msgs += [call, {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": "sunny"}]
+            client.post(base + "/v1/chat/completions", json={"model": model, "messages": msgs, "tools": [tool],
+                                                              "max_tokens": 16, "temperature": 0,
+                                                              "ignore_eos": True}).raise_for_status()
+            if i:  # the first is a warm-up (grammar engine, tokenizer view)
+                times.append(time.perf_counter() - t0)
+    return times
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -152,6 +207,7 @@ def main() -> int:
                     help="requests per run, split among the clients (one client sends an eighth of them)")
     ap.add_argument("--prefix-words", type=int, default=1000, help="words in the prefix-cache prompt (~1 token each)")
     ap.add_argument("--repeats", type=int, default=5, help="prompts sent twice in the prefix-cache test")
+    ap.add_argument("--json-items", type=int, default=24, help="digits in the structured-output array")
     ap.add_argument("--out", default=None, help="also write the results table to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -184,6 +240,8 @@ def main() -> int:
                   f"{r['rps']:.2f} requests/s, {r['tps']:.1f} tokens/s "
                   f"({r['tps'] / runs[0]['tps']:.2f}x one client)")
         pc = asyncio.run(prefix_cache(base, "bench", args.prefix_words, args.repeats, 8))
+        so = structured(base, "bench", args.json_items, args.repeats)
+        rt = tool_round_trip(base, "bench", args.repeats)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -197,6 +255,10 @@ def main() -> int:
           f"time to first token {med['cold']['ttft'] * 1e3:.0f} -> {med['warm']['ttft'] * 1e3:.0f} ms "
           f"({ttft_x:.1f}x), total {med['cold']['total'] * 1e3:.0f} -> {med['warm']['total'] * 1e3:.0f} ms "
           f"({total_x:.1f}x)")
+
+    slow = so["plain"]["tps"] / so["schema"]["tps"]
+    print(f"structured output: {so['schema']['tps']:.1f} tokens/s with a JSON schema, {so['plain']['tps']:.1f} "
+          f"without ({slow:.2f}x slower); tool-call round trip {statistics.median(rt) * 1e3:.0f} ms")
 
     command = "python " + " ".join([sys.argv[0].replace(str(Path.cwd()) + "/", "")] + sys.argv[1:])
     lines = [
@@ -218,6 +280,14 @@ def main() -> int:
         f"| first send (cold) | {med['cold']['ttft'] * 1e3:.0f} | {med['cold']['total'] * 1e3:.0f} |",
         f"| second send (cached) | {med['warm']['ttft'] * 1e3:.0f} | {med['warm']['total'] * 1e3:.0f} |",
         f"| speedup | {ttft_x:.1f}x | {total_x:.1f}x |", "",
+        "## Structured output and tool calls", "",
+        f"One client, non-streaming `/v1/completions`, {args.repeats} requests each: an array of "
+        f"{args.json_items} digits constrained by a JSON schema (llguidance), and plain greedy requests.", "",
+        "| | tokens | wall (s) | tokens/s |", "|---|---:|---:|---:|",
+        *(f"| {k} | {v['tokens']} | {v['wall']:.2f} | {v['tps']:.1f} |" for k, v in so.items()),
+        f"| schema vs plain | | | {slow:.2f}x slower |", "",
+        f"Tool-call round trip (tool_choice required -> tool result -> 16-token answer), median of "
+        f"{args.repeats}: {statistics.median(rt) * 1e3:.0f} ms.", "",
     ]
     print("\n".join(lines))
     if args.out:

@@ -12,6 +12,8 @@ several tokens is handled one way everywhere.
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Sequence
 
 from .tokenizer import THINK_END, THINK_START, Tokenizer
@@ -54,14 +56,48 @@ def first_stop(seq: Sequence, stops: Sequence[Sequence], new_from: int) -> int |
     return min(hits) if hits else None
 
 
-def chat_prompt(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], bool]:
+def chat_prompt(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                continue_final_message: bool = False, **template_kwargs) -> tuple[list[int], bool]:
     """Token ids of the conversation followed by the generation prompt, and whether the template
-    opened `<think>` there (DeepSeek-R1's does: the completion then starts inside the reasoning)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    opened `<think>` there (DeepSeek-R1's does: the completion then starts inside the reasoning).
+
+    Message text can never forge a turn: the template is rendered around unguessable placeholders,
+    its own text is encoded with special tokens and each message's text as plain text, so a user
+    typing "<｜Assistant｜>" gives that string's characters, not the special id.
+    continue_final_message: the last (assistant) message is left open for the model to go on
+    (no generation prompt, nothing rendered after its text). template_kwargs go to a checkpoint's
+    own template (tools, enable_thinking...); the built-in one understands thinking=False /
+    enable_thinking=False (the reasoning is closed empty, as DeepSeek-V3.1 does).
+    """
+    if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+        raise ValueError("continue_final_message needs an assistant message last")
+    nonce, holes = secrets.token_hex(8), []
+
+    def hole(text: str) -> str:
+        holes.append(text)
+        return f"\ue000{nonce}:{len(holes) - 1}\ue001"
+
+    masked = [{**m, **{k: hole(m[k]) for k in ("content", "reasoning_content") if isinstance(m.get(k), str) and m[k]}}
+              for m in messages]
+    text = tokenizer.apply_chat_template(masked, add_generation_prompt and not continue_final_message,
+                                         **template_kwargs)
+    if continue_final_message:
+        last = messages[-1].get("content") or ""
+        end = text.rfind(f":{len(holes) - 1}\ue001") if last else -1
+        if end < 0:
+            raise ValueError("continue_final_message: the template did not render the final message's content")
+        text = text[:end + len(f":{len(holes) - 1}\ue001")]
+    elif (add_generation_prompt and tokenizer.own_template is None
+          and False in (template_kwargs.get("thinking"), template_kwargs.get("enable_thinking"))):
+        text += "\n" + tokenizer.think_end + "\n\n"
     opens_think = text.rstrip().endswith(tokenizer.think_start)
-    if tokenizer.own_template is not None:
-        return tokenizer.encode(text), opens_think
-    return tokenizer.encode_chat(messages, add_generation_prompt=True)[0], opens_think
+    ids = []
+    for i, piece in enumerate(re.split(f"\ue000{nonce}:(\\d+)\ue001", text)):
+        if i % 2:
+            ids += tokenizer.encode_text(holes[int(piece)])
+        elif piece:
+            ids += tokenizer.encode(piece)
+    return ids, opens_think
 
 
 class TextStream:

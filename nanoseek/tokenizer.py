@@ -82,15 +82,15 @@ def _jinja_literal(s: str) -> str:
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _check_messages(messages: Sequence[dict]) -> None:
+def _check_messages(messages: Sequence[dict], roles: tuple = ROLES, optional_content: bool = False) -> None:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"messages must be a non-empty list of dicts, got {type(messages).__name__}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ValueError(f"messages[{i}] must be a dict, got {type(m).__name__}")
-        if m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}]['role'] = {m.get('role')!r}: must be one of {ROLES}")
-        if not isinstance(m.get("content"), str):
+        if m.get("role") not in roles:
+            raise ValueError(f"messages[{i}]['role'] = {m.get('role')!r}: must be one of {roles}")
+        if not isinstance(m.get("content"), str) and not (optional_content and m.get("content") is None):
             raise ValueError(f"messages[{i}]['content'] must be a str, got {type(m.get('content')).__name__}")
         if not isinstance(m.get("reasoning_content") or "", str):
             raise ValueError(f"messages[{i}]['reasoning_content'] must be a str or None")
@@ -148,8 +148,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _render_jinja(template: str, messages, add_generation_prompt: bool, bos: str, eos: str) -> str:
-    """A checkpoint's chat template, rendered in Jinja's sandbox (templates are data, not code)."""
+def _render_jinja(template: str, messages, add_generation_prompt: bool, bos: str, eos: str, **extra) -> str:
+    """A checkpoint's chat template, rendered in Jinja's sandbox (templates are data, not code);
+    `extra` are further template variables (tools, chat_template_kwargs)."""
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -159,7 +160,7 @@ def _render_jinja(template: str, messages, add_generation_prompt: bool, bos: str
         raise TemplateError(message)
     env.globals["raise_exception"] = raise_exception
     try:
-        return env.from_string(template).render(messages=list(messages), bos_token=bos, eos_token=eos,
+        return env.from_string(template).render(**extra, messages=list(messages), bos_token=bos, eos_token=eos,
                                                 add_generation_prompt=add_generation_prompt)
     except TemplateError as e:
         raise ValueError(f"the checkpoint's chat_template failed: {e}") from None
@@ -175,6 +176,7 @@ class Tokenizer:
     def __init__(self, tok: _HFTokenizer, bos_token: str = BOS, eos_token: str = EOS,
                  pad_token: str | None = PAD, own_template: str | None = None):
         self._tok = tok
+        self._plain: _HFTokenizer | None = None  # made by encode_text
         # A checkpoint's own Jinja chat template (e.g. DeepSeek-R1's), used by apply_chat_template
         # instead of the built-in R1-style rendering; None for ours.
         self.own_template = own_template
@@ -296,6 +298,19 @@ class Tokenizer:
         """Token ids of `text`; special-token strings in it become their single ids."""
         return self._bos(add_bos) + self._tok.encode(text, add_special_tokens=False).ids
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (for libraries that read a vocabulary, e.g. a grammar engine)."""
+        return self._tok.to_str()
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of `text` read as plain text: a special token's string in it (a user typing
+        "<｜Assistant｜>") is encoded as its characters, never as the special id."""
+        if self._plain is None:  # a copy that splits special tokens; the shared one is never toggled
+            plain = _HFTokenizer.from_str(self._tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain.encode(text, add_special_tokens=False).ids
+
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         """encode() over many texts, in parallel in the Rust library."""
         bos = self._bos(add_bos)
@@ -312,13 +327,15 @@ class Tokenizer:
         return (_JINJA_TEMPLATE.replace("__BOS__", _jinja_literal(self.bos_token))
                 .replace("__EOS__", _jinja_literal(self.eos_token)))
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        """Render a conversation as text: the checkpoint's own template when it has one, else
-        the built-in DeepSeek-R1 format (see the module docstring)."""
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+                            **template_kwargs) -> str:
+        """Render a conversation as text: the checkpoint's own template when it has one (which
+        also sees `template_kwargs`: tools, enable_thinking..., and may take role "tool"), else
+        the built-in DeepSeek-R1 format (see the module docstring), which ignores them."""
         if self.own_template is not None:
-            _check_messages(messages)
+            _check_messages(messages, ROLES + ("tool",), optional_content=True)
             return _render_jinja(self.own_template, messages, add_generation_prompt,
-                                 self.bos_token, self.eos_token)
+                                 self.bos_token, self.eos_token, **template_kwargs)
         segments = chat_segments(messages, add_generation_prompt, self.bos_token, self.eos_token)
         return "".join(text for text, _ in segments)
 

@@ -22,6 +22,7 @@ def run(args) -> int:
 
     from ..inference.scheduler import Scheduler
     from ..serve.api import check_listen, create_app
+    from ..serve.middleware import with_header_timeout
 
     api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
     check_listen(args.host, api_key)
@@ -37,18 +38,28 @@ def run(args) -> int:
                           chunk_cost=args.prefill_chunk_cost).start()
     print(f"nanoseek serve: KV cache {budget / 2**30:.2f} GiB = {scheduler.batch.cache.capacity:,} tokens "
           f"in pages of {args.page_size}, context {scheduler.context:,}")
-    if args.log_requests:
-        import logging
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    app = create_app(scheduler, name, api_key=api_key, log_requests=args.log_requests)
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the serve log lines are JSON
+    app = create_app(scheduler, name, api_key=api_key, log_requests=args.log_requests,
+                     max_request_bytes=args.max_request_bytes, body_timeout=args.body_timeout,
+                     ignore_unknown_fields=args.ignore_unknown_fields,
+                     cors_origins=[o for o in (args.cors_origins or "").split(",") if o],
+                     default_thinking_budget=args.max_thinking_tokens)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: refuse new work at once, then drain
+            app.state.server.draining = True
+            super().handle_exit(sig, frame)
     scheme = "https" if args.ssl_certfile else "http"
     print(f"nanoseek serve: {name} ({engine.model.num_params():,} parameters) on {scheme}://{args.host}:{args.port}"
           f" — API at /v1, chat page at /{', API key required' if api_key else ''}")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
-                    ssl_keyfile=args.ssl_keyfile, log_level="info")
+        Server(uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
+                              ssl_keyfile=args.ssl_keyfile, log_level="warning",
+                              http=with_header_timeout(args.header_timeout),
+                              timeout_graceful_shutdown=args.shutdown_timeout)).run()
     finally:
-        scheduler.stop()
+        scheduler.stop(timeout=args.shutdown_timeout)
     return 0
 
 
@@ -95,4 +106,17 @@ def add_parser(sub) -> None:
     add_inference_flags(p)
     p.add_argument("--log-requests", action="store_true",
                    help="log each request's prompt and completion (off: nothing of them is logged)")
+    p.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                   help="largest request body; a bigger one is a 413 before it is read")
+    p.add_argument("--body-timeout", type=float, default=30, help="seconds a request body may take to arrive (408)")
+    p.add_argument("--header-timeout", type=float, default=10,
+                   help="seconds a connection may take to send its request headers (slowloris)")
+    p.add_argument("--shutdown-timeout", type=float, default=10,
+                   help="on SIGTERM: seconds running requests may take before they are cancelled")
+    p.add_argument("--ignore-unknown-fields", action="store_true",
+                   help="ignore request fields the server does not implement (default: a 400 naming them)")
+    p.add_argument("--cors-origins", default=None,
+                   help="comma-separated origins allowed to call the API from a browser (default: none)")
+    p.add_argument("--max-thinking-tokens", type=int, default=None,
+                   help="default reasoning budget: after this many thinking tokens the model must close </think>")
     p.set_defaults(func=run)

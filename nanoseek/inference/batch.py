@@ -34,21 +34,22 @@ import time
 import torch
 
 from .cache import PagedLatentCache, PrefixCache
+from .logits import controlled, needs_control, record_logprobs, record_prompt_logprobs
 from .sampling import draw, greedy_accept, sample, sampling_probs, speculative_accept
 from .sequence import SamplingParams, Sequence
 
 SPECULATIVE = (None, "mtp")
 
 
-def _groups(seqs: list[Sequence]) -> list[tuple[list[int], SamplingParams, torch.Generator | None]]:
+def _groups(seqs: list[Sequence], skip=()) -> list[tuple[list[int], SamplingParams, torch.Generator | None]]:
     """Rows that can be sampled in one call: all greedy rows together, sampled rows by identical
-    settings and generator. Finished rows are left out."""
+    settings and generator. Finished rows (and `skip`) are left out."""
     groups: dict = {}
     for i, s in enumerate(seqs):
-        if s.finish_reason is not None:
+        if s.finish_reason is not None or i in skip:
             continue
         p = s.params
-        key = None if p.temperature <= 0 else (p.temperature, p.top_k, p.top_p, id(s.generator))
+        key = None if p.temperature <= 0 else (p.temperature, p.top_k, p.top_p, p.min_p, id(s.generator))
         groups.setdefault(key, []).append(i)
     return [(idx, seqs[idx[0]].params, seqs[idx[0]].generator) for idx in groups.values()]
 
@@ -113,11 +114,13 @@ class Batch:
         for s in seqs:
             slot, ids = len(self.rows), s.context_ids()
             fresh = not s.out
-            if self.paged and fresh and prev is not None and not prev.out and prev.prompt == s.prompt:
+            if self.paged and fresh and prev is not None and not prev.out and prev.prompt == s.prompt \
+                    and s.params.prompt_logprobs is None:
                 s.twin = prev.twin or prev  # prefilled once: this row shares the first one's pages
                 s.prefilled = 0
             else:
-                blocks = self.prefix.lookup(ids, len(ids) - 1)  # at least the last token is prefilled
+                # at least the last token is prefilled; prompt log-probs need every position's logits
+                blocks = [] if s.params.prompt_logprobs is not None else self.prefix.lookup(ids, len(ids) - 1)
                 if blocks:
                     self.cache.restore(slot, blocks)
                 s.prefilled = len(blocks) * self.prefix.block
@@ -189,6 +192,9 @@ class Batch:
             at = torch.tensor([n - 1 for _, n in real], device=dev)
             logits = self.engine.logits(hidden[rows_b, at])
             firsts = self._first_tokens(take, seqs, done, logits)
+            for b, ((_, n), s) in enumerate(zip(real, seqs)):
+                if s.params.prompt_logprobs is not None and not s.out:
+                    record_prompt_logprobs(s, self.engine.logits(hidden[b, :n]), s.prefilled)
             if self.mtp:  # MTP entry i reads (h_i, t_{i+1}); a completed row's last position pairs with its new token
                 nxt = [c[s.prefilled + 1:s.prefilled + n + 1] + ([firsts[id(s)]] if d else []) for (_, n), s, c, d
                        in zip(real, seqs, ctx, done)]
@@ -374,17 +380,23 @@ class Batch:
 
     # ------------------------------------------------------------------ token choice, per group of rows
     def _pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """logits [n, V] -> each row's next token under its own settings (-1 for a row that failed)."""
-        tokens = [-1] * len(seqs)
+        """logits [n, V] -> each row's next token under its own settings and controls (logits.py;
+        -1 for a row that failed)."""
+        tokens, raw = [-1] * len(seqs), logits
+        try:
+            logits = controlled(seqs, logits, self.eos)
+        except Exception as e:  # a guide or a control failed: those rows end, the rest go on
+            _fail(seqs, [i for i, s in enumerate(seqs) if needs_control(s)], "logits control", e)
         for idx, p, gen in _groups(seqs):
             try:
                 got = logits[idx].argmax(-1) if p.temperature <= 0 else \
-                    sample(logits[idx], p.temperature, p.top_k, p.top_p, gen)
+                    sample(logits[idx], p.temperature, p.top_k, p.top_p, gen, p.min_p)
             except Exception as e:  # a kernel error on one request's settings ends only its rows
                 _fail(seqs, idx, "sampling", e)
                 continue
             for i, t in zip(idx, got.tolist()):
                 tokens[i] = t
+        record_logprobs(seqs, raw, tokens)
         return tokens
 
     def _propose(self, seqs: list[Sequence], logits: torch.Tensor, only: list[bool] | None = None) -> None:
@@ -397,7 +409,7 @@ class Batch:
                 if p.temperature <= 0:
                     q, drafts = None, logits[idx].argmax(-1)
                 else:
-                    q = sampling_probs(logits[idx], p.temperature, p.top_k, p.top_p)
+                    q = sampling_probs(logits[idx], p.temperature, p.top_k, p.top_p, p.min_p)
                     drafts = draw(q, gen)
             except Exception as e:
                 _fail(seqs, idx, "sampling", e)
@@ -406,15 +418,20 @@ class Batch:
                 seqs[i].draft, seqs[i].q = d, None if q is None else q[j]
 
     def _verify(self, seqs: list[Sequence], logits: torch.Tensor, draft: torch.Tensor):
-        """logits [n, 2, V] at [last, draft] -> (accepted [n] in {0, 1}, next token [n])."""
+        """logits [n, 2, V] at [last, draft] -> (accepted [n] in {0, 1}, next token [n]). Rows
+        with controls reject their draft and choose from the first position's controlled logits."""
         accepted = torch.zeros(len(seqs), dtype=torch.long, device=logits.device)
         nxt = torch.zeros_like(accepted)
-        for idx, p, gen in _groups(seqs):
+        ctl = [i for i, s in enumerate(seqs) if s.finish_reason is None and needs_control(s)]
+        if ctl:
+            picked = self._pick([seqs[i] for i in ctl], logits[ctl, 0])  # -1 where one failed
+            nxt[ctl] = torch.tensor([max(t, 0) for t in picked], device=logits.device)
+        for idx, p, gen in _groups(seqs, set(ctl)):
             try:
                 if p.temperature <= 0:
                     a, x = greedy_accept(logits[idx], draft[idx, None])
                 else:
-                    probs = sampling_probs(logits[idx], p.temperature, p.top_k, p.top_p)
+                    probs = sampling_probs(logits[idx], p.temperature, p.top_k, p.top_p, p.min_p)
                     q = torch.stack([seqs[i].q for i in idx])[:, None]
                     a, x = speculative_accept(probs, q, draft[idx, None], gen)
             except Exception as e:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 
-def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def validate_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                      min_p: float | None = None) -> None:
     """Raise ValueError for settings no sampler can honour."""
     if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
         raise ValueError(f"temperature={temperature!r}: must be a number >= 0 (0 = greedy)")
@@ -22,12 +23,15 @@ def validate_sampling(temperature: float, top_k: int | None, top_p: float | None
         raise ValueError(f"top_k={top_k!r}: must be a positive integer or None")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r}: must be in (0, 1] or None")
+    if min_p is not None and (not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1):
+        raise ValueError(f"min_p={min_p!r}: must be in [0, 1] or None")
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
-                   top_p: float | None = None) -> torch.Tensor:
-    """The distribution a sampler draws from: softmax(logits / T) restricted to the top-k tokens
-    and to the smallest set whose probability reaches top_p (nucleus), renormalised. fp32 [..., V].
+                   top_p: float | None = None, min_p: float | None = None) -> torch.Tensor:
+    """The distribution a sampler draws from: softmax(logits / T) restricted to the top-k tokens,
+    to the smallest set whose probability reaches top_p (nucleus) and to the tokens at least min_p
+    times as likely as the most likely one, renormalised. fp32 [..., V].
     """
     if temperature <= 0:
         raise ValueError("sampling_probs needs temperature > 0; greedy is argmax")
@@ -45,6 +49,9 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None =
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
+    if min_p:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
 
@@ -55,11 +62,40 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+           top_p: float | None = None, generator: torch.Generator | None = None,
+           min_p: float | None = None) -> torch.Tensor:
     """logits [..., V] -> token ids [...]: argmax when temperature is 0, else a draw."""
     if temperature <= 0:
         return logits.argmax(-1)
-    return draw(sampling_probs(logits, temperature, top_k, top_p), generator)
+    return draw(sampling_probs(logits, temperature, top_k, top_p, min_p), generator)
+
+
+# ----------------------------------------------------------------------------- logits controls
+
+def penalize(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, presence: torch.Tensor,
+             frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """OpenAI's presence/frequency penalties and CTRL's repetition penalty, one setting per row.
+
+    logits [n, V]; counts [n, V] how often each token was generated so far; seen [n, V] bool, in
+    the prompt or generated; presence, frequency, repetition [n]. A generated token loses
+    frequency x count + presence (OpenAI's rule, on generated tokens only); a seen token's logit
+    is divided by the repetition penalty when positive and multiplied by it when negative (so
+    > 1 always makes it less likely).
+    """
+    logits = logits.float()
+    r = repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, n: int):
+    """log-softmax of logits [m, V] -> (the chosen tokens' log-probs [m], top-n ids [m, n],
+    their log-probs [m, n]); fp32."""
+    lp = logits.float().log_softmax(-1)
+    top = lp.topk(n, dim=-1) if n else None
+    empty = torch.zeros(lp.shape[0], 0, dtype=torch.long)
+    return (lp.gather(-1, chosen[:, None]).squeeze(-1), empty if top is None else top.indices,
+            empty.float() if top is None else top.values)
 
 
 # ----------------------------------------------------------------------------- speculative decoding

@@ -49,6 +49,8 @@ class Event:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list | None = None  # (token, log-prob, top alternatives) per new token, if asked
+    prompt_logprobs: list | None = None  # on the last event, if asked
 
 
 class Request(Sequence):
@@ -230,10 +232,15 @@ class Scheduler:
 
     # ------------------------------------------------------------------ outputs
     def _emit(self, req: Request) -> None:
+        start = req.emitted_ids
         ids, text = req.take()
         if not ids and not text and req.finish_reason is None:
             return
         event = Event(text, ids, req.finish_reason, req.error, len(req.prompt), req.cached_tokens, len(req.out))
+        if req.params.logprobs is not None:
+            event.logprobs = req.logprobs[start:start + len(ids)]
+        if req.finish_reason is not None:
+            event.prompt_logprobs = req.prompt_logprobs
         try:
             req.on_event(event)
         except Exception:  # a broken listener must not stop the loop

@@ -31,12 +31,33 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # text stop sequences (need a tokenizer)
     stop_token_ids: list[list[int]] = field(default_factory=list)  # stop sequences of token ids
     ignore_eos: bool = False  # run to max_tokens (benchmarks)
+    # per-request logits controls (logits.py); the defaults leave the model's logits untouched
+    min_p: float | None = None
+    presence_penalty: float = 0.0  # OpenAI's, on generated tokens: - presence x (count > 0)
+    frequency_penalty: float = 0.0  # - frequency x count
+    repetition_penalty: float = 1.0  # CTRL's, on prompt and generated tokens (> 1: less likely)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # EOS is masked until this many tokens were generated
+    logprobs: int | None = None  # record each new token's log-prob and this many alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt (skips the prefix cache)
+    guide: object = field(default=None, compare=False)  # () -> a token guide (constrain.py) per sequence
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting no sampler can honour."""
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens!r}: must be a positive integer")
-        validate_sampling(self.temperature, self.top_k, self.top_p)
+        validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be in [-2, 2]")
+        if not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: must be in (0, 10]")
+        if not all(isinstance(t, int) and -100 <= v <= 100 for t, v in self.logit_bias.items()):
+            raise ValueError("logit_bias: token ids map to biases in [-100, 100]")
+        for name in ("min_tokens", "logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0 or (name != "min_tokens" and v > 20)):
+                raise ValueError(f"{name}={v!r}: must be an integer >= 0{'' if name == 'min_tokens' else ' and <= 20'}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop={self.stop!r}: stop sequences must be non-empty strings")
         for s in self.stop_token_ids:
@@ -89,6 +110,9 @@ class Sequence:
         self.draft: int | None = None  # MTP's guess for the token after `last`
         self.q: torch.Tensor | None = None  # [V] the distribution the draft was drawn from (sampling)
         self.cached_tokens = 0
+        self.guide = params.guide() if params.guide is not None else None  # a token mask per step
+        self.logprobs: list = []  # (token, log-prob, top alternatives) per chosen token, if asked
+        self.prompt_logprobs: list | None = None
         self.prefilled = 0  # tokens of context_ids() already in the cache (while being prefilled)
         self.twin: Sequence | None = None  # an identical prompt admitted just before: its pages are shared
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
@@ -122,6 +146,8 @@ class Sequence:
         taken before the sequence finished."""
         p = self.params
         for n, t in enumerate(tokens, 1):
+            if self.guide is not None:
+                self.guide.accept(t)
             if t in eos and not p.ignore_eos:
                 self.finish("stop")
                 self._add_text([], final=True)

@@ -1,44 +1,51 @@
-"""The OpenAI-compatible HTTP API over a ``Scheduler``: FastAPI app and SSE streaming (the request
-models and error body are in protocol.py).
+"""The OpenAI-compatible HTTP API over a ``Scheduler``: the FastAPI app and its routes.
 
-    app = create_app(scheduler, model_name="my-model", api_key="sk-...")
-    server, thread = serve_in_thread(app, "127.0.0.1", 8000)    # tests and benchmarks
+    app = create_app(scheduler, model_name="my-model", api_key="sk-...", max_request_bytes=4 << 20)
+    server, thread, port = serve_in_thread(app, "127.0.0.1", 0)    # tests and benchmarks
     ...; server.should_exit = True; thread.join()
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions (fill-in-the-middle with `suffix`),
-GET /v1/models, GET /health, and the web chat page at /. Errors have OpenAI's body
-``{"error": {"message", "type", "param", "code"}}`` and a 4xx code for anything the client got
-wrong (malformed JSON and validation errors answer 400, not FastAPI's 422); a full queue is 429.
-Chat replies carry `reasoning_content` apart from `content` (chat.ReasoningSplitter), in whole responses
-and in streamed deltas. Nothing of a prompt or completion is logged unless log_requests is set.
+Endpoints: POST /v1/chat/completions (tools, response_format, logprobs, thinking budget),
+POST /v1/completions (fill-in-the-middle with `suffix`, echo + logprobs, token-id prompts),
+GET /v1/models, /health, /ready, /metrics (Prometheus), POST /tokenize, /detokenize,
+/openapi.json and the web chat page at /. A request goes: Guard (middleware.py: request id,
+body limit and timeout, log line) -> auth -> validation (protocol.py; unknown fields are a 400
+naming them) -> prepare.py in a worker thread (template, tokens, grammar) -> respond.py (the
+scheduler's events as one body or SSE). Every error, 404/405/413/415 and parse errors included,
+has OpenAI's body ``{"error": {"message", "type", "param", "code"}}``; 429 and 503 carry
+Retry-After. Nothing of a prompt or completion is logged unless log_requests is set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import html
 import json
 import logging
 import threading
 import time
-import uuid
 from importlib import resources
+from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, Field, StrictBool
+from starlette.exceptions import HTTPException
 
-from ..chat import ReasoningSplitter, chat_prompt
-from ..inference import SamplingParams
-from ..inference.scheduler import NotRunning, QueueFull
-from ..tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE
-from .protocol import (APIError, ChatRequest, CompletionRequest, RequestBase, error_response,
-                       validation_message)
+from .metrics import Metrics
+from .middleware import Guard
+from .prepare import Context, prepare_chat, prepare_completion
+from .protocol import (UNSUPPORTED, APIError, ChatRequest, CompletionRequest, Message, Model, Text, TokenId,
+                       error_response, unknown_fields, validation_message)
+from .respond import respond
 
 log = logging.getLogger("nanoseek.serve")
 
-PUBLIC = {"/", "/health"}  # everything else needs the key when there is one
+PUBLIC = {"/", "/health", "/ready"}  # everything else needs the key when there is one
+CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+       "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 def _loopback_only(host: str) -> bool:
@@ -68,14 +75,78 @@ def check_listen(host: str, api_key: str | None) -> None:
                          "(or listen on 127.0.0.1)")
 
 
-def create_app(scheduler, model_name: str, api_key: str | None = None, log_requests: bool = False) -> FastAPI:
+class Gate:
+    """Plain ASGI middleware answering `check(request)`'s refusal instead of the app (plain so that
+    the body reaches the app's reader untouched: its 413/408 errors must not be wrapped)."""
+
+    def __init__(self, app, check):
+        self.app, self.check = app, check
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = self.check(Request(scope))
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class TokenizeRequest(Model):
+    model: Text(256) | None = None
+    prompt: Text() | None = None
+    messages: Annotated[list[Message], Field(min_length=1, max_length=2048)] | None = None
+    add_special_tokens: StrictBool = True
+
+
+class DetokenizeRequest(Model):
+    model: Text(256) | None = None
+    tokens: list[TokenId] = Field(max_length=1 << 20)
+
+
+class Server:
+    """What the routes share: the scheduler, options, metrics and the draining flag."""
+
+    def __init__(self, scheduler, model_name: str, log_requests: bool, retry_after: int,
+                 default_thinking_budget: int | None):
+        self.scheduler, self.tokenizer, self.model_name = scheduler, scheduler.tokenizer, model_name
+        self.log_requests, self.retry_after = log_requests, retry_after
+        self.metrics = Metrics(scheduler)
+        self.draining = False  # set at shutdown: /health says 503 and new requests are refused
+        self.ctx = Context(self.tokenizer, scheduler.context, scheduler.engine.eos_ids,
+                           scheduler.engine.config.vocab_size, default_thinking_budget)
+
+    def health(self) -> str | None:
+        """Why the server cannot take requests now, or None."""
+        if self.draining:
+            return "the server is shutting down"
+        if not self.scheduler.alive:
+            return "the scheduler is not running"
+        return None
+
+    def log_completion(self, rid: str, kind: str, job, texts: list[str], seconds: float) -> None:
+        if self.log_requests:
+            log.info(json.dumps({"request_id": rid, "kind": kind, "prompts": [self.tokenizer.decode(p) for p in job.prompts],
+                                 "completions": texts, "s": round(seconds, 3)}, ensure_ascii=False))
+
+
+def create_app(scheduler, model_name: str, api_key: str | None = None, log_requests: bool = False,
+               max_request_bytes: int = 4 << 20, body_timeout: float = 30.0, ignore_unknown_fields: bool = False,
+               cors_origins: list[str] | None = None, retry_after: int = 1,
+               default_thinking_budget: int | None = None) -> FastAPI:
     """The FastAPI app serving `scheduler`'s model under the id `model_name`.
 
-    Long by design: the routes are closures over the scheduler, tokenizer and key, defined in the
-    order a request meets them (auth middleware, pages, validation helpers, the shared SSE runner,
-    then the two endpoints), so one read shows the whole request path."""
-    app = FastAPI(title="nanoseek", docs_url=None, redoc_url=None, openapi_url=None)
-    tok = scheduler.tokenizer
+    Long by design: the routes are closures over one ``Server``, defined in the order a request
+    meets them (errors, auth, pages and probes, then the two generation endpoints)."""
+    server = Server(scheduler, model_name, log_requests, retry_after, default_thinking_budget)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.draining = True  # shutting down (SIGTERM): /health is 503 and new requests are refused
+
+    app = FastAPI(title="nanoseek", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  lifespan=lifespan)
+    app.state.server = server
+    tok = server.tokenizer
     created = int(time.time())
     page = resources.files("nanoseek.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -86,10 +157,25 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, exc: HTTPException):
+        status = exc.status_code
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"
+                   }.get(status, str(exc.detail))
+        return error_response(status, message, "invalid_request_error" if status < 500 else "server_error",
+                              code={404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                                    413: "request_too_large"}.get(status),
+                              headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    def gate(request: Request):
+        """The refusal for a request that may not reach a route (host, key, media type), or None."""
         # A keyless server listens on loopback only, but a web page the user visits can still reach
         # it by pointing its own name at 127.0.0.1 (DNS rebinding): answer only requests addressed
         # to this machine by name.
@@ -97,235 +183,103 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
             return error_response(403, f"Host {request.headers.get('host', '')!r} is not this machine: a server "
                                        "without an API key answers only requests addressed to localhost or "
                                        "127.0.0.1 (set --api-key to serve other names)", code="host_not_allowed")
-        if api_key and request.url.path not in PUBLIC:
+        if api_key and request.url.path not in PUBLIC and request.method != "OPTIONS":
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
                 return error_response(401, "invalid or missing API key (Authorization: Bearer KEY)",
                                       code="invalid_api_key")
-        return await call_next(request)
+        if request.method == "POST":
+            ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return error_response(415, f"Content-Type {ctype!r}: this API takes application/json",
+                                      code="unsupported_media_type")
+        return None
 
-    @app.get("/", response_class=HTMLResponse)
+    app.add_middleware(Gate, check=gate)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["authorization", "content-type", "x-request-id"])
+    app.add_middleware(Guard, max_bytes=max_request_bytes, body_timeout=body_timeout, log=log,
+                       on_done=server.metrics.count)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
         return HTMLResponse(page.replace("__MODEL__", html.escape(model_name)).replace(
-            "__NEEDS_KEY__", "true" if api_key else "false"))
+            "__NEEDS_KEY__", "true" if api_key else "false"), headers={"Content-Security-Policy": CSP})
 
     @app.get("/health")
     async def health():
+        """200 when the scheduler runs and admits requests; 503 with the reason otherwise."""
+        why = server.health()
+        if why is not None:
+            return error_response(503, why, "server_error", code="unavailable",
+                                  headers={"Retry-After": str(retry_after)})
         return {"status": "ok", "running": len(scheduler.rows), "waiting": scheduler.waiting}
+
+    @app.get("/ready")
+    async def ready():
+        """200 when a request would be admitted now without a 429 (a free place in the queue)."""
+        why = server.health() or ("the queue is full" if scheduler.waiting >= scheduler.incoming.maxsize else None)
+        if why is not None:
+            return error_response(503, why, "server_error", code="unavailable", headers={"Retry-After": str(retry_after)})
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics():
+        data, ctype = server.metrics.render()
+        return Response(data, media_type=ctype)
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "nanoseek"}]}
+                                            "owned_by": "nanoseek", "max_model_len": scheduler.context}]}
 
-    def check_model(body: RequestBase) -> None:
-        if body.model != model_name:
+    def check(body) -> None:
+        """The model exists and every field sent is one this server implements."""
+        if getattr(body, "model", None) not in (None, model_name):
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
+        extra = unknown_fields(body) if isinstance(body, BaseModel) else []
+        if extra and not ignore_unknown_fields:
+            top = extra[0].split(".")[-1]
+            why = "is not supported by this server" if top in UNSUPPORTED else "is not a field this server knows"
+            raise APIError(400, f"{', '.join(extra)}: {why} (start the server with --ignore-unknown-fields to "
+                           "ignore unknown fields)", param=extra[0], code="unsupported_field")
 
-    def max_tokens_for(prompt: list[int], wanted: int | None) -> int:
-        room = scheduler.context - len(prompt)
-        if room < 1 or (wanted is not None and wanted > room):
-            raise APIError(400, f"this model's context is {scheduler.context} tokens; the prompt has "
-                           f"{len(prompt)} and max_tokens={wanted} would need {len(prompt) + (wanted or 1)}",
-                           param="messages", code="context_length_exceeded")
-        return wanted or room
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        check(body)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        if body.prompt is not None:
+            bos = body.add_special_tokens and tok.bos_id is not None
+            ids = await asyncio.to_thread(tok.encode, body.prompt, bos)
+        else:
+            chat = ChatRequest(model=model_name, messages=body.messages)
+            ids = (await asyncio.to_thread(prepare_chat, server.ctx, chat)).prompts[0]
+        return {"count": len(ids), "max_model_len": scheduler.context, "tokens": ids}
 
-    def params(body: RequestBase, max_tokens: int, i: int) -> SamplingParams:
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        seed = None if body.seed is None else body.seed + i  # n choices differ but stay reproducible
-        top_k = body.top_k if body.top_k and body.top_k > 0 else None
-        return SamplingParams(max_tokens, body.temperature, top_k, body.top_p, seed, stop, ignore_eos=body.ignore_eos)
-
-    def submit(jobs: list[tuple[list[int], SamplingParams]], events: asyncio.Queue) -> list:
-        """Queue every choice; all or nothing. Events arrive as (choice index, Event)."""
-        if len(jobs) > scheduler.incoming.maxsize:  # could never be queued at once: not worth a retry
-            raise APIError(400, f"{len(jobs)} choices (prompts x n) exceed the server's queue of "
-                           f"{scheduler.incoming.maxsize}", param="n")
-        loop = asyncio.get_running_loop()
-        reqs = []
-        try:
-            for i, (ids, p) in enumerate(jobs):
-                reqs.append(scheduler.submit(ids, p, lambda ev, i=i: loop.call_soon_threadsafe(
-                    events.put_nowait, (i, ev))))
-        except (QueueFull, NotRunning, ValueError) as e:
-            for r in reqs:
-                r.cancel()
-            if isinstance(e, QueueFull):
-                raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error",
-                               code="queue_full") from None
-            if isinstance(e, NotRunning):
-                raise APIError(503, str(e), type="server_error", code="unavailable") from None
-            raise APIError(400, str(e)) from None
-        return reqs
-
-    async def next_event(request: Request, events: asyncio.Queue):
-        """The next (index, Event), or None once the client has gone away."""
-        if not events.empty():  # the common case while streaming: no timer needed
-            return events.get_nowait()
-        while True:
-            try:
-                return await asyncio.wait_for(events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return None
-
-    def usage(finals: dict, prompt_lengths: list[int], choice_prompt: list[int]) -> dict:
-        cached = [min(finals[i].cached_tokens for i in finals if choice_prompt[i] == p)
-                  for p in range(len(prompt_lengths))]
-        completion = sum(ev.completion_tokens for ev in finals.values())
-        return {"prompt_tokens": sum(prompt_lengths), "completion_tokens": completion,
-                "total_tokens": sum(prompt_lengths) + completion,
-                "prompt_tokens_details": {"cached_tokens": sum(cached)}}
-
-    async def run(request: Request, kind: str, jobs, choice_prompt, prompt_lengths, stream: bool,
-                  include_usage: bool, inside: bool, echo: list[str] | None = None):
-        """Submit the choices and answer with one JSON body or an SSE stream.
-
-        Long because the whole answer and the streamed one are written side by side over the same
-        submitted requests, id, texts and usage, so the two shapes can be compared line by line."""
-        events: asyncio.Queue = asyncio.Queue()
-        reqs = submit(jobs, events)
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        obj = "chat.completion" if kind == "chat" else "text_completion"
-        t0 = time.perf_counter()
-
-        def done_log(finals):
-            if log_requests:
-                log.info("%s %s: prompts %r -> %r (%.2fs)", rid, kind, [tok.decode(ids) for ids, _ in jobs],
-                         [texts[i] for i in range(len(jobs))], time.perf_counter() - t0)
-
-        texts = {i: (echo[choice_prompt[i]] if echo else "") for i in range(len(jobs))}
-        finals: dict = {}
-        if not stream:
-            try:
-                while len(finals) < len(jobs):
-                    got = await next_event(request, events)
-                    if got is None:
-                        return error_response(499, "client disconnected")
-                    i, ev = got
-                    texts[i] += ev.text
-                    if ev.finish_reason is not None:
-                        if ev.finish_reason == "error":
-                            raise APIError(500, ev.error or "generation failed", type="server_error")
-                        finals[i] = ev
-            finally:
-                for r in reqs:
-                    r.cancel()
-            done_log(finals)
-            choices = []
-            for i in range(len(jobs)):
-                reason = "length" if finals[i].finish_reason == "length" else "stop"
-                if kind == "chat":
-                    s = ReasoningSplitter(inside)
-                    (r1, c1), (r2, c2) = s.feed(texts[i]), s.flush()
-                    msg = {"role": "assistant", "content": c1 + c2, "reasoning_content": (r1 + r2) or None}
-                    choices.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": None})
-                else:
-                    choices.append({"index": i, "text": texts[i], "finish_reason": reason, "logprobs": None})
-            return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
-                    "choices": choices, "usage": usage(finals, prompt_lengths, choice_prompt)}
-
-        async def sse():
-            obj_chunk = "chat.completion.chunk" if kind == "chat" else "text_completion"
-            splitters = [ReasoningSplitter(inside) for _ in jobs]
-
-            def chunk(choices, extra=None):
-                body = {"id": rid, "object": obj_chunk, "created": int(time.time()), "model": model_name,
-                        "choices": choices, **(extra or {})}
-                return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-            def delta(i, text, finish=None, first=False):
-                if kind != "chat":
-                    return {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
-                d = {"role": "assistant", "content": ""} if first else {}
-                r, c = splitters[i].feed(text)
-                if finish is not None:
-                    r2, c2 = splitters[i].flush()
-                    r, c = r + r2, c + c2
-                if r:
-                    d["reasoning_content"] = r
-                if c:
-                    d["content"] = c
-                return {"index": i, "delta": d, "finish_reason": finish, "logprobs": None}
-
-            try:
-                if kind == "chat":
-                    yield chunk([delta(i, "", first=True) for i in range(len(jobs))])
-                elif echo:
-                    yield chunk([delta(i, texts[i]) for i in range(len(jobs))])
-                while len(finals) < len(jobs):
-                    got = await next_event(request, events)
-                    if got is None:
-                        return
-                    i, ev = got
-                    texts[i] += ev.text
-                    if ev.finish_reason == "error":
-                        err = {"message": ev.error or "generation failed", "type": "server_error",
-                               "param": None, "code": None}
-                        yield f"data: {json.dumps({'error': err})}\n\n"
-                        return
-                    finish = None
-                    if ev.finish_reason is not None:
-                        finals[i] = ev
-                        finish = "length" if ev.finish_reason == "length" else "stop"
-                    d = delta(i, ev.text, finish)
-                    if finish is not None or d.get("text") or len(d.get("delta", {})) > 0:
-                        yield chunk([d])
-                done_log(finals)
-                if include_usage:
-                    yield chunk([], {"usage": usage(finals, prompt_lengths, choice_prompt)})
-                yield "data: [DONE]\n\n"
-            finally:  # finished, failed or the client went away: free the slots
-                for r in reqs:
-                    r.cancel()
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check(body)
+        if any(t >= tok.vocab_size for t in body.tokens):
+            raise APIError(400, f"tokens: an id is outside the vocabulary of {tok.vocab_size}", param="tokens")
+        return {"prompt": tok.decode(body.tokens)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        check_model(body)
-        messages = []
-        for m in body.messages:
-            content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-            msg = {"role": "system" if m.role == "developer" else m.role, "content": content}
-            if m.reasoning_content is not None:
-                msg["reasoning_content"] = m.reasoning_content
-            messages.append(msg)
-        try:
-            ids, inside = chat_prompt(tok, messages)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        max_tokens = max_tokens_for(ids, body.max_completion_tokens or body.max_tokens)
-        jobs = [(ids, params(body, max_tokens, i)) for i in range(body.n)]
+        check(body)
+        job = await asyncio.to_thread(prepare_chat, server.ctx, body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await run(request, "chat", jobs, [0] * body.n, [len(ids)], body.stream, include_usage, inside)
+        return await respond(server, request, "chat", job, body.stream, include_usage)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        bos = tok.bos_token if tok.bos_id is not None else ""
-        if body.suffix is not None:  # fill in the middle: PSM layout, the model writes the middle
-            if body.echo:
-                raise APIError(400, "echo cannot be combined with suffix", param="echo")
-            texts = [f"{bos}{FIM_BEGIN}{p}{FIM_HOLE}{body.suffix}{FIM_END}" for p in prompts]
-        else:
-            texts = [bos + p for p in prompts]
-        encoded = [tok.encode(t) for t in texts]
-        if any(not ids for ids in encoded):
-            raise APIError(400, "the prompt is empty and the tokenizer has no BOS token to start from",
-                           param="prompt")
-        jobs, choice_prompt = [], []
-        for p, ids in enumerate(encoded):
-            max_tokens = max_tokens_for(ids, body.max_tokens)
-            for j in range(body.n):
-                jobs.append((ids, params(body, max_tokens, j)))
-                choice_prompt.append(p)
+        check(body)
+        job = await asyncio.to_thread(prepare_completion, server.ctx, body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await run(request, "text", jobs, choice_prompt, [len(ids) for ids in encoded], body.stream,
-                         include_usage, inside=False, echo=prompts if body.echo else None)
+        return await respond(server, request, "text", job, body.stream, include_usage)
 
     return app
 
