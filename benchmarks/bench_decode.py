@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_decode.py --batch 1 --contexts 32 2048 --repeats 5
     .venv/bin/python benchmarks/bench_decode.py --dtype bfloat16      # both libraries in bf16
     .venv/bin/python benchmarks/bench_decode.py --mtp-model runs/pretrain   # MTP acceptance and speed-up
+    .venv/bin/python benchmarks/bench_decode.py --llama-cpp runs/llama_cpp --contexts 32 2048 --threads 2
 
 Config (the inference issue's): hidden 1024, 8 layers (the first dense), 16 heads, q_lora_rank 384,
 kv_lora_rank 256, qk_nope 64, qk_rope 32, v_head 64, 32 routed experts top-4 + 1 shared; the issue
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 import sys
 import tempfile
 import time
@@ -120,6 +122,47 @@ def cache_bytes(cache) -> int:
     return total
 
 
+def llama_cpp_report(contexts: list[int], new_tokens: int, repeats: int, threads: int, workdir: Path) -> None:
+    """Batch-1 greedy decode, nanoseek fp32 / int8 / int4 beside llama.cpp f32 / Q8_0 / Q4_0 on the
+    same random weights (the checkpoint converted by llama.cpp's own converter, then its quantizer),
+    runs alternating; median ms per token and the ratio nanoseek / llama.cpp (below 1: nanoseek faster)."""
+    from llama_cpp_side import decode_steps, to_gguf
+
+    from nanoseek.quant import quantize_model
+    from nanoseek.tokenizer import Tokenizer
+    torch.set_num_threads(threads)
+    ckpt = workdir / "checkpoint"
+    if not (ckpt / "config.json").exists():
+        torch.manual_seed(0)
+        save_pretrained(Transformer(ModelConfig(**CONFIG)), ckpt)
+        words = "the model reads every token once and writes its latent into the cache".split()
+        Tokenizer.train([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 50, vocab_size=1000
+                        ).save_pretrained(ckpt)
+    from nanoseek.hf import load_pretrained
+    pairs = [("fp32", "f32", None), ("int8", "q8_0", "int8"), ("int4", "q4_0", "int4")]
+    print(f"llama.cpp (llama-cpp-python {__import__('llama_cpp').__version__}) and nanoseek, {threads} threads, batch 1, "
+          f"greedy, {new_tokens} tokens after a random prompt; median ms/token of {repeats} alternating runs")
+    print(f"{'precision':>10}{'context':>9}{'nanoseek':>10}{'llama.cpp':>11}{'ratio':>8}{'same tokens':>13}")
+    gen = torch.Generator().manual_seed(0)
+    for ours, theirs, quant in pairs:
+        model = load_pretrained(ckpt, dtype=torch.float32)
+        if quant:
+            quantize_model(model, quant, group_size=32)
+        engine, gguf = Engine(model), to_gguf(ckpt, workdir / "gguf", theirs, threads)
+        for context in contexts:
+            prompt = torch.randint(3, VOCAB, (context,), generator=gen).tolist()
+            ours_t, theirs_t, same = [], [], None
+            for _ in range(repeats):
+                steps, ours_out = nanoseek_steps(engine, [prompt], new_tokens)
+                ours_t += steps
+                steps, theirs_out = decode_steps(gguf, prompt, new_tokens + 1, threads)
+                theirs_t += steps[:-1]
+                same = ours_out[0][:new_tokens] == theirs_out[:new_tokens]
+            a, b = statistics.median(ours_t), statistics.median(theirs_t)
+            print(f"{ours + '/' + theirs:>10}{context:>9}{a * 1e3:>10.2f}{b * 1e3:>11.2f}{a / b:>7.2f}x{str(same):>13}",
+                  flush=True)
+
+
 def speculative_report(path: str, n_prompts: int, new_tokens: int, repeats: int) -> None:
     """Plain vs MTP-speculative greedy decoding on a trained checkpoint, prompts from the test split
     of the built-in task it was trained on (arithmetic), written as its pretraining documents start."""
@@ -163,11 +206,17 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda (transformers runs on the same device)")
     p.add_argument("--no-transformers", action="store_true", help="time nanoseek alone")
     p.add_argument("--compile", action="store_true", help="nanoseek's decode step through torch.compile")
+    p.add_argument("--llama-cpp", default=None, metavar="WORKDIR",
+                   help="batch-1 decode beside llama.cpp (fp32/f32, int8/Q8_0, int4/Q4_0) on the same weights; "
+                        "checkpoint and GGUF files are kept in WORKDIR")
     p.add_argument("--mtp-model", default=None,
                    help="a trained checkpoint with an MTP module: report speculative decoding on it and exit")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.llama_cpp:
+        llama_cpp_report(args.contexts, args.new_tokens, args.repeats, args.threads or 2, Path(args.llama_cpp))
+        return 0
     if args.mtp_model:
         speculative_report(args.mtp_model, n_prompts=8, new_tokens=args.new_tokens * 8, repeats=args.repeats)
         return 0
