@@ -4,7 +4,7 @@ bf16, int8 and int4: nanoseek's Engine against transformers `generate` and, when
     .venv/bin/python benchmarks/bench_dense_decode.py                          # the whole 1.5B shape
     .venv/bin/python benchmarks/bench_dense_decode.py --layers 4 --new-tokens 8  # a quick look
     .venv/bin/python benchmarks/bench_dense_decode.py --preset r1-distill-llama-8b --precisions int4
-    .venv/bin/python benchmarks/bench_dense_decode.py --llama-cpp ~/llama.cpp --tokenizer-from ~/R1-Distill-Qwen-1.5B
+    .venv/bin/python benchmarks/bench_dense_decode.py --llama-cpp --no-transformers --threads 2
 
 The model is built once in bf16 and saved; each precision loads that checkpoint (int8/int4:
 ``load_pretrained(quantize=...)``, every linear layer quantized, embeddings kept). Timing is
@@ -12,20 +12,15 @@ bench_decode.py's: a timestamp after every forward, the prefill left out, the me
 transformers has no CPU int8/int4 path in this environment (no torchao, quanto or bitsandbytes),
 so its row is bf16 only and nanoseek's int8/int4 rows are compared with it.
 
-llama.cpp (the issue's second reference) is not built on the machine this was written on; this
-script only drives it when given ``--llama-cpp DIR`` (a built checkout: convert_hf_to_gguf.py,
-build/bin/llama-quantize, build/bin/llama-bench). Its converter needs the real tokenizer of the
-shape's model (its pre-tokenizer is recognised by hash), so pass ``--tokenizer-from`` a folder
-holding that model's tokenizer.json / tokenizer_config.json. That path has not been run here.
+With --llama-cpp, llama.cpp (the llama-cpp-python build in this environment) decodes the same
+checkpoint converted by its own converter to bf16 and quantized to Q8_0 / Q4_0 (llama_cpp_side.py),
+same prompt, same threads, greedy; its bf16 tokens are compared with nanoseek's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -37,8 +32,9 @@ from bench_decode import nanoseek_steps, transformers_steps
 from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
 from nanoseek.estimate import estimate
 from nanoseek.inference import Engine
+from nanoseek.tokenizer import Tokenizer
 
-GGUF_TYPE = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}  # llama.cpp's nearest formats
+GGUF_TYPE = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's nearest formats
 
 
 def build_checkpoint(cfg: ModelConfig, folder: Path) -> None:
@@ -75,21 +71,17 @@ def time_transformers(folder: Path, prompt: list[int], new_tokens: int, repeats:
     return statistics.median(steps), out[0]
 
 
-def time_llama_cpp(llama_dir: Path, folder: Path, precision: str, context: int, new_tokens: int, threads: int) -> float:
-    """Seconds per decoded token from llama-bench on a GGUF converted from the same checkpoint."""
-    gguf = folder / f"model-{precision}.gguf"
-    if not gguf.exists():
-        bf16 = folder / "model-bf16.gguf"
-        if not bf16.exists():
-            subprocess.run([sys.executable, str(llama_dir / "convert_hf_to_gguf.py"), str(folder), "--outtype", "bf16",
-                            "--outfile", str(bf16)], check=True)
-        if precision != "bf16":
-            subprocess.run([str(llama_dir / "build/bin/llama-quantize"), str(bf16), str(gguf), GGUF_TYPE[precision]],
-                           check=True)
-    out = subprocess.run([str(llama_dir / "build/bin/llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(new_tokens),
-                          "-d", str(context), "-t", str(threads), "-o", "json"],
-                         check=True, capture_output=True, text=True).stdout
-    return 1.0 / json.loads(out)[0]["avg_ts"]
+def time_llama_cpp(folder: Path, workdir: Path, precision: str, prompt: list[int], new_tokens: int, repeats: int,
+                   threads: int) -> tuple[float, list[int]]:
+    """Median seconds per decoded token and the greedy tokens of llama.cpp on a GGUF converted from the
+    same checkpoint (llama_cpp_side: llama.cpp's converter and quantizer)."""
+    from llama_cpp_side import decode_steps, to_gguf
+    gguf = to_gguf(folder, workdir, GGUF_TYPE[precision], threads)
+    steps, out = [], None
+    for _ in range(repeats):
+        s, out = decode_steps(gguf, prompt, new_tokens + 1, threads)
+        steps += s[:-1]
+    return statistics.median(steps), out[:new_tokens]
 
 
 def main(argv=None) -> int:
@@ -102,9 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="runs per library and precision")
     p.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads (default: torch's)")
     p.add_argument("--no-transformers", action="store_true", help="time nanoseek (and llama.cpp) only")
-    p.add_argument("--llama-cpp", type=Path, default=None, help="a built llama.cpp checkout to compare with")
-    p.add_argument("--tokenizer-from", type=Path, default=None,
-                   help="copy tokenizer.json/tokenizer_config.json from here (llama.cpp's converter needs them)")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also llama.cpp (the llama-cpp-python build) on the same weights: bf16, Q8_0, Q4_0")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,9 +106,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         build_checkpoint(cfg, folder)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if args.tokenizer_from and (args.tokenizer_from / name).exists():
-                shutil.copy(args.tokenizer_from / name, folder / name)
+        words = "the model reads every token once and writes its latent into the cache".split()
+        Tokenizer.train([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 50, vocab_size=1000
+                        ).save_pretrained(folder)  # llama.cpp's converter wants one; the ids are random anyway
         params = estimate(cfg).total_params
         print(f"{args.preset}{f' cut to {args.layers} layers' if args.layers else ''}: {params / 1e9:.2f}B params, "
               f"batch 1, context {args.context}, {args.new_tokens} new tokens x {args.repeats}, "
@@ -134,9 +125,10 @@ def main(argv=None) -> int:
             same = str(out == ref[1]) if ref and precision == "bf16" else "-"
             lcpp = "not run"
             if args.llama_cpp:
-                t_cpp = time_llama_cpp(args.llama_cpp, folder, precision, args.context, args.new_tokens,
-                                       torch.get_num_threads())
-                lcpp = f"{t_cpp * 1e3:.1f}"
+                t_cpp, out_cpp = time_llama_cpp(folder, Path(tmp) / "gguf", precision, prompt, args.new_tokens,
+                                                args.repeats, torch.get_num_threads())
+                lcpp = f"{t_cpp * 1e3:.1f} ({t / t_cpp:.2f}x)"
+                same = same if precision != "bf16" else f"{same}, llama.cpp {out_cpp == out}"
             print(f"{precision:>9}{t * 1e3:>19.1f}{ratio:>22}{lcpp:>20}{cache:>15,}{same:>13}")
             sys.stdout.flush()
     return 0

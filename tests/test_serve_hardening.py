@@ -118,6 +118,29 @@ def test_slow_headers_are_cut_off(server):
         assert s.recv(100) == b"" and time.perf_counter() - t0 < 2  # closed after the 0.5 s header timeout
 
 
+def test_a_stalled_body_is_a_408_with_the_openai_body(server):
+    app = create_app(server["sched"], "tiny", api_key=KEY, body_timeout=0.5)
+    uv, thread, port = serve_in_thread(app)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode()
+                      + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\": ")
+            s.settimeout(10)
+            t0, reply = time.perf_counter(), b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        assert time.perf_counter() - t0 < 5
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408")
+        assert "did not arrive" in json.loads(body)["error"]["message"]
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_an_abandoned_non_streaming_request_frees_its_slot_within_a_second(server):
     sched = server["sched"]
     cancelled = sched.stats["cancelled"]
