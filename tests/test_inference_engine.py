@@ -197,6 +197,23 @@ def test_row_seeds_make_each_rows_samples_independent_of_the_batch():
         engine.generate(PROMPTS, 8, seeds=[1, 2], **kw)
 
 
+def test_the_servers_sampling_controls_work_in_generate():
+    model = tiny()
+    engine = Engine(model)
+    plain = engine.generate([PROMPTS[0]], 12)[0].tokens
+    forced = engine.generate([PROMPTS[0]], 6, logit_bias={7: 100.0})[0].tokens
+    assert forced == [7] * 6  # a +100 bias outweighs every logit
+    penalised = engine.generate([PROMPTS[0]], 12, repetition_penalty=3.0, presence_penalty=2.0)[0].tokens
+    assert penalised != plain and len(set(penalised)) >= len(set(plain))
+    eos = plain[2]
+    model.config = model.config.replace(eos_token_id=eos)
+    assert Engine(model).generate([PROMPTS[0]], 12)[0].finish_reason == "stop"
+    held = Engine(model).generate([PROMPTS[0]], 12, min_tokens=8, ignore_eos=False)[0]
+    assert len(held.tokens) >= 8 and eos not in held.tokens[:8]
+    with pytest.raises(ValueError, match="frobnicate: not a generation setting"):
+        engine.generate([PROMPTS[0]], 4, frobnicate=1)
+
+
 def test_eos_and_stop_sequences_end_generation():
     model = tiny()
     full = Engine(model).generate([PROMPTS[0]], 10)[0].tokens

@@ -122,16 +122,22 @@ def test_grpo_eval_sft_distill_on_custom_columns(ckpt, files, tmp_path, monkeypa
     assert captured["prompts"] == [r["question"] for r in ROWS]
 
 
-def test_lora_trains_only_adapters_and_merges_to_a_plain_checkpoint(tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2"])
+def test_lora_trains_only_adapters_and_merges_to_a_plain_checkpoint(tmp_path, preset):
     transformers = pytest.importorskip("transformers")
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=96, hidden_size=64, intermediate_size=96,
+    cfg = ModelConfig.preset(preset).replace(vocab_size=96, hidden_size=64, intermediate_size=96,
                                              num_hidden_layers=2, max_position_embeddings=128)
     model = randomize_(Transformer(cfg))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model = add_lora(model, rank=4, alpha=8)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
-    assert any("shared_experts" in n for n in trained) and any("self_attn" in n for n in trained)
+    assert any("self_attn" in n for n in trained)
+    if preset == "tiny":
+        assert any("shared_experts" in n for n in trained)
+    else:  # grouped-query attention: every projection, k and v included
+        assert {p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if any(f"self_attn.{p}." in n for n in trained)} \
+            == {"q_proj", "k_proj", "v_proj", "o_proj"}
     x = torch.randint(0, 96, (2, 12))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(2):

@@ -24,6 +24,10 @@ from .batch import SPECULATIVE, Batch
 from .cache import LatentCache, PrefixCache, attention_mask
 from .sequence import Completion, SamplingParams, Sequence, check_prompt, new_generator
 
+# SamplingParams fields Engine.generate/stream take as keywords beside their own arguments
+CONTROLS = {"min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
+            "ignore_eos"}
+
 class Engine:
     """The model's forwards and ``generate``/``stream`` over a ``Batch``; see the module docstring."""
 
@@ -122,31 +126,40 @@ class Engine:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: list[list[int]] | None = None, speculative: str | None = None,
-                 seeds: list[int] | None = None) -> list[Completion]:
+                 seeds: list[int] | None = None, **controls) -> list[Completion]:
         """Each prompt's new token ids and finish reason (prompt, EOS and stop sequence excluded):
         admit every prompt, step until all are done. seeds: one per prompt instead of `seed`, each
-        row then sampled with its own generator, so a row's tokens do not depend on the others."""
-        seqs, batch = self._start(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative, seeds)
+        row then sampled with its own generator, so a row's tokens do not depend on the others.
+        controls: the server's other settings, as ``SamplingParams`` fields (CONTROLS: min_p,
+        presence/frequency/repetition_penalty, logit_bias, min_tokens, ignore_eos)."""
+        seqs, batch = self._start(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative, seeds,
+                                  controls)
         for _ in self._run(seqs, batch):
             pass
         return [Completion(s.out, s.finish_reason, s.cached_tokens) for s in seqs]
 
     def stream(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop: list[list[int]] | None = None, speculative: str | None = None):
+               stop: list[list[int]] | None = None, speculative: str | None = None, **controls):
         """Like ``generate`` but yields, after every forward, each prompt's newly final tokens.
 
         Tokens that might begin a stop sequence are held back until they cannot. Greedy when
         temperature is 0; a seed makes sampling reproducible. speculative="mtp": the MTP module
         drafts one token that the main model verifies in the same forward as the next.
         """
-        seqs, batch = self._start(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative)
+        seqs, batch = self._start(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative,
+                                  None, controls)
         yield from self._run(seqs, batch)
 
-    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative, seeds=None):
+    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative, seeds=None,
+               controls=None):
         """Validate a generate/stream call and admit its prompts into a batch of their own."""
+        unknown = sorted(set(controls or {}) - CONTROLS)
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a generation setting (expected one of {', '.join(sorted(CONTROLS))})")
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed,
-                                stop_token_ids=[list(s) if isinstance(s, (list, tuple)) else s for s in stop or []])
+                                stop_token_ids=[list(s) if isinstance(s, (list, tuple)) else s for s in stop or []],
+                                **(controls or {}))
         self._validate(prompts, max_new_tokens, params, speculative)
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
