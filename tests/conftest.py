@@ -42,3 +42,18 @@ def randomize_(model, seed: int = 0, scale: float = 0.05):
 def tokens(completions):
     """The new token ids of each of ``Engine.generate``'s completions."""
     return [c.tokens for c in completions]
+
+
+def arithmetic_checkpoint(path):
+    """A tiny random model (2 layers, MoE, MTP) saved at `path` with a tokenizer trained on the
+    built-in arithmetic task: what the RL and distillation tests start from."""
+    from nanoseek import ModelConfig, Transformer, save_pretrained
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import Tokenizer
+    tok = Tokenizer.train([ex.text() for ex in get_task("arithmetic").examples("train", 200)], vocab_size=320)
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2)
+    save_pretrained(Transformer(cfg), path)
+    tok.save_pretrained(path)
+    return path

@@ -12,16 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import randomize_
+from conftest import arithmetic_checkpoint, randomize_
 
 from nanoseek.cli import main
 from nanoseek.config import ModelConfig
 from nanoseek.data.records import load_examples, reward_columns, train_and_held_out
-from nanoseek.data.tasks import get_task
 from nanoseek.hf import load_pretrained, save_pretrained
 from nanoseek.model import Transformer
 from nanoseek.rl.lora import add_lora, merge_and_unload, merged
-from nanoseek.tokenizer import Tokenizer
 
 ROWS = [{"question": f"What is {a} + {b}?", "solution": str(a + b), "level": a % 3} for a, b in
         [(12, 30), (7, 8), (40, 2), (9, 9), (21, 21), (5, 6), (33, 3), (14, 1)]]
@@ -30,13 +28,7 @@ ROWS = [{"question": f"What is {a} + {b}?", "solution": str(a + b), "level": a %
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("base")
-    tok = Tokenizer.train([ex.text() for ex in get_task("arithmetic").examples("train", 200)], vocab_size=320)
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2)
-    save_pretrained(Transformer(cfg), path)
-    tok.save_pretrained(path)
-    return path
+    return arithmetic_checkpoint(path)
 
 
 @pytest.fixture(scope="module")

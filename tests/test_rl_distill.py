@@ -5,14 +5,13 @@ logit-KL paths run end to end and write a checkpoint and distill.json."""
 import json
 
 import pytest
-import torch
+from conftest import arithmetic_checkpoint
 
-from nanoseek.hf import load_pretrained, save_pretrained
+from nanoseek.hf import load_pretrained
 from nanoseek.cli import main
 from nanoseek.config import ModelConfig
 from nanoseek.data.tasks import get_task
 from nanoseek.inference import Completion
-from nanoseek.model import Transformer
 from nanoseek.rl import distill as distill_module
 from nanoseek.rl.distill import DistillConfig, build_student, distill, rejection_sample
 from nanoseek.tokenizer import Tokenizer
@@ -22,13 +21,7 @@ from nanoseek.train.loop import TrainConfig
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher")
-    tok = Tokenizer.train([ex.text() for ex in get_task("arithmetic").examples("train", 200)], vocab_size=320)
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2)
-    save_pretrained(Transformer(cfg), path)
-    tok.save_pretrained(path)
-    return path
+    return arithmetic_checkpoint(path)
 
 
 class CannedEngine:

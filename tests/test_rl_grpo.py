@@ -8,14 +8,12 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tokens
+from conftest import arithmetic_checkpoint, tokens
 
-from nanoseek.hf import load_pretrained, save_pretrained
+from nanoseek.hf import load_pretrained
 from nanoseek.cli import main
-from nanoseek.config import ModelConfig
 from nanoseek.data.tasks import get_task
 from nanoseek.inference import Engine
-from nanoseek.model import Transformer
 from nanoseek.rl.grpo import GRPOConfig, engine_logprobs, grpo_step, sample_groups, sequence_batch
 from nanoseek.rl.sandbox import run_python
 from nanoseek.tokenizer import Tokenizer
@@ -26,13 +24,7 @@ from nanoseek.train.optim import build_adamw
 def ckpt(tmp_path_factory):
     """A tiny random model (2 layers, MoE, MTP) with a tokenizer trained on arithmetic."""
     path = tmp_path_factory.mktemp("base")
-    tok = Tokenizer.train([ex.text() for ex in get_task("arithmetic").examples("train", 200)], vocab_size=320)
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2)
-    save_pretrained(Transformer(cfg), path)
-    tok.save_pretrained(path)
-    return path
+    return arithmetic_checkpoint(path)
 
 
 def _setup(ckpt, tmp_path, **kw):
