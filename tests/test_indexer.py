@@ -1,0 +1,173 @@
+"""DeepSeek-V3.2's sparse attention (indexer.py, MLA's DSA path): parity with transformers'
+DeepseekV32ForCausalLM at contexts beyond index_topk, the engine's sparse decode on slots and pages,
+the indexer's key in the cache, and the warm-up objective."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import randomize_
+
+from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
+from nanoseek.estimate import estimate, report
+from nanoseek.indexer import indexer_kl, indexer_loss, set_stage
+from nanoseek.inference import Batch, Engine, SamplingParams, Sequence
+from nanoseek.inference.cache import PagedLatentCache, PrefixCache
+
+transformers = pytest.importorskip("transformers")
+
+V32 = dict(model_type="deepseek_v32", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+           num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+           v_head_dim=12, first_k_dense_replace=1, moe_intermediate_size=16, n_routed_experts=8,
+           n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+           num_nextn_predict_layers=1, rope_type="yarn", rope_factor=4.0, original_max_position_embeddings=32,
+           mscale=0.9, mscale_all_dim=0.7, max_position_embeddings=128, index_topk=8, index_head_dim=16,
+           index_n_heads=8)
+
+
+def v32(**kw):
+    return randomize_(Transformer(ModelConfig(**{**V32, **kw}))).eval()
+
+
+def hf_from(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_logits_match_transformers_beyond_index_topk(tmp_path, one_thread):
+    model = v32()
+    save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["index_topk"] == 8
+    hf = hf_from(tmp_path)
+    assert type(hf).__name__ == "DeepseekV32ForCausalLM"
+    x = torch.randint(0, 96, (2, 40))  # 40 tokens, 8 chosen per query: most queries are sparse
+    with torch.no_grad():
+        ref, ours = hf(x).logits, model(x)
+        dense = Transformer(model.config.replace(index_topk=64))
+        dense.load_state_dict(model.state_dict())
+        dense_logits = dense.eval()(x)
+    assert (ours - ref).abs().max() < 1e-4
+    assert ours.abs().max() > 1e-2
+    assert (dense_logits - ref)[:, 8:].abs().max() > 1e-3  # the selection matters: dense MLA differs
+    assert (dense_logits - ref)[:, :8].abs().max() < 1e-4  # and is exact while k covers the context
+
+
+def test_transformers_saved_model_loads_and_saves_back(tmp_path, one_thread):
+    cfg = ModelConfig(**{**V32, "num_nextn_predict_layers": 0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    randomize_(hf, seed=1)
+    hf.save_pretrained(tmp_path / "hf")
+    x = torch.randint(0, 96, (1, 30))
+    model = load_pretrained(tmp_path / "hf")
+    assert model.config.model_type == "deepseek_v32" and model.config.index_n_heads == 8
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert (model(x) - ref).abs().max() < 1e-4
+        save_pretrained(model, tmp_path / "ours")
+        assert (hf_from(tmp_path / "ours")(x).logits - ref).abs().max() < 1e-4
+
+
+def full_forward_greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_engine_sparse_decode_equals_full_forward_on_slots_and_pages(one_thread):
+    model = v32(index_topk=6)
+    prompts = [list(range(10, 31)), [5, 6, 7], list(range(40, 52))]
+    want = [full_forward_greedy(model, p, 14) for p in prompts]
+    engine = Engine(model)
+    assert [c.tokens for c in engine.generate(prompts, 14)] == want  # slots, one ragged batch
+    cfg = model.config
+    assert cfg.cache_width == 16 + 8 + 16  # latent, rotary key, indexer key
+    cache = PagedLatentCache(cfg.num_hidden_layers, 32, 4, cfg.cache_width, engine.dtype, slots=3,
+                             max_len=cfg.max_position_embeddings)
+    batch = Batch(engine, 3, cfg.max_position_embeddings, None, PrefixCache(0, 4), cache)
+    seqs = [Sequence(p, SamplingParams(max_tokens=14)) for p in prompts]
+    batch.admit(seqs)
+    while batch.rows:
+        batch.step()
+        batch.leave()
+    assert [s.out for s in seqs] == want
+
+
+def test_decoding_gathers_only_the_chosen_latents(one_thread, monkeypatch):
+    import nanoseek.attention as attention
+    model = v32(index_topk=4)
+    seen = []
+    real = attention.gather_chosen
+    monkeypatch.setattr(attention, "gather_chosen", lambda kv, idx, allowed: seen.append(idx.shape) or
+                        real(kv, idx, allowed))
+    x = torch.randint(0, 96, (1, 20))
+    with torch.no_grad():
+        expanded = model(x)
+        assert not seen  # a 20-token prefill is masked, not gathered
+        absorbed = model(x[:, :19])[0, -1], model(x, absorb=True)[0, -1]
+    assert not seen  # T * k > S: the absorbed prefill masks too
+    assert (expanded[0, -1] - absorbed[1]).abs().max() < 1e-4
+    engine = Engine(model)
+    engine.generate([x[0].tolist()], 2)
+    assert seen and all(s[-1] == 4 for s in seen)  # decode steps read k latents per query
+
+
+def test_presets_and_cache_bytes_per_token():
+    cfg = ModelConfig.preset("deepseek-v3.2")
+    assert (cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim) == (2048, 64, 128)
+    assert cfg.cache_width == 512 + 64 + 128
+    e = estimate(cfg)
+    assert e.kv_cache_bytes_per_token == 704 * 61 * 2 and e.index_cache_bytes_per_token == 128 * 61 * 2
+    text = report(cfg, context=131072, batch=1)
+    assert "indexer keys" in text and "128k context" in text
+    assert ModelConfig.preset("deepseek-v3").cache_width == 576  # V3 has no indexer key
+    assert "index_topk" not in ModelConfig.preset("deepseek-v3").to_hf()
+    with pytest.raises(ValueError, match="q_lora_rank"):
+        ModelConfig(**{**V32, "q_lora_rank": None})
+
+
+def test_kl_is_zero_for_a_matching_indexer_and_positive_otherwise():
+    allowed = torch.ones(1, 2, 5, dtype=torch.bool).tril(3)
+    scores = torch.randn(1, 2, 5)
+    target = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    assert indexer_kl(scores, target, allowed).abs() < 1e-6
+    assert indexer_kl(torch.randn(1, 2, 5), target, allowed) > 0
+
+
+def test_warmup_lowers_the_kl_and_touches_only_the_indexers(one_thread):
+    torch.manual_seed(0)
+    model = v32().train()
+    indexers = set_stage(model, "warmup")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(any(p is q for m in indexers for q in m.parameters()) for p in trainable)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "indexer" not in k}
+    opt = torch.optim.Adam(trainable, lr=1e-2)
+    x = torch.randint(0, 96, (4, 32))
+    kls = []
+    for _ in range(25):
+        model.forward_train(x)
+        loss = indexer_loss(indexers)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        kls.append(loss.item())
+    assert kls[-1] < 0.7 * kls[0]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
+    # sparse stage: the language-model loss does not reach the indexer (its input is detached)
+    set_stage(model, "sparse")
+    model.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    hidden, _ = model.forward_train(x)
+    hidden.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for m in indexers for p in m.parameters())
+    assert model.model.layers[0].self_attn.q_a_proj.weight.grad is not None
+    hidden, _ = model.forward_train(x)
+    loss = indexer_loss(indexers)
+    assert loss is not None and loss > 0
+    set_stage(model, None)
