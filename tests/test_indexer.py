@@ -171,3 +171,24 @@ def test_warmup_lowers_the_kl_and_touches_only_the_indexers(one_thread):
     loss = indexer_loss(indexers)
     assert loss is not None and loss > 0
     set_stage(model, None)
+
+
+def test_pretrain_option_runs_the_warmup_then_the_sparse_stage(tmp_path, one_thread):
+    from nanoseek.data import pack_documents
+    from nanoseek.train.loop import TrainConfig, train
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(2, 96, (40,), generator=g).tolist() for _ in range(4)]
+    rows = pack_documents(docs, seq_len=40, eos_id=1, pad_id=0)
+    model = v32(num_nextn_predict_layers=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=0, weight_decay=0.0, progress=False)
+    train(model, rows, TrainConfig(steps=8, indexer_stage="warmup", **kw), tmp_path / "warmup")
+    rows_logged = [json.loads(line) for line in open(tmp_path / "warmup" / "metrics.jsonl")]
+    kl = [r["indexer_loss"] for r in rows_logged]
+    assert kl[-1] < kl[0]
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".indexer." in k for k in changed)  # the warm-up moves only the indexers
+    train(model, rows, TrainConfig(steps=2, indexer_stage="sparse", **kw), tmp_path / "sparse")
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(".indexer." not in k for k in changed)  # the sparse stage trains the model too
+    assert load_pretrained(tmp_path / "sparse").config.model_type == "deepseek_v32"
