@@ -192,3 +192,52 @@ def test_pretrain_option_runs_the_warmup_then_the_sparse_stage(tmp_path, one_thr
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert any(".indexer." not in k for k in changed)  # the sparse stage trains the model too
     assert load_pretrained(tmp_path / "sparse").config.model_type == "deepseek_v32"
+
+
+def test_fp8_checkpoint_and_int8_quantization_run_the_sparse_model(tmp_path, one_thread):
+    from nanoseek.quant.convert import convert_checkpoint
+    model = v32(num_nextn_predict_layers=0, q_lora_rank=32)  # torch's int8 CPU kernel crashes on 24 inputs
+    save_pretrained(model, tmp_path / "src")
+    convert_checkpoint(tmp_path / "src", tmp_path / "fp8", "fp8", progress=False)  # the indexer's linears too
+    x = torch.randint(0, 96, (1, 30))
+    fp8 = load_pretrained(tmp_path / "fp8", dtype=torch.float32)  # dequantized on load, as DeepSeek ships V3.2
+    for name in ("wq_b", "wk", "weights_proj"):
+        w0 = getattr(model.model.layers[1].self_attn.indexer, name).weight
+        w1 = getattr(fp8.model.layers[1].self_attn.indexer, name).weight
+        assert ((w1 - w0).abs() <= w0.abs() * 2 ** -4 + 1e-3).all() and not torch.equal(w0, w1)
+    assert Engine(fp8).generate([x[0].tolist()], 6)[0].tokens == full_forward_greedy(fp8, x[0].tolist(), 6)
+    int8 = load_pretrained(tmp_path / "fp8", quantize="int8")
+    assert type(int8.model.layers[0].self_attn.indexer.wq_b).__name__ != "Linear"  # held quantized
+    out = Engine(int8).generate([x[0].tolist()], 5)[0].tokens
+    assert len(out) == 5
+
+
+def test_the_server_core_and_the_commands_run_a_v32_checkpoint(tmp_path, capsys, one_thread):
+    """serve's scheduler (paged pool under preemption, chunked prefill, prefix pages) gives the engine's
+    tokens with DSA; `nanoseek quantize` and `nanoseek generate` take a V3.2 checkpoint."""
+    from nanoseek import cli
+    from nanoseek.inference.scheduler import Scheduler
+    from nanoseek.tokenizer import Tokenizer
+    model = v32(vocab_size=300, eos_token_id=None, index_topk=5, q_lora_rank=32)
+    engine = Engine(model)
+    cfg = model.config
+    budget = 24 * (cfg.num_hidden_layers + 1) * 4 * cfg.cache_width * 4  # 24 pages of 4 tokens, fp32
+    sched = Scheduler(engine, max_batch=4, block=4, kv_cache_bytes=budget, max_batched_tokens=6,
+                      prefix_cache_bytes=1 << 20)
+    prompts = [list(range(5, 17)), [3], list(range(20, 29)), [40] * 20]
+    events = [[] for _ in prompts]
+    reqs = [sched.submit(p, SamplingParams(max_tokens=10 + i), ev.append)
+            for i, (p, ev) in enumerate(zip(prompts, events))]
+    for _ in range(10_000):
+        if not sched.step() and sched.waiting == 0:
+            break
+    for ev, req, p in zip(events, reqs, prompts):
+        assert [t for e in ev for t in e.token_ids] == full_forward_greedy(model, p, req.params.max_tokens)
+    save_pretrained(model, tmp_path / "bf")
+    Tokenizer.train(["12+30=42", "the answer is 42", "think first"] * 20, vocab_size=300).save_pretrained(tmp_path / "bf")
+    assert cli.main(["quantize", "--model", str(tmp_path / "bf"), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+    for path in ("bf", "q"):
+        capsys.readouterr()
+        assert cli.main(["generate", "--model", str(tmp_path / path), "--prompt", "the answer is 42, think first",
+                         "--max-new-tokens", "5"]) == 0
+        assert capsys.readouterr().out.strip()
