@@ -100,6 +100,7 @@ class MLA(nn.Module):
 
     def _attend_sparse(self, x, q_a, cos, sin, q_nope, q_pe, kv, mask, absorb):
         """DSA (V3.2 eq. 2): attend to the indexer's top-k keys of each query. kv holds [latent ; k^I]."""
+        whole = kv
         kv, keys = kv.split([kv.shape[-1] - self.indexer.head_dim, self.indexer.head_dim], dim=-1)
         B, T, H, _ = q_nope.shape
         S = kv.shape[1]
@@ -111,7 +112,7 @@ class MLA(nn.Module):
         if self.indexer.stage is not None and torch.is_grad_enabled():
             record_for_loss(self.indexer, self, x, q_a, cos, sin, keys, q_nope, q_pe, kv, allowed)
         if idx is not None and absorb and T * self.indexer.topk <= S:  # decoding: read only k latents per query
-            rows, row_mask = gather_chosen(kv, idx, allowed)
+            rows, row_mask = gather_chosen(whole, idx, allowed, kv.shape[-1])
             out = self._attend_absorbed(q_nope.reshape(B * T, 1, H, -1), q_pe.reshape(B * T, 1, H, -1), rows, row_mask)
             return out.view(B, T, H, -1)
         attend = self._attend_absorbed if absorb else self._attend_expanded

@@ -99,7 +99,8 @@ def _allowed(mask: torch.Tensor | None, B: int, T: int, S: int, device) -> torch
     """bool [B, T, S]: what the attention mask lets each query see (None: causal at the end of S)."""
     if mask is not None:
         return mask[:, 0].expand(B, T, S)
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T).expand(B, T, S)
+    keys = torch.arange(S, device=device)
+    return (keys <= torch.arange(S - T, S, device=device)[:, None]).expand(B, T, S)
 
 
 def chosen_mask(idx: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -107,12 +108,13 @@ def chosen_mask(idx: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return (torch.zeros_like(allowed).scatter_(-1, idx, True) & allowed).unsqueeze(1)
 
 
-def gather_chosen(kv: torch.Tensor, idx: torch.Tensor, allowed: torch.Tensor):
-    """Decoding's sparse read: only the chosen latents. kv [B, S, W], idx [B, T, k] ->
-    (latents [B*T, k, W], mask [B*T, 1, 1, k]): each query becomes its own row of one-query attention."""
+def gather_chosen(kv: torch.Tensor, idx: torch.Tensor, allowed: torch.Tensor, width: int):
+    """Decoding's sparse read: only the chosen latents. kv [B, S, W'] (the cache's whole vectors:
+    contiguous rows copy fastest), idx [B, T, k] -> (latents [B*T, k, width], mask [B*T, 1, 1, k]):
+    each query becomes its own row of one-query attention."""
     B, T, k = idx.shape
-    rows = kv.gather(1, idx.reshape(B, T * k, 1).expand(-1, -1, kv.shape[-1]))  # [B, T*k, W]
-    return rows.view(B * T, k, -1), allowed.gather(-1, idx).view(B * T, 1, 1, k)
+    rows = kv[torch.arange(B, device=kv.device)[:, None], idx.reshape(B, T * k)]  # [B, T*k, W']
+    return rows[..., :width].view(B * T, k, width), allowed.gather(-1, idx).view(B * T, 1, 1, k)
 
 
 # ----------------------------------------------------------------------------- training (V3.2 §2.1.1)

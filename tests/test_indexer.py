@@ -104,8 +104,8 @@ def test_decoding_gathers_only_the_chosen_latents(one_thread, monkeypatch):
     model = v32(index_topk=4)
     seen = []
     real = attention.gather_chosen
-    monkeypatch.setattr(attention, "gather_chosen", lambda kv, idx, allowed: seen.append(idx.shape) or
-                        real(kv, idx, allowed))
+    monkeypatch.setattr(attention, "gather_chosen", lambda kv, idx, allowed, w: seen.append(idx.shape) or
+                        real(kv, idx, allowed, w))
     x = torch.randint(0, 96, (1, 20))
     with torch.no_grad():
         expanded = model(x)
