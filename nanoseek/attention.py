@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .indexer import Indexer, chosen_mask, gather_chosen, record_for_loss
 from .layers import Linear, RMSNorm, apply_rotary
 
 
@@ -34,6 +35,9 @@ class MLA(nn.Module):
                   and run SDPA; cheapest when many queries share the keys (training, prefill).
       absorbed  - fold W_UK into the query and W_UV after attention, so attention runs in the
                   latent space; cost per query grows with R x context, not H x dh x context (decode).
+    With DeepSeek Sparse Attention (deepseek_v32, ``indexer.py``) a lightning indexer picks the
+    index_topk keys each query attends to: a mask on either path, or (absorbed, few queries) a
+    gather of just those latents. Its key rides in the cache after the latent.
     """
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
@@ -59,6 +63,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = Linear(H * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.indexer = Indexer(cfg) if cfg.has_indexer else None
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """What a cache stores for x [B, T, D]: [c_KV ; rope(k^R)] as [B, T, R + dr]."""
@@ -76,17 +81,42 @@ class MLA(nn.Module):
         """
         B, T, _ = x.shape
         H, dn, dr = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_a = None if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))  # c_Q [B, T, d'_c]
+        q = self.q_proj(x) if q_a is None else self.q_b_proj(q_a)
         q_nope, q_pe = q.view(B, T, H, dn + dr).split([dn, dr], dim=-1)  # [B, T, H, dn], [B, T, H, dr]
         q_pe = apply_rotary(q_pe, cos, sin, self.interleaved)
         kv = self.latent(x, cos, sin)  # [B, T, R + dr]
+        if self.indexer is not None:
+            kv = torch.cat((kv, self.indexer.keys(x, cos, sin)), dim=-1)  # [B, T, R + dr + d^I]
         if cache is not None:
-            kv = cache.update(self.layer_id, kv)  # [B, S, R + dr]
-        if absorb:
+            kv = cache.update(self.layer_id, kv)  # [B, S, R + dr (+ d^I)]
+        if self.indexer is not None:
+            out = self._attend_sparse(x, q_a, cos, sin, q_nope, q_pe, kv, mask, absorb)
+        elif absorb:
             out = self._attend_absorbed(q_nope, q_pe, kv, mask)
         else:
             out = self._attend_expanded(q_nope, q_pe, kv, mask)
         return self.o_proj(out.flatten(2))  # [B, T, H*dv] -> [B, T, D]
+
+    def _attend_sparse(self, x, q_a, cos, sin, q_nope, q_pe, kv, mask, absorb):
+        """DSA (V3.2 eq. 2): attend to the indexer's top-k keys of each query. kv holds [latent ; k^I]."""
+        whole = kv
+        kv, keys = kv.split([kv.shape[-1] - self.indexer.head_dim, self.indexer.head_dim], dim=-1)
+        B, T, H, _ = q_nope.shape
+        S = kv.shape[1]
+        idx, allowed = self.indexer.select(x, q_a, cos, sin, keys, mask)
+        if self.indexer.stage == "warmup":
+            idx = None  # dense attention while the indexer learns to imitate it (eq. 3)
+        if idx is not None:
+            allowed = chosen_mask(idx, allowed)[:, 0]
+        if self.indexer.stage is not None and torch.is_grad_enabled():
+            record_for_loss(self.indexer, self, x, q_a, cos, sin, keys, q_nope, q_pe, kv, allowed)
+        if idx is not None and absorb and T * self.indexer.topk <= S:  # decoding: read only k latents per query
+            rows, row_mask = gather_chosen(whole, idx, allowed, kv.shape[-1])
+            out = self._attend_absorbed(q_nope.reshape(B * T, 1, H, -1), q_pe.reshape(B * T, 1, H, -1), rows, row_mask)
+            return out.view(B, T, H, -1)
+        attend = self._attend_absorbed if absorb else self._attend_expanded
+        return attend(q_nope, q_pe, kv, allowed.unsqueeze(1))
 
     def _attend_expanded(self, q_nope, q_pe, kv, mask):
         B, T, H, _ = q_nope.shape

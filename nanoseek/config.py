@@ -1,8 +1,9 @@
 """ModelConfig: one flat, documented description of any DeepSeek model.
 
-Five families, told apart by config.json's ``model_type`` (``FAMILIES``):
+Six families, told apart by config.json's ``model_type`` (``FAMILIES``):
 
     deepseek_v3, deepseek_v2  MLA + DeepSeekMoE (+ MTP): V3, R1, V2, V2-Lite
+    deepseek_v32              V3 + DeepSeek Sparse Attention (a lightning indexer per layer): V3.2
     deepseek                  multi-head attention + DeepSeekMoE: DeepSeekMoE-16B
     llama                     grouped-query attention, dense: DeepSeek-LLM, DeepSeek-Coder, R1-Distill-Llama
     qwen2                     grouped-query attention with q/k/v biases, dense: R1-Distill-Qwen
@@ -38,6 +39,7 @@ class Family:
     qkv_bias: bool  # biases on q/k/v whatever attention_bias says (Qwen2)
     keys: tuple[str, ...]  # GQA families: the fields to_hf writes besides model_type, RoPE, dtype (MLA: all)
     defaults: dict  # field values the family implies when config.json leaves them out
+    indexer: bool = False  # MLA with DeepSeek-V3.2's lightning indexer and top-k selection (indexer.py)
 
 
 _GQA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -52,6 +54,9 @@ FAMILIES = {
     "deepseek_v3": Family("mla", "DeepseekV3ForCausalLM", moe=True, qkv_bias=False, keys=(), defaults=dict(
         scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5,
         num_nextn_predict_layers=0)),
+    "deepseek_v32": Family("mla", "DeepseekV32ForCausalLM", moe=True, qkv_bias=False, keys=(), indexer=True,
+                           defaults=dict(scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+                                         routed_scaling_factor=2.5, num_nextn_predict_layers=0)),
     "deepseek_v2": Family("mla", "DeepseekV2ForCausalLM", moe=True, qkv_bias=False, keys=(), defaults=dict(
         scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1,
         topk_group=1, num_nextn_predict_layers=0, first_k_dense_replace=0, moe_layer_freq=1, n_shared_experts=2)),
@@ -98,6 +103,11 @@ class ModelConfig:
     qk_rope_head_dim: int = 16  # d_h^R: decoupled rotary part; one shared key per token
     v_head_dim: int = 32
     rope_interleave: bool = True  # MLA's rotary pairs are (x0,x1),(x2,x3)...: its checkpoints' layout
+
+    # --- dsa: DeepSeek Sparse Attention (V3.2 §2.1), deepseek_v32 only
+    index_topk: int = 2048  # k: earlier tokens each query attends to, chosen by the lightning indexer
+    index_head_dim: int = 128  # d^I: indexer query/key size (its first qk_rope_head_dim dims are rotated)
+    index_n_heads: int = 64  # H^I: indexer heads
 
     # --- rope and its context extensions (layers.py: one function per rope_type)
     rope_theta: float = 10000.0
@@ -199,6 +209,12 @@ class ModelConfig:
             bad("q_lora_rank", "must be a positive integer or null")
         if self.num_key_value_heads not in (None, self.num_attention_heads):
             bad("num_key_value_heads", "MLA has one latent per token and needs it equal to num_attention_heads")
+        if self.has_indexer:
+            for name, low in (("index_topk", 1), ("index_n_heads", 1), ("index_head_dim", self.qk_rope_head_dim)):
+                if not isinstance(getattr(self, name), int) or getattr(self, name) < max(low, 1):
+                    bad(name, f"must be an integer >= {max(low, 1)}")
+            if self.q_lora_rank is None:
+                bad("q_lora_rank", "the lightning indexer reads the compressed query: it must be set")
 
     def _validate_gqa(self, bad) -> None:
         G = self.kv_heads
@@ -219,6 +235,11 @@ class ModelConfig:
     def attention(self) -> str:
         """"mla" or "gqa": the attention class (attention.ATTENTION) of this model_type."""
         return FAMILIES[self.model_type].attention
+
+    @property
+    def has_indexer(self) -> bool:
+        """DeepSeek Sparse Attention: every MLA layer has a lightning indexer (deepseek_v32)."""
+        return FAMILIES[self.model_type].indexer
 
     @property
     def qkv_bias(self) -> bool:
@@ -268,9 +289,10 @@ class ModelConfig:
     @property
     def cache_width(self) -> int:
         """Numbers the KV cache holds per layer and token: MLA's latent c_KV and rotary key k^R, or
-        GQA's key and value of every key/value head."""
+        GQA's key and value of every key/value head. With DSA the indexer's key k^I rides along:
+        [c_KV ; k^R ; k^I], so every cache layout keeps the two in step."""
         if self.attention == "mla":
-            return self.kv_lora_rank + self.qk_rope_head_dim
+            return self.kv_lora_rank + self.qk_rope_head_dim + (self.index_head_dim if self.has_indexer else 0)
         return 2 * self.kv_heads * self.attention_head_dim
 
     def cache_bytes_per_token(self, itemsize: int, layers: int | None = None) -> int:
@@ -386,7 +408,7 @@ class ModelConfig:
         d["model_type"] = self.model_type
         if family.attention == "mla":
             for f in fields(self):
-                if f.name not in _NOT_WRITTEN:
+                if f.name not in _NOT_WRITTEN and (family.indexer or not f.name.startswith("index_")):
                     d[f.name] = getattr(self, f.name)
             d["num_key_value_heads"] = self.num_attention_heads
         else:
@@ -571,3 +593,8 @@ PRESETS: dict[str, dict] = {
                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=1024, bos_token_id=0, eos_token_id=1),
 }
+# DeepSeek-V3.2(-Exp): V3 plus the lightning indexer (its config.json); tiny-v32: `tiny` with DSA at a small k.
+PRESETS["deepseek-v3.2"] = dict(PRESETS["deepseek-v3"], model_type="deepseek_v32", index_topk=2048,
+                                index_head_dim=128, index_n_heads=64)
+PRESETS["tiny-v32"] = dict(PRESETS["tiny"], model_type="deepseek_v32", index_topk=16, index_head_dim=32,
+                           index_n_heads=4)

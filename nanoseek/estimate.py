@@ -29,6 +29,7 @@ class Estimate:
     mtp_params: int
     mtp_stored_copies: int  # DeepSeek-V3 stores the MTP module's shared embedding and head again
     kv_cache_bytes_per_token: int  # what the engine caches (MLA latent or GQA K/V), main layers, at kv_dtype
+    index_cache_bytes_per_token: int  # of which DSA's indexer keys k^I (deepseek_v32; else 0)
     mha_cache_bytes_per_token: int  # what caching K and V of every query head would take
     kv_dtype_bytes: int
 
@@ -52,6 +53,8 @@ def estimate(cfg: ModelConfig, kv_dtype_bytes: int = 2) -> Estimate:
         mtp_params=total - no_mtp,
         mtp_stored_copies=2 * cfg.vocab_size * cfg.hidden_size * cfg.num_nextn_predict_layers,
         kv_cache_bytes_per_token=cfg.cache_bytes_per_token(kv_dtype_bytes),
+        index_cache_bytes_per_token=(cfg.index_head_dim * cfg.num_hidden_layers * kv_dtype_bytes
+                                     if cfg.has_indexer else 0),
         mha_cache_bytes_per_token=mha * cfg.num_hidden_layers * kv_dtype_bytes,
         kv_dtype_bytes=kv_dtype_bytes,
     )
@@ -67,6 +70,8 @@ def _human(n: float, unit: str = "B") -> str:
 
 def cache_kind(cfg: ModelConfig) -> str:
     """What the KV cache holds, in words."""
+    if cfg.has_indexer:
+        return "MLA latent + DSA indexer keys"
     if cfg.attention == "mla":
         return "MLA latent"
     if cfg.kv_heads == cfg.num_attention_heads:
@@ -90,4 +95,16 @@ def report(cfg: ModelConfig, context: int, batch: int) -> str:
         f"training with AdamW (fp32 master weights, grads, 2 moments; activations extra): "
         f"{_human(e.training_bytes())}",
     ]
+    if cfg.has_indexer:
+        lines.insert(4, _dsa_line(cfg, e, context))
     return "\n".join(lines)
+
+
+def _dsa_line(cfg: ModelConfig, e: Estimate, context: int) -> str:
+    """DeepSeek Sparse Attention's split of the cache, and what one decode step reads of it."""
+    latent = e.kv_cache_bytes_per_token - e.index_cache_bytes_per_token
+    k = min(cfg.index_topk, context)
+    read = (latent * k + e.index_cache_bytes_per_token * context) / (e.kv_cache_bytes_per_token * context)
+    return (f"DSA: {latent:,} bytes/token of latent + {e.index_cache_bytes_per_token:,} of indexer keys; "
+            f"at {context // 1024}k context a decode step reads the indexer keys of all {context:,} tokens and "
+            f"the latents of only k={k:,} ({read:.1%} of the cache; dense MLA reads all of it)")

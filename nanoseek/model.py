@@ -275,6 +275,8 @@ class Transformer(nn.Module):
                 continue
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith("norm.bias"):  # the indexer's LayerNorm
+                p.zero_()
             else:
                 p.normal_(0.0, std, generator=generator)
         for m in self.modules():

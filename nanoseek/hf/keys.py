@@ -16,6 +16,9 @@ file says otherwise:
                     there copies of the shared embedding and output head (``embed_tokens``,
                     ``shared_head.head``), written on save and skipped on load
     tied head       ``lm_head.weight`` is not written when tie_word_embeddings
+    DSA indexer     DeepSeek-V3.2's ``model.layers.N.self_attn.indexer.{wq_b,wk,weights_proj}.weight`` and
+                    ``indexer.k_norm.{weight,bias}`` are nanoseek's module names as they stand (FP8 blocks
+                    of wq_b/wk dequantized on load like every other weight)
     rotary buffers  older Llama-layout checkpoints store ``self_attn.rotary_emb.inv_freq``; it is
                     computed from the config, so it is skipped on load and never written
     quantized       a stored weight keeps its key; its companions sit at ``<key><suffix>`` with the

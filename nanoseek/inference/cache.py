@@ -13,6 +13,9 @@ positions 0..len-1, and every forward writes its tokens' latents before it atten
 entry (padding, a rejected draft) at position p is overwritten by the row's real token p before
 any query at p or later can see it: a speculative rollback is just setting the row's length back.
 Rows move and prefixes are restored only through the methods here, never by writing ``kv``.
+DeepSeek-V3.2's sparse attention adds its lightning indexer's key k^I to the vector: MLA writes
+[c_KV ; k^R ; k^I] and splits what ``update`` returns (``indexer.py``), so both stay in step through
+every move, fork, page copy and prefix block with nothing here knowing.
 
 The same caches hold grouped-query attention's keys and values (Llama, Qwen2, DeepSeek-LLM/Coder,
 DeepSeekMoE-16B): there the vector per layer and token is [k_1..k_G ; v_1..v_G] of the G key/value

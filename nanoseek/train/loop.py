@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from ..indexer import STAGES, Indexer, indexer_loss, set_stage
 from ..plots import plot_curves, plot_expert_load, read_metrics
 from .balance import CollapseMonitor, load_max_over_mean, moe_layer_ids, step_loads, update_expert_bias
 from .batches import RowSampler, attention_mask, check_rows, document_positions
@@ -75,6 +76,10 @@ class TrainConfig:
     checkpoint_every: int = opt(0, "also checkpoint every N steps (0 = only at the end)")
     stop_at: int | None = opt(None, "stop (with a checkpoint) after this step without finishing the schedule")
     progress: bool = opt(True, "show a progress bar")
+    indexer_stage: str | None = opt(None, "DeepSeek-V3.2 DSA training of the lightning indexers: 'warmup' trains only "
+                                          "them, toward the dense attention (KL, eq. 3); 'sparse' trains everything "
+                                          "with top-k attention, the indexers by their KL alone (eq. 4)",
+                                    choices=STAGES)
 
     def __post_init__(self):
         def bad(name, why):
@@ -97,6 +102,8 @@ class TrainConfig:
                      "balance_loss_alpha", "checkpoint_every"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
+        if self.indexer_stage not in (None, *STAGES):
+            bad("indexer_stage", f"expected one of {', '.join(STAGES)}")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             bad("stop_at", f"must be between 1 and steps={self.steps}")
 
@@ -149,6 +156,8 @@ def train(model: nn.Module, rows, cfg: TrainConfig, out_dir: str | Path, tokeniz
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size × processes "
                          f"= {cfg.micro_batch_size} × {env.world_size}")
     model.to(env.device).train()
+    if cfg.indexer_stage:  # before the optimizer: the warm-up freezes all but the indexers
+        set_stage(model, cfg.indexer_stage)
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay)
     start = _start_step(out_dir, model, optimizer, cfg, resume, env)
     end = cfg.stop_at or cfg.steps
@@ -215,7 +224,8 @@ def train_step(forward: nn.Module, model: nn.Module, optimizer, rows, row_ids: t
     # Normalisers over the global batch: scored tokens per objective (next token, each MTP depth).
     counts = torch.stack([(t != IGNORE).sum() for t in [targets] + deep_targets]).double()
     counts = all_reduce_sum(counts.to(env.device), env).tolist()
-    sums, loads = torch.zeros(3, dtype=torch.float64), 0
+    sums, loads = torch.zeros(4, dtype=torch.float64), 0
+    indexers = [m for m in model.modules() if isinstance(m, Indexer) and m.stage]
     starts = range(0, len(mine), cfg.micro_batch_size)
     for i, a in enumerate(starts):
         sl = slice(a, a + cfg.micro_batch_size)
@@ -230,19 +240,27 @@ def train_step(forward: nn.Module, model: nn.Module, optimizer, rows, row_ids: t
             if cfg.balance_loss_alpha > 0:
                 bal = sum((sequence_balance_loss(moe.scores, moe.indices, real, num_sequences=cfg.batch_size)
                            for moe in model.moe_layers()), bal)  # a dense model's stays the zero tensor
-            loss = ce + cfg.mtp_weight * mtp + cfg.balance_loss_alpha * bal
+            # DSA: the indexers' KL (eq. 3/4), a mean over queries per micro-batch weighted by its rows
+            kl = indexer_loss(indexers) if indexers else None
+            kl = torch.zeros((), device=ce.device) if kl is None else kl
+            loss = ce + cfg.mtp_weight * mtp + cfg.balance_loss_alpha * bal + kl * len(mine[sl]) / cfg.batch_size
             # DDP averages gradients over processes; each loss is already a share of the global sum.
             (loss * env.world_size).backward()
-        sums += torch.stack([ce.detach(), mtp.detach(), bal.detach()]).double().cpu()
+        sums += torch.stack([ce.detach(), mtp.detach(), bal.detach(),
+                             kl.detach() * len(mine[sl]) / cfg.batch_size]).double().cpu()
         loads = loads + step_loads(model, real)
     sums = all_reduce_sum(sums.to(env.device), env).cpu()
     loads = all_reduce_sum(torch.as_tensor(loads).to(env.device), env).cpu()
     lr = cfg.lr_at(step)
     grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, loss=float(sums[0]), where=f"step {step + 1}")
-    update_expert_bias(model, loads, cfg.bias_update_speed)
+    if cfg.indexer_stage != "warmup":  # the warm-up keeps the whole model but the indexers as it was
+        update_expert_bias(model, loads, cfg.bias_update_speed)
     mtp_value = float(sums[1]) if model.mtp_layers else None
-    return {"loss": float(sums[0]), "mtp_loss": mtp_value, "balance_loss": float(sums[2]), "lr": lr,
-            "grad_norm": grad_norm}, loads
+    out = {"loss": float(sums[0]), "mtp_loss": mtp_value, "balance_loss": float(sums[2]), "lr": lr,
+           "grad_norm": grad_norm}
+    if indexers:
+        out["indexer_loss"] = float(sums[3])
+    return out, loads
 
 
 def _start_step(out_dir: Path, model, optimizer, cfg: TrainConfig, resume: bool, env: DistEnv) -> int:
