@@ -192,3 +192,16 @@ def test_generation_runs_and_decode_matches_full_forward(method):
             picks = model(seq)[0, len(p) - 1:-1].argmax(-1).tolist()
         assert picks == out
     assert tokens(engine.generate(prompts, 8, speculative="mtp")) == outs  # MTP drafts through quantized modules
+
+
+@pytest.mark.parametrize("in_features", [24, 40, 64])
+def test_int8_linear_takes_any_input_width_and_many_rows(in_features):
+    """torch's bf16 int8 kernel segfaults on inputs not a multiple of 16 wide with 7+ rows; the
+    module takes another path there instead of crashing the process."""
+    from nanoseek.quant.formats import FORMATS
+    from nanoseek.quant.modules import Int8Linear
+    w = torch.randn(48, in_features)
+    m = Int8Linear(in_features, 48)
+    m.set_quantized(*FORMATS["int8"].ordered(FORMATS["int8"].quantize(w)))
+    x = torch.randn(33, in_features)
+    assert torch.allclose(m(x).float(), x @ m.dequantize().float().T, atol=0.05, rtol=0.05)

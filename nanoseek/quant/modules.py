@@ -68,6 +68,8 @@ def int4_unpack(packed: torch.Tensor) -> torch.Tensor:
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ W^T with W = q [N, K] * scale [N] (bf16) -> [M, N] (bf16 on CPU, x's dtype elsewhere)."""
     if x.device.type == "cpu":
+        if q.shape[1] % 16:  # torch's bf16 kernel reads K in blocks of 16 and crashes on a remainder: fp32 path
+            return torch._weight_int8pack_mm(x.float(), q, scale.float()).to(KERNEL_DTYPE)
         return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE), q, scale)
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)  # a per-output-channel scale commutes
 
