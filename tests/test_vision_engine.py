@@ -18,14 +18,14 @@ from nanoseek.vision.siglip import SiglipConfig  # noqa: E402
 IMG = 5
 
 
-def tiny_vl(hybrid=True, seed=0):
-    text = ModelConfig.family("llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+def tiny_vl(hybrid=True, seed=0, vocab=64, image_id=IMG):
+    text = ModelConfig.family("llama", vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     cfg = VLConfig(text=text, vision=SiglipConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                                                   num_attention_heads=2, image_size=32, patch_size=8),
                    high_res=SamConfig(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2,
                                       image_size=64, patch_size=8, mlp_dim=24, window_size=3,
-                                      global_attn_indexes=[1]) if hybrid else None, image_token_id=IMG)
+                                      global_attn_indexes=[1]) if hybrid else None, image_token_id=image_id)
     torch.manual_seed(seed)
     vl = VLModel(cfg)
     with torch.no_grad():
@@ -92,3 +92,29 @@ def test_image_counts_are_checked_and_chat_prompt_takes_image_pieces():
     ids, _ = chat_prompt(tok, [{"role": "user", "content": [engine.image_slots(), "what is this?"]}])
     piece = engine.image_slots() + tok.encode_text("what is this?")
     assert any(ids[i:i + len(piece)] == piece for i in range(len(ids)))
+
+
+def test_cli_generate_and_chat_with_image(tmp_path, capsys, monkeypatch):
+    import io
+    from nanoseek import cli
+    from nanoseek.hf.vl import save_vl
+    from nanoseek.tokenizer import Tokenizer
+    vl = tiny_vl(vocab=320, image_id=310)
+    save_vl(vl, tmp_path / "vl")
+    Tokenizer.train(["a red square", "how many circles", "what colour"] * 5, vocab_size=300).save_pretrained(tmp_path / "vl")
+    png = tmp_path / "x.png"
+    picture(0).save(png)
+    argv = ["generate", "--model", str(tmp_path / "vl"), "--prompt", "what colour", "--max-new-tokens", "5"]
+    assert cli.main(argv + ["--image", str(png)]) == 0
+    with_image = capsys.readouterr().out
+    engine = Engine.from_pretrained(str(tmp_path / "vl"))
+    tok = engine.tokenizer
+    ids = [tok.bos_id] + engine.image_slots() + tok.encode("what colour")
+    want = engine.generate([ids], 5, images=[[picture(0)]])[0].tokens
+    assert with_image == "what colour" + tok.decode(want) + "\n"
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(png.read_bytes()[:len(png.read_bytes()) // 2])
+    with pytest.raises(SystemExit, match="truncated or corrupt"):
+        cli.main(argv + ["--image", str(bad)])
+    monkeypatch.setattr("sys.stdin", io.StringIO("what colour\n/exit\n"))
+    assert cli.main(["chat", "--model", str(tmp_path / "vl"), "--image", str(png), "--max-new-tokens", "3"]) == 0
