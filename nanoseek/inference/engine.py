@@ -188,17 +188,23 @@ class Engine:
 
     def attach_images(self, seq: Sequence, images: list | None, what: str = "the prompt") -> None:
         """Encode a prompt's images and check they fill its <image_placeholder> ids exactly."""
+        tokens = self.encode_images(list(images)) if images else None
+        self.check_images(seq.prompt, tokens, what, len(images or []))
+        seq.images = tokens
+
+    def check_images(self, prompt: list[int], tokens: torch.Tensor | None, what: str = "the prompt",
+                     n_images: int | None = None) -> None:
+        """ValueError unless image tokens [n, D] fill the prompt's <image_placeholder> ids exactly."""
         image_id = self.vision.config.image_token_id if self.vision is not None else None
-        slots = sum(t == image_id for t in seq.prompt) if image_id is not None else 0
-        if not images:
+        slots = sum(t == image_id for t in prompt) if image_id is not None else 0
+        if tokens is None:
             if slots:
                 raise ValueError(f"{what} has {slots} image positions but no images")
             return
-        seq.images = self.encode_images(list(images))
-        if seq.images.shape[0] != slots:
-            per = seq.images.shape[0] // len(images)
-            raise ValueError(f"{what}: {len(images)} images need {len(images)} x {per} <image_placeholder> ids; "
-                             f"the prompt has {slots}")
+        if tokens.shape[0] != slots:
+            per = self.vision.config.num_image_tokens
+            n = n_images if n_images is not None else tokens.shape[0] // per
+            raise ValueError(f"{what}: {n} images need {n} x {per} <image_placeholder> ids; the prompt has {slots}")
 
     def image_slots(self) -> list[int]:
         """The ids one image takes in a prompt (a content piece for ``chat_prompt``)."""

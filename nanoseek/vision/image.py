@@ -45,6 +45,8 @@ def decode_image(data: bytes, limits: ImageLimits | None = None, what: str = "im
         raise ImageError(f"{what}: {len(data)} bytes is over the {limits.max_bytes}-byte limit")
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # PIL's own guard, from the header, before any decoding
+        raise ImageError(f"{what}: the image is over the limit of {limits.max_pixels} pixels") from None
     except Exception:
         raise ImageError(f"{what}: not a readable image (expected one of {', '.join(FORMATS)})") from None
     if img.format not in FORMATS:
@@ -52,6 +54,8 @@ def decode_image(data: bytes, limits: ImageLimits | None = None, what: str = "im
     w, h = img.size
     if w * h > limits.max_pixels:
         raise ImageError(f"{what}: {w}x{h} pixels is over the limit of {limits.max_pixels} pixels")
+    if img.format == "GIF" and getattr(img, "n_frames", 1) > 1:
+        img.seek(0)  # an animation: its first frame
     try:
         img.load()
     except Exception as e:
