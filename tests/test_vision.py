@@ -135,3 +135,14 @@ def test_decode_image_refuses_bad_data():
     picture(8, 8).save(buf, format="BMP")
     with pytest.raises(ImageError, match="BMP is not accepted"):
         decode_image(buf.getvalue())
+
+
+def test_estimate_covers_the_vl_presets(capsys):
+    from nanoseek import cli
+    from nanoseek.vision.vl import vl_preset
+    hybrid = vl_preset("deepseek-vl-7b")
+    assert hybrid.model_type == "deepseek_vl_hybrid" and hybrid.num_image_tokens == 576
+    assert vl_preset("deepseek-vl-1.3b").high_res is None
+    assert cli.main(["estimate", "--preset", "deepseek-vl-7b"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("deepseek_vl_hybrid: 7.3") and "SAM-B" in out and "576 prompt tokens" in out

@@ -223,3 +223,29 @@ class VLModel(nn.Module):
                 p.zero_()
             elif not name.endswith("alpha"):
                 p.normal_(0.0, std, generator=generator)
+
+
+# ----------------------------------------------------------------------------- presets
+
+SIGLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                image_size=384, patch_size=16)
+SAM_B = dict(hidden_size=768, output_channels=256, num_hidden_layers=12, num_attention_heads=12, image_size=1024,
+             patch_size=16, mlp_dim=3072, window_size=14, global_attn_indexes=[2, 5, 8, 11])
+# The published shapes (read from DeepSeek-VL's configs): 1.3B sees through SigLIP-L alone, 7B through
+# the hybrid; both language models are DeepSeek-LLM's Llama layout with a 16K context.
+VL_PRESETS = {
+    "deepseek-vl-1.3b": lambda: VLConfig(
+        text=ModelConfig.family("llama", vocab_size=102400, hidden_size=2048, intermediate_size=5632,
+                                num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                                max_position_embeddings=16384, bos_token_id=100000, eos_token_id=100001),
+        vision=SiglipConfig(**SIGLIP_L)),
+    "deepseek-vl-7b": lambda: VLConfig(
+        text=ModelConfig.preset("deepseek-llm-7b").replace(max_position_embeddings=16384),
+        vision=SiglipConfig(**SIGLIP_L), high_res=SamConfig(**SAM_B)),
+}
+
+
+def vl_preset(name: str) -> VLConfig:
+    if name not in VL_PRESETS:
+        raise ValueError(f"unknown VL preset {name!r}; choose one of {sorted(VL_PRESETS)}")
+    return VL_PRESETS[name]()
