@@ -43,7 +43,7 @@ def huge_png(w=20000, h=20000) -> bytes:
 @pytest.fixture(scope="module")
 def vl_server(tmp_path_factory):
     path = tmp_path_factory.mktemp("vl")
-    save_vl(tiny_vl(vocab=320, image_id=310), path)
+    save_vl(tiny_vl(vocab=320, image_id=310, context=1024), path)
     Tokenizer.train(["a red square", "how many circles", "what colour"] * 5, vocab_size=300).save_pretrained(path)
     engine = Engine.from_pretrained(str(path))
     sched = Scheduler(engine, max_batch=8, queue_size=16).start()
@@ -98,3 +98,30 @@ def test_image_count_limit(vl_server):
     part = {"type": "image_url", "image_url": {"url": data_url(png(picture(3)))}}
     with pytest.raises(openai.BadRequestError, match="more than 4 images"):
         ask(client, [part] * 5)
+
+
+def test_the_web_page_attaches_an_image(vl_server, tmp_path):
+    """Headless Chromium: choose a file, send a message, the reply streams (skipped without Chromium)."""
+    import os
+    import shutil
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = next((p for p in ("/usr/bin/chromium", shutil.which("chromium")) if p and os.path.exists(p)), None)
+    if chromium is None:
+        pytest.skip("no chromium binary")
+    engine, client = vl_server
+    picture(4).save(tmp_path / "shape.png")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(str(client.base_url).removesuffix("/v1/") + "/")
+            assert page.locator("#attach").is_visible()
+            page.set_input_files("#image", str(tmp_path / "shape.png"))
+            page.fill("#input", "what colour")
+            page.click("#send")
+            reply = page.locator(".msg.assistant").nth(0)
+            sync_api.expect(reply.locator(".stats")).to_contain_text("tokens in", timeout=60_000)
+            assert "Error" not in reply.locator(".answer").inner_text()
+            assert page.locator(".msg.user img").count() == 1
+        finally:
+            browser.close()

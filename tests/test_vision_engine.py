@@ -18,9 +18,9 @@ from nanoseek.vision.siglip import SiglipConfig  # noqa: E402
 IMG = 5
 
 
-def tiny_vl(hybrid=True, seed=0, vocab=64, image_id=IMG):
+def tiny_vl(hybrid=True, seed=0, vocab=64, image_id=IMG, context=128):
     text = ModelConfig.family("llama", vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context)
     cfg = VLConfig(text=text, vision=SiglipConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                                                   num_attention_heads=2, image_size=32, patch_size=8),
                    high_res=SamConfig(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2,

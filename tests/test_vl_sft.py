@@ -30,6 +30,7 @@ def test_shapes_training_lowers_the_loss_and_saves_a_loadable_checkpoint(shapes_
     out, report = shapes_run
     assert report["loss_last"] < 0.6 * report["loss_first"]
     assert {"accuracy_before", "accuracy_after", "majority_baseline"} <= set(report)
+    assert {"all", "colour", "kind", "count"} == set(report["accuracy_after"])
     vl = load_vl(out)
     assert vl.config.model_type == "deepseek_vl_hybrid"
     assert json.loads((out / "report.json").read_text())["steps"] == 60

@@ -208,8 +208,10 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
+        vision = "true" if server.ctx.images is not None else "false"  # the page offers image attachments
         return HTMLResponse(page.replace("__MODEL__", html.escape(model_name)).replace(
-            "__NEEDS_KEY__", "true" if api_key else "false"), headers={"Content-Security-Policy": CSP})
+            "__NEEDS_KEY__", "true" if api_key else "false").replace("__VISION__", vision),
+            headers={"Content-Security-Policy": CSP})
 
     @app.get("/health")
     async def health():

@@ -145,14 +145,18 @@ def loss_on(vl: VLModel, ids, targets, low, high) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
 
 
-def answer_accuracy(vl: VLModel, tok: Tokenizer, records, max_new_tokens: int = 4) -> float:
-    """Greedy answers through the Engine (images at prefill), exact match after stripping."""
+def answer_accuracy(vl: VLModel, tok: Tokenizer, records, max_new_tokens: int = 4) -> dict:
+    """Greedy answers through the Engine (images at prefill), exact match after stripping: overall
+    ("all") and per topic when the records carry one (the shapes task's colour / kind / count)."""
     engine = Engine(vl, tok)
     slots = engine.image_slots()
     prompts = [chat_prompt(tok, with_slots(m[:-1], len(imgs), slots), thinking=False)[0] for m, imgs, *_ in records]
     outs = engine.generate(prompts, max_new_tokens, images=[imgs for _, imgs, *_ in records])
     said = [tok.decode(o.tokens, skip_special_tokens=True).strip() for o in outs]
-    return sum(s == m[-1]["content"] for s, (m, *_) in zip(said, records)) / len(records)
+    right = [s == m[-1]["content"] for s, (m, *_) in zip(said, records)]
+    topics = [r[2] if len(r) > 2 else "all" for r in records]
+    acc = {t: sum(r for r, u in zip(right, topics) if u == t) / topics.count(t) for t in set(topics)}
+    return {"all": sum(right) / len(right), **acc}
 
 
 def vl_sft(cfg: VLSFTConfig, log=print) -> dict:
