@@ -54,21 +54,23 @@ class VLSFTConfig:
     n_train: int = 3000               # shapes examples to train on
     n_eval: int = 200                 # held-out shapes examples (another seed)
     seed: int = 0
+    image_size: int = 32              # a new tiny model's SigLIP view (its SAM view is twice as large)
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage={self.stage!r}: expected one of {', '.join(STAGES)}")
 
 
-def tiny_vl_config(tokenizer: Tokenizer) -> VLConfig:
-    """The demo's tiny hybrid model: 32 px SigLIP (16 tokens), 64 px SAM, a 2-layer Llama."""
+def tiny_vl_config(tokenizer: Tokenizer, image_size: int = 32) -> VLConfig:
+    """The demo's tiny hybrid model: SigLIP on image_size px in 8 px patches ((image_size/8)^2 tokens),
+    SAM on twice that, a 2-layer Llama."""
     text = ModelConfig.family("llama", vocab_size=tokenizer.vocab_size + 1, hidden_size=96, intermediate_size=256,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                               max_position_embeddings=128, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     return VLConfig(text=text, vision=SiglipConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                   num_attention_heads=4, image_size=32, patch_size=8),
+                                                   num_attention_heads=4, image_size=image_size, patch_size=8),
                     high_res=SamConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=64, patch_size=8, mlp_dim=64, window_size=4, global_attn_indexes=[1]),
+                                       image_size=2 * image_size, patch_size=8, mlp_dim=64, window_size=4, global_attn_indexes=[1]),
                     image_token_id=tokenizer.vocab_size)  # one id past the tokenizer's: never typed
 
 
@@ -175,7 +177,7 @@ def vl_sft(cfg: VLSFTConfig, log=print) -> dict:
     else:
         from ..data.shapes import task_texts
         tok = Tokenizer.train(task_texts() * 4, vocab_size=320)
-        vl = VLModel(tiny_vl_config(tok))
+        vl = VLModel(tiny_vl_config(tok, cfg.image_size))
         vl.reset_parameters()
     proc = ImageProcessor.for_config(vl.config)
     rows = [(*encode(tok, vl, m, len(imgs)), imgs) for m, imgs, *_ in train_recs]
