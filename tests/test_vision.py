@@ -146,3 +146,20 @@ def test_estimate_covers_the_vl_presets(capsys):
     assert cli.main(["estimate", "--preset", "deepseek-vl-7b"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("deepseek_vl_hybrid: 7.3") and "SAM-B" in out and "576 prompt tokens" in out
+
+
+def test_the_checkpoints_preprocessor_config_is_used(tmp_path):
+    import json
+    from nanoseek.hf.vl import load_image_processor
+    cfg = VLConfig.from_hf(hf_config(True).to_dict())
+    assert load_image_processor(tmp_path, cfg) == ImageProcessor(size=32, high_res_size=64)
+    ref = hf_processor(True)
+    ref.image_mean = [0.5, 0.5, 0.5]
+    ref.image_std = [0.5, 0.5, 0.5]
+    ref.save_pretrained(tmp_path)
+    ours = load_image_processor(tmp_path, cfg)
+    assert ours.image_mean == (0.5, 0.5, 0.5) and ours.size == 32 and ours.high_res_size == 64
+    img = picture(77, 50)
+    torch.testing.assert_close(ours([img])[0], transformers.DeepseekVLHybridImageProcessorPil.from_pretrained(
+        tmp_path)(images=[img], return_tensors="pt")["pixel_values"], atol=1e-5, rtol=0)
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["image_mean"] == [0.5, 0.5, 0.5]

@@ -21,6 +21,7 @@ import torch
 
 from ..layers import RotaryEmbedding, rope_frequencies
 from ..tokenizer import Tokenizer
+from ..vision.image import ImageProcessor
 from ..vision.vl import VL_TYPES, VLConfig, VLModel
 from .io import CheckpointError, check_vocab, checkpoint_files, open_safetensors, read_tensor, save_pretrained
 from .keys import EXPERT_KEY, STACKED_EXPERTS, hf_keys, hf_state_dict, is_computed, is_mtp_shared_copy
@@ -95,6 +96,15 @@ def load_vl(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
     for p in vl.parameters():  # buffers (rotary frequencies, router biases) stay fp32
         p.data = p.data.to(dtype)
     return vl.eval()
+
+
+def load_image_processor(path: str | os.PathLike, cfg: VLConfig) -> ImageProcessor:
+    """The checkpoint's preprocessor_config.json (sizes, means, stds), else the towers' sizes with
+    the reference processor's defaults."""
+    file = Path(path) / "preprocessor_config.json"
+    if not file.exists():
+        return ImageProcessor.for_config(cfg)
+    return ImageProcessor.from_hf(json.loads(file.read_text()), hybrid=cfg.high_res is not None)
 
 
 def load_vl_with_tokenizer(path: str | os.PathLike, dtype: torch.dtype | None = None,

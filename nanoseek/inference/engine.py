@@ -50,14 +50,16 @@ class Engine:
         """An Engine over the checkpoint at `path` with the tokenizer saved next to it, on `device`,
         optionally quantized to int8/int4 as it loads (``load_pretrained``'s quantize)."""
         from ..hf.io import load_with_tokenizer
-        from ..hf.vl import is_vl_checkpoint, load_vl_with_tokenizer
-        if is_vl_checkpoint(path):
-            if quantize is not None:
-                raise ValueError(f"{path}: a DeepSeek-VL checkpoint does not load quantized")
-            model, tokenizer = load_vl_with_tokenizer(path, dtype=dtype, device=device)
-        else:
+        from ..hf.vl import is_vl_checkpoint, load_image_processor, load_vl_with_tokenizer
+        if not is_vl_checkpoint(path):
             model, tokenizer = load_with_tokenizer(path, dtype=dtype, device=device, quantize=quantize)
-        return cls(model, tokenizer, compile=compile, prefix_cache_bytes=prefix_cache_bytes)
+            return cls(model, tokenizer, compile=compile, prefix_cache_bytes=prefix_cache_bytes)
+        if quantize is not None:
+            raise ValueError(f"{path}: a DeepSeek-VL checkpoint does not load quantized")
+        model, tokenizer = load_vl_with_tokenizer(path, dtype=dtype, device=device)
+        engine = cls(model, tokenizer, compile=compile, prefix_cache_bytes=prefix_cache_bytes)
+        engine.image_processor = load_image_processor(path, model.config)
+        return engine
 
     # ------------------------------------------------------------------ sizes
     @property
