@@ -15,7 +15,7 @@ from nanoseek.train.vl_sft import VLSFTConfig, vl_sft, with_slots  # noqa: E402
 @pytest.fixture(scope="module")
 def shapes_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vl")
-    report = vl_sft(VLSFTConfig(out=str(out), steps=60, n_train=300, n_eval=24), log=lambda *_: None)
+    report = vl_sft(VLSFTConfig(out=str(out), steps=60, n_train=300, n_eval=24, image_size=32), log=lambda *_: None)
     return out, report
 
 

@@ -1,6 +1,6 @@
 """`nanoseek vl-sft`: supervised fine-tuning of a vision-language model on image-text conversations.
 
-    nanoseek vl-sft --out runs/vl-shapes --steps 1500                  # a tiny model learns the shapes task
+    nanoseek vl-sft --out runs/vl-shapes --steps 1500    # a tiny model learns the shapes task (~79% vs 31%)
     nanoseek vl-sft --model deepseek-vl-1.3b-chat --data pairs.jsonl --stage aligner --out runs/vl
 
 The work: nanoseek.train.vl_sft.
@@ -23,12 +23,15 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="conversations per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="a new tiny model's SigLIP view in pixels (SAM sees twice that); ignored with --model")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..train.vl_sft import VLSFTConfig, vl_sft
     report = vl_sft(VLSFTConfig(out=args.out, model=args.model, data=args.data, stage=args.stage, steps=args.steps,
-                                batch_size=args.batch_size, lr=args.lr, seed=args.seed))
+                                batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                image_size=args.image_size))
     print(json.dumps(report, indent=2))
     return 0

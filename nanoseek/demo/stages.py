@@ -353,7 +353,7 @@ def stage_samples(ctx: Context) -> dict:
 
 
 def stage_vision(ctx: Context) -> dict:
-    """A tiny hybrid VL model (SigLIP + SAM towers, 2-layer Llama) learns the shapes task from scratch."""
+    """A tiny hybrid VL model (64 px SigLIP + 128 px SAM towers, 2-layer Llama) learns the shapes task from scratch."""
     from ..train.vl_sft import VLSFTConfig, vl_sft
     c = ctx.cfg
     return vl_sft(VLSFTConfig(out=str(ctx.out / "vision"), steps=c.vl_steps, n_train=c.vl_train_examples,

@@ -54,7 +54,7 @@ class VLSFTConfig:
     n_train: int = 3000               # shapes examples to train on
     n_eval: int = 200                 # held-out shapes examples (another seed)
     seed: int = 0
-    image_size: int = 32              # a new tiny model's SigLIP view (its SAM view is twice as large)
+    image_size: int = 64              # a new tiny model's SigLIP view (its SAM view is twice as large)
 
     def __post_init__(self):
         if self.stage not in STAGES:
