@@ -109,7 +109,7 @@ class ImageProcessor:
             highs.append(high)
             lows.append(self._view(square, self.size, self.image_mean, self.image_std)[1])
         low = torch.stack(lows) if lows else torch.zeros(0, 3, self.size, self.size)
-        return low, (torch.stack(highs) if highs else None) if self.high_res_size is not None else None
+        return low, torch.stack(highs) if highs else None
 
     def _view(self, img, size: int, mean, std):
         """-> (the padded square PIL image, its normalised pixels [3, size, size])."""
