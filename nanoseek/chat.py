@@ -73,11 +73,13 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
         raise ValueError("continue_final_message needs an assistant message last")
     nonce, holes = secrets.token_hex(8), []
 
-    def hole(text: str) -> str:
+    def hole(text: str | list[int]) -> str:
         holes.append(text)
         return f"\ue000{nonce}:{len(holes) - 1}\ue001"
 
-    masked = [{**m, **{k: hole(m[k]) for k in ("content", "reasoning_content") if isinstance(m.get(k), str) and m[k]}}
+    # content may also be a list of text pieces and literal token-id lists (an image's placeholder ids)
+    masked = [{**m, **{k: hole(m[k]) for k in ("content", "reasoning_content") if isinstance(m.get(k), str) and m[k]},
+               **({"content": "".join(hole(p) for p in m["content"])} if isinstance(m.get("content"), list) else {})}
               for m in messages]
     text = tokenizer.apply_chat_template(masked, add_generation_prompt and not continue_final_message,
                                          **template_kwargs)
@@ -94,7 +96,8 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
     ids = []
     for i, piece in enumerate(re.split(f"\ue000{nonce}:(\\d+)\ue001", text)):
         if i % 2:
-            ids += tokenizer.encode_text(holes[int(piece)])
+            h = holes[int(piece)]
+            ids += list(h) if isinstance(h, list) else tokenizer.encode_text(h)
         elif piece:
             ids += tokenizer.encode(piece)
     return ids, opens_think

@@ -79,6 +79,27 @@ def cache_kind(cfg: ModelConfig) -> str:
     return f"GQA: K/V of {cfg.kv_heads} key/value heads"
 
 
+def vl_report(cfg, context: int, batch: int) -> str:
+    """``report`` for a DeepSeek-VL config (vision.VLConfig): the language model's figures, then
+    the towers' parameters and what one image costs in prompt tokens and cache."""
+    from .vision.vl import VisionParts
+    with torch.device("meta"):
+        parts = VisionParts(cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    towers = {"SigLIP": parts.vision_model, "aligner": parts.aligner}
+    if cfg.high_res is not None:
+        towers["SAM-B (+ neck, projection)"] = [parts.high_res_vision_model, parts.high_res_vision_neck,
+                                                parts.high_res_vision_proj]
+    sizes = {k: sum(count(x) for x in v) if isinstance(v, list) else count(v) for k, v in towers.items()}
+    text = estimate(cfg.text)
+    n = cfg.num_image_tokens
+    return "\n".join([
+        f"{cfg.model_type}: {(text.total_params + sum(sizes.values())) / 1e9:,.2f}B parameters "
+        f"({', '.join(f'{k} {v / 1e6:,.1f}M' for k, v in sizes.items())}; language model below)",
+        f"one image: {n} prompt tokens, {_human(n * text.kv_cache_bytes_per_token)} of KV cache (bf16)",
+        report(cfg.text, context, batch)])
+
+
 def report(cfg: ModelConfig, context: int, batch: int) -> str:
     e = estimate(cfg)
     mtp = (f" ({e.total_params_no_mtp / 1e9:,.2f}B main model + {e.mtp_params / 1e9:,.2f}B MTP; "

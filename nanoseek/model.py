@@ -302,22 +302,27 @@ class Transformer(nn.Module):
         return self.model.rotary_emb(positions, dtype)
 
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                       mask: torch.Tensor | None = None, cache=None, absorb: bool = False) -> torch.Tensor:
-        """input_ids [B, T] -> last layer's output [B, T, D], before the final norm."""
-        h = self.model.embed_tokens(input_ids)
+                       mask: torch.Tensor | None = None, cache=None, absorb: bool = False,
+                       inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> last layer's output [B, T, D], before the final norm.
+
+        inputs_embeds [B, T, D], when given, is used instead of embedding input_ids (a
+        vision-language prompt's image tokens: ``vision.vl``)."""
+        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self._rope(input_ids, positions, h.dtype)
         for layer in self.main_layers:
             h = layer(h, cos, sin, mask, cache, absorb)
         return h
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache=None, absorb: bool = False) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache=None, absorb: bool = False,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab_size].
 
         positions [B, T] (default 0..T-1), mask bool [B, 1, T, S] (default causal),
-        cache/absorb: see ``MLA.forward``; the engine drives these.
+        cache/absorb: see ``MLA.forward``; the engine drives these; inputs_embeds: see forward_hidden.
         """
-        h = self.forward_hidden(input_ids, positions, mask, cache, absorb)
+        h = self.forward_hidden(input_ids, positions, mask, cache, absorb, inputs_embeds)
         return self.lm_head(self.model.norm(h))
 
     def forward_train(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,

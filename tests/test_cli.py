@@ -10,7 +10,7 @@ import pytest
 
 from nanoseek import cli
 
-COMMANDS = ["estimate", "smoke", "generate", "chat", "pretrain", "sft", "eval", "grpo", "distill", "demo",
+COMMANDS = ["estimate", "smoke", "generate", "chat", "pretrain", "sft", "vl-sft", "eval", "grpo", "distill", "demo",
             "quantize", "serve"]
 LIBRARY = Path(cli.__file__).parents[1]
 # Library code moved out of the command layer: none of it may parse flags or import nanoseek.cli.

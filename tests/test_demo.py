@@ -95,6 +95,10 @@ def test_report_figures_come_from_the_run(demo):
     text = (out / "report.md").read_text()
     cfg = DemoConfig.quick()
 
+    # the vision stage's held-out accuracy, as measured
+    vis = results["vision"]
+    assert _table_row(text, "## Vision", "after")[1] == f"{100 * vis['accuracy_after']['all']:.1f}%"
+
     # accuracy rows: the numbers measured by the evaluate stage on the held-out split
     for name in ("pretrain", "sft", "grpo"):
         ev = results["evaluate"][name]

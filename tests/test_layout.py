@@ -104,7 +104,7 @@ def test_the_library_never_imports_the_command_layer():
 
 def test_importing_nanoseek_pulls_in_no_server_plotting_or_test_library():
     code = ("import sys, nanoseek, nanoseek.inference, nanoseek.chat; "
-            "print(sorted(m for m in ('fastapi', 'uvicorn', 'matplotlib', 'transformers', 'pytest') if m in sys.modules))")
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'matplotlib', 'transformers', 'pytest', 'PIL') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

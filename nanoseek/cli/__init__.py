@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "nanoseek.cli.generate",
     "nanoseek.cli.pretrain",
     "nanoseek.cli.sft",
+    "nanoseek.cli.vl_sft",
     "nanoseek.cli.eval",
     "nanoseek.cli.grpo",
     "nanoseek.cli.distill",

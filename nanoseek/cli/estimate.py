@@ -2,6 +2,7 @@
 
     nanoseek estimate --preset deepseek-v3 --context 32768
     nanoseek estimate --preset r1-distill-qwen-7b          # every published DeepSeek shape is a preset
+    nanoseek estimate --preset deepseek-vl-7b                # DeepSeek-VL: towers + language model
     nanoseek estimate --model path/to/checkpoint
 
 The work: nanoseek.estimate.report.
@@ -10,14 +11,15 @@ The work: nanoseek.estimate.report.
 from __future__ import annotations
 
 from ..config import PRESETS, ModelConfig
-from ..estimate import report
+from ..estimate import report, vl_report
+from ..vision.vl import VL_PRESETS, vl_preset
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("estimate", help="parameters, memory and KV-cache size of a model, from its config")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="deepseek-v3", choices=sorted(PRESETS), metavar="PRESET",
-                     help=f"a named config: {', '.join(PRESETS)}")
+    src.add_argument("--preset", default="deepseek-v3", choices=sorted([*PRESETS, *VL_PRESETS]), metavar="PRESET",
+                     help=f"a named config: {', '.join([*PRESETS, *VL_PRESETS])}")
     src.add_argument("--model", default=None, help="a checkpoint folder (only its config.json is read)")
     p.add_argument("--context", type=int, default=4096, help="tokens of context for the KV-cache total")
     p.add_argument("--batch", type=int, default=1, help="sequences for the KV-cache total")
@@ -25,6 +27,17 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.preset in VL_PRESETS and not args.model:
+        print(vl_report(vl_preset(args.preset), args.context, args.batch))
+        return 0
+    if args.model:
+        import json
+        from pathlib import Path
+        from ..vision.vl import VL_TYPES, VLConfig
+        d = json.loads((Path(args.model) / "config.json").read_text())
+        if d.get("model_type") in VL_TYPES:
+            print(vl_report(VLConfig.from_hf(d), args.context, args.batch))
+            return 0
     cfg = ModelConfig.from_hf(args.model) if args.model else ModelConfig.preset(args.preset)
     print(report(cfg, args.context, args.batch))
     return 0

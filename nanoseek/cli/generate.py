@@ -79,13 +79,39 @@ def print_stats(engine: Engine, elapsed: float, out=None) -> None:
 
 # ----------------------------------------------------------------------------- commands
 
+def read_images(engine: Engine, paths: list[str] | None) -> list:
+    """--image files as RGB images, refused (with the reason) if the model has no vision towers."""
+    if not paths:
+        return []
+    if engine.vision is None:
+        raise SystemExit(f"--image: {engine.config.model_type} has no vision towers (load a DeepSeek-VL checkpoint)")
+    from ..vision.image import ImageError, open_image
+    try:
+        return [open_image(p) for p in paths]
+    except (ImageError, OSError) as e:
+        raise SystemExit(f"--image: {e}") from None
+
+
+def with_images(engine: Engine, images: list, text: str) -> list:
+    """A user message's content: each image's <image_placeholder> ids, then the text."""
+    return [engine.image_slots() for _ in images] + [text]
+
+
 def run_generate(args) -> int:
     engine = load_engine(args, compile=args.compile)
     tok = engine.tokenizer
+    images = read_images(engine, args.image)
     if args.chat:
-        prompts = [chat_prompt(tok, [{"role": "user", "content": p}])[0] for p in args.prompt]
+        prompts = [chat_prompt(tok, [{"role": "user", "content": with_images(engine, images, p)}])[0]
+                   for p in args.prompt]
     else:
-        prompts = [tok.encode(p, add_bos=tok.bos_id is not None) for p in args.prompt]
+        slots = [t for _ in images for t in engine.image_slots()]
+        bos = [tok.bos_id] if tok.bos_id is not None else []
+        prompts = [bos + slots + tok.encode(p) for p in args.prompt]
+    if images:
+        sampling = dict(sampling_args(args), images=[images] * len(prompts))
+    else:
+        sampling = sampling_args(args)
     t0 = time.perf_counter()
     if len(prompts) == 1:  # one prompt: print as it is made
         stream = TextStream(tok)
@@ -96,7 +122,7 @@ def run_generate(args) -> int:
         else:
             sys.stdout.write(args.prompt[0])
             write = sys.stdout.write
-        for new in engine.stream(prompts, args.max_new_tokens, **sampling_args(args)):
+        for new in engine.stream(prompts, args.max_new_tokens, **sampling):
             write(stream.push(new[0]))
             sys.stdout.flush()
         write(stream.flush())
@@ -105,7 +131,7 @@ def run_generate(args) -> int:
         else:
             sys.stdout.write("\n")
     else:
-        outs = engine.generate(prompts, args.max_new_tokens, **sampling_args(args))
+        outs = engine.generate(prompts, args.max_new_tokens, **sampling)
         for i, (p, out) in enumerate(zip(args.prompt, outs)):
             text = tok.decode(out.tokens)
             if args.chat:
@@ -125,6 +151,7 @@ def run_chat(args) -> int:
     color = sys.stdout.isatty() and not args.no_color
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
+    images = read_images(engine, args.image)  # shown with the first message
     print(f"nanoseek chat: {args.model} ({engine.model.num_params():,} parameters). "
           "/reset clears the history, /exit leaves.")
     while True:
@@ -142,10 +169,13 @@ def run_chat(args) -> int:
             continue
         if not text:
             continue
-        messages.append({"role": "user", "content": text})
+        first = images and len(messages) == len(system)
+        messages.append({"role": "user", "content": with_images(engine, images, text) if first else text})
         ids = chat_prompt(tok, messages)[0]
         # Drop the oldest turns while the conversation leaves no room for a reply.
         while len(ids) + min(args.max_new_tokens, 16) > context and len(messages) > len(system) + 1:
+            if isinstance(messages[len(system)]["content"], list):
+                images = []  # the turn that showed them is gone
             del messages[len(system):len(system) + 2]
             ids = chat_prompt(tok, messages)[0]
         if len(ids) >= context:
@@ -156,7 +186,9 @@ def run_chat(args) -> int:
         stream = TextStream(tok)
         printer.begin()
         t0 = time.perf_counter()
-        for new in engine.stream([ids], min(args.max_new_tokens, context - len(ids)), **sampling_args(args)):
+        shown = [images] if images else None
+        for new in engine.stream([ids], min(args.max_new_tokens, context - len(ids)), **sampling_args(args),
+                                 images=shown):
             printer.feed(stream.push(new[0]))
         printer.feed(stream.flush())
         printer.end()
@@ -179,6 +211,8 @@ def _common_flags(p) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run the decode step through torch.compile (the first request pays the compilation)")
     p.add_argument("--stats", action="store_true", help="print tokens/s, tokens per forward and MTP acceptance")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image the model sees before the prompt (DeepSeek-VL checkpoints; repeat for more)")
 
 
 def add_parser(sub) -> None:

@@ -44,7 +44,8 @@ def run(args) -> int:
                      max_request_bytes=args.max_request_bytes, body_timeout=args.body_timeout,
                      ignore_unknown_fields=args.ignore_unknown_fields,
                      cors_origins=[o for o in (args.cors_origins or "").split(",") if o],
-                     default_thinking_budget=args.max_thinking_tokens)
+                     default_thinking_budget=args.max_thinking_tokens,
+                     allow_remote_images=args.allow_remote_images)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: refuse new work at once, then drain
@@ -117,6 +118,8 @@ def add_parser(sub) -> None:
                    help="ignore request fields the server does not implement (default: a 400 naming them)")
     p.add_argument("--cors-origins", default=None,
                    help="comma-separated origins allowed to call the API from a browser (default: none)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image_url parts (default: only data: URLs are accepted)")
     p.add_argument("--max-thinking-tokens", type=int, default=None,
                    help="default reasoning budget: after this many thinking tokens the model must close </think>")
     p.set_defaults(func=run)

@@ -44,6 +44,10 @@ class DemoConfig:
     bench_tokens: int = 128
     bench_repeats: int = 3  # timed rounds (medians), the variants compared interleaved
     samples: int = 4
+    # vision: a tiny DeepSeek-VL-style model on the synthetic shapes task
+    vl_steps: int = 1500
+    vl_train_examples: int = 3000
+    vl_eval_examples: int = 200
 
     @classmethod
     def full(cls, **changes) -> "DemoConfig":
@@ -54,7 +58,8 @@ class DemoConfig:
         return dataclasses.replace(cls(
             pretrain_examples=2000, pretrain_steps=30, batch_size=8, sft_examples=200, sft_steps=6, grpo_steps=2,
             grpo_prompts=2, grpo_group=4, max_new_tokens=96, eval_examples=8, student_pretrain_steps=10,
-            distill_prompts=8, distill_steps=4, bench_prompts=1, bench_tokens=24, bench_repeats=2, samples=2),
+            distill_prompts=8, distill_steps=4, bench_prompts=1, bench_tokens=24, bench_repeats=2, samples=2,
+            vl_steps=4, vl_train_examples=40, vl_eval_examples=8),
             **changes)
 
     def __post_init__(self):

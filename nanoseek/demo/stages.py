@@ -352,6 +352,14 @@ def stage_samples(ctx: Context) -> dict:
     return {"model": final.name, "samples": samples}
 
 
+def stage_vision(ctx: Context) -> dict:
+    """A tiny hybrid VL model (64 px SigLIP + 128 px SAM towers, 2-layer Llama) learns the shapes task from scratch."""
+    from ..train.vl_sft import VLSFTConfig, vl_sft
+    c = ctx.cfg
+    return vl_sft(VLSFTConfig(out=str(ctx.out / "vision"), steps=c.vl_steps, n_train=c.vl_train_examples,
+                              n_eval=c.vl_eval_examples, seed=c.seed), log=lambda *_: None)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -371,4 +379,5 @@ STAGES = [
     Stage("quantize", "int8 weight-only: accuracy and decode speed", stage_quantize),
     Stage("inference", "MLA cache size and MTP speculative decoding", stage_inference),
     Stage("samples", "sample answers with their reasoning", stage_samples),
+    Stage("vision", "a tiny vision-language model answers questions about images", stage_vision),
 ]

@@ -115,12 +115,14 @@ class Batch:
             slot, ids = len(self.rows), s.context_ids()
             fresh = not s.out
             if self.paged and fresh and prev is not None and not prev.out and prev.prompt == s.prompt \
-                    and s.params.prompt_logprobs is None:
+                    and s.params.prompt_logprobs is None and s.images is None and prev.images is None:
                 s.twin = prev.twin or prev  # prefilled once: this row shares the first one's pages
                 s.prefilled = 0
             else:
                 # at least the last token is prefilled; prompt log-probs need every position's logits
-                blocks = [] if s.params.prompt_logprobs is not None else self.prefix.lookup(ids, len(ids) - 1)
+                # an image prompt's placeholder ids do not identify its images: never shared
+                reuse = s.params.prompt_logprobs is None and s.images is None
+                blocks = self.prefix.lookup(ids, len(ids) - 1) if reuse else []
                 if blocks:
                     self.cache.restore(slot, blocks)
                 s.prefilled = len(blocks) * self.prefix.block
@@ -187,7 +189,8 @@ class Batch:
         short = ids.shape[1] * (R - dn) < R * (dn + cfg.v_head_dim)  # latent scores cost less than up-projection
         absorb = short and min(s.prefilled for s in seqs) > 0
         try:
-            hidden = self.engine.forward(ids, positions, cache, absorb=absorb)  # [B, T, D]
+            embeds = self.engine.embed_images(ids, seqs) if any(s.images is not None for s in seqs) else None
+            hidden = self.engine.forward(ids, positions, cache, absorb=absorb, inputs_embeds=embeds)  # [B, T, D]
             rows_b = torch.arange(len(real), device=dev)
             at = torch.tensor([n - 1 for _, n in real], device=dev)
             logits = self.engine.logits(hidden[rows_b, at])
@@ -250,7 +253,7 @@ class Batch:
             if s.prefilled < len(s.context_ids()) or i != self.running:
                 break  # a chunk: the row keeps waiting
             self.running += 1
-            if s.twin is None and not s.out:
+            if s.twin is None and not s.out and s.images is None:
                 slot = i
                 self.prefix.insert(s.prompt, lambda k, slot=slot: self.cache.snapshot(slot, k, self.prefix.block))
             if not s.out:  # fresh: its first token; a resumed row already has `last`

@@ -36,6 +36,11 @@ class Engine:
         preallocated cache (static shapes; the first request pays the compilation).
         prefix_cache_bytes > 0: prompt prefixes are kept and reused across calls; call
         ``prefix.clear()`` after changing the weights."""
+        # a vision-language model (vision.VLModel): the engine drives its language model and runs
+        # the towers once per image when a prompt is admitted (``images=`` of generate/stream)
+        self.vision = model.eval() if hasattr(model, "language") else None
+        self.image_processor = None  # set by from_pretrained from the checkpoint's preprocessor_config.json
+        model = model.language if self.vision is not None else model
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -49,8 +54,16 @@ class Engine:
         """An Engine over the checkpoint at `path` with the tokenizer saved next to it, on `device`,
         optionally quantized to int8/int4 as it loads (``load_pretrained``'s quantize)."""
         from ..hf.io import load_with_tokenizer
-        model, tokenizer = load_with_tokenizer(path, dtype=dtype, device=device, quantize=quantize)
-        return cls(model, tokenizer, compile=compile, prefix_cache_bytes=prefix_cache_bytes)
+        from ..hf.vl import is_vl_checkpoint, load_image_processor, load_vl_with_tokenizer
+        if not is_vl_checkpoint(path):
+            model, tokenizer = load_with_tokenizer(path, dtype=dtype, device=device, quantize=quantize)
+            return cls(model, tokenizer, compile=compile, prefix_cache_bytes=prefix_cache_bytes)
+        if quantize is not None:
+            raise ValueError(f"{path}: a DeepSeek-VL checkpoint does not load quantized")
+        model, tokenizer = load_vl_with_tokenizer(path, dtype=dtype, device=device)
+        engine = cls(model, tokenizer, compile=compile, prefix_cache_bytes=prefix_cache_bytes)
+        engine.image_processor = load_image_processor(path, model.config)
+        return engine
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -80,11 +93,40 @@ class Engine:
 
     # ------------------------------------------------------------------ forwards
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
-                absorb: bool) -> torch.Tensor:
-        """Main model over ids [B, T] at positions [B, T] -> normed final hidden [B, T, D]."""
+                absorb: bool, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Main model over ids [B, T] at positions [B, T] -> normed final hidden [B, T, D]
+        (inputs_embeds [B, T, D]: ``embed_images``' instead of the ids' embeddings)."""
         cache.prepare(positions)
-        h = self.model.forward_hidden(ids, positions, _mask(positions, cache), cache, absorb)
+        h = self.model.forward_hidden(ids, positions, _mask(positions, cache), cache, absorb, inputs_embeds)
         return self.model.model.norm(h)
+
+    # ------------------------------------------------------------------ images
+    def encode_images(self, images: list) -> torch.Tensor:
+        """PIL images -> their tokens [n * N, D], one after another (the towers run once per image)."""
+        if self.vision is None:
+            raise ValueError("this model has no vision towers; it cannot take images")
+        from ..vision.image import ImageProcessor
+        proc = self.image_processor or ImageProcessor.for_config(self.vision.config)
+        low, high = proc(images)
+        with torch.inference_mode():
+            dev, dt = self.device, self.dtype
+            tokens = self.vision.model.encode_images(low.to(dev, dt), None if high is None else high.to(dev, dt))
+        return tokens.flatten(0, 1).to(dt)
+
+    def embed_images(self, ids: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Embeddings of a prefill chunk ids [B, T] (row b: seqs[b] from its ``prefilled``), each
+        prompt's image tokens at its <image_placeholder> positions (generated ids are never replaced)."""
+        h = self.model.model.embed_tokens(ids)
+        image_id = self.vision.config.image_token_id if self.vision is not None else None
+        for b, s in enumerate(seqs):
+            if s.images is None:
+                continue
+            prompt = torch.tensor(s.prompt, device=ids.device)
+            slots = (prompt == image_id).nonzero().flatten()             # every image position in the prompt
+            before = int((slots < s.prefilled).sum())                    # filled by earlier chunks
+            here = slots[(slots >= s.prefilled) & (slots < s.prefilled + ids.shape[1])]
+            h[b, here - s.prefilled] = s.images[before:before + len(here)].to(h.dtype)
+        return h
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         """One token per row through the absorbed path (the compiled whole-cache step if enabled)."""
@@ -126,21 +168,23 @@ class Engine:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: list[list[int]] | None = None, speculative: str | None = None,
-                 seeds: list[int] | None = None, **controls) -> list[Completion]:
+                 seeds: list[int] | None = None, images: list[list] | None = None, **controls) -> list[Completion]:
         """Each prompt's new token ids and finish reason (prompt, EOS and stop sequence excluded):
         admit every prompt, step until all are done. seeds: one per prompt instead of `seed`, each
         row then sampled with its own generator, so a row's tokens do not depend on the others.
+        images: per prompt, the PIL images whose tokens fill its <image_placeholder> ids (a VL model).
         controls: the server's other settings, as ``SamplingParams`` fields (CONTROLS: min_p,
         presence/frequency/repetition_penalty, logit_bias, min_tokens, ignore_eos)."""
         seqs, batch = self._start(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative, seeds,
-                                  controls)
+                                  images, controls)
         for _ in self._run(seqs, batch):
             pass
         return [Completion(s.out, s.finish_reason, s.cached_tokens) for s in seqs]
 
     def stream(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop: list[list[int]] | None = None, speculative: str | None = None, **controls):
+               stop: list[list[int]] | None = None, speculative: str | None = None, images: list[list] | None = None,
+               **controls):
         """Like ``generate`` but yields, after every forward, each prompt's newly final tokens.
 
         Tokens that might begin a stop sequence are held back until they cannot. Greedy when
@@ -148,11 +192,36 @@ class Engine:
         drafts one token that the main model verifies in the same forward as the next.
         """
         seqs, batch = self._start(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative,
-                                  None, controls)
+                                  None, images, controls)
         yield from self._run(seqs, batch)
 
+    def attach_images(self, seq: Sequence, images: list | None, what: str = "the prompt") -> None:
+        """Encode a prompt's images and check they fill its <image_placeholder> ids exactly."""
+        tokens = self.encode_images(list(images)) if images else None
+        self.check_images(seq.prompt, tokens, what, len(images or []))
+        seq.images = tokens
+
+    def check_images(self, prompt: list[int], tokens: torch.Tensor | None, what: str = "the prompt",
+                     n_images: int | None = None) -> None:
+        """ValueError unless image tokens [n, D] fill the prompt's <image_placeholder> ids exactly."""
+        image_id = self.vision.config.image_token_id if self.vision is not None else None
+        slots = sum(t == image_id for t in prompt) if image_id is not None else 0
+        if tokens is None:
+            if slots:
+                raise ValueError(f"{what} has {slots} image positions but no images")
+            return
+        if tokens.shape[0] != slots:
+            per = self.vision.config.num_image_tokens
+            n = n_images if n_images is not None else tokens.shape[0] // per
+            raise ValueError(f"{what}: {n} images need {n} x {per} <image_placeholder> ids; the prompt has {slots}")
+
+    def image_slots(self) -> list[int]:
+        """The ids one image takes in a prompt (a content piece for ``chat_prompt``)."""
+        cfg = self.vision.config
+        return [cfg.image_token_id] * cfg.num_image_tokens
+
     def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative, seeds=None,
-               controls=None):
+               images=None, controls=None):
         """Validate a generate/stream call and admit its prompts into a batch of their own."""
         unknown = sorted(set(controls or {}) - CONTROLS)
         if unknown:
@@ -170,6 +239,8 @@ class Engine:
         else:
             generators = [new_generator(s, self.device) for s in seeds]
         seqs = [Sequence(p, params, generator=g) for p, g in zip(prompts, generators)]
+        for i, (s, imgs) in enumerate(zip(seqs, images or [None] * len(seqs))):
+            self.attach_images(s, imgs, what=f"prompts[{i}]")
         batch = Batch(self, len(seqs), max(len(p) for p in prompts) + max_new_tokens + 1, speculative)
         batch.admit(seqs)
         return seqs, batch

@@ -121,14 +121,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ API side (any thread)
     def submit(self, prompt: list[int], params: SamplingParams,
-               on_event: Callable[[Event], None] = lambda e: None) -> Request:
-        """Queue a request; raises ValueError (bad request), QueueFull or NotRunning."""
+               on_event: Callable[[Event], None] = lambda e: None, images=None) -> Request:
+        """Queue a request; raises ValueError (bad request), QueueFull or NotRunning.
+        images: [n, D] tokens (``Engine.encode_images``) for the prompt's <image_placeholder> ids."""
         params.validate()
         check_prompt(prompt, params.max_tokens, min(self.context, self.batch.cache.capacity),
                      self.engine.config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise ValueError("text stop sequences need a tokenizer")
         req = Request(prompt, params, on_event, self.tokenizer, self.engine.device)
+        self.engine.check_images(prompt, images)
+        req.images = images
         with self._lock:
             if self._closed:
                 raise NotRunning("the scheduler is not running")

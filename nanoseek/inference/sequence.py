@@ -115,6 +115,7 @@ class Sequence:
         self.prompt_logprobs: list | None = None
         self.prefilled = 0  # tokens of context_ids() already in the cache (while being prefilled)
         self.twin: Sequence | None = None  # an identical prompt admitted just before: its pages are shared
+        self.images: torch.Tensor | None = None  # [n, D] tokens for the prompt's <image_placeholder> ids, in order
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
         self.error: str | None = None
         self.exception: BaseException | None = None

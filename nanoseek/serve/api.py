@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException
 
 from .metrics import Metrics
 from .middleware import Guard
+from .images import ImagePolicy
 from .prepare import Context, prepare_chat, prepare_completion
 from .protocol import (UNSUPPORTED, APIError, ChatRequest, CompletionRequest, Message, Model, Text, TokenId,
                        error_response, unknown_fields, validation_message)
@@ -106,13 +107,15 @@ class Server:
     """What the routes share: the scheduler, options, metrics and the draining flag."""
 
     def __init__(self, scheduler, model_name: str, log_requests: bool, retry_after: int,
-                 default_thinking_budget: int | None):
+                 default_thinking_budget: int | None, allow_remote_images: bool = False):
         self.scheduler, self.tokenizer, self.model_name = scheduler, scheduler.tokenizer, model_name
         self.log_requests, self.retry_after = log_requests, retry_after
         self.metrics = Metrics(scheduler)
         self.draining = False  # set at shutdown: /health says 503 and new requests are refused
         self.ctx = Context(self.tokenizer, scheduler.context, scheduler.engine.eos_ids,
                            scheduler.engine.config.vocab_size, default_thinking_budget)
+        if scheduler.engine.vision is not None:  # a DeepSeek-VL model: image_url parts accepted
+            self.ctx.images = ImagePolicy(scheduler.engine, allow_remote=allow_remote_images)
 
     def health(self) -> str | None:
         """Why the server cannot take requests now, or None."""
@@ -131,12 +134,12 @@ class Server:
 def create_app(scheduler, model_name: str, api_key: str | None = None, log_requests: bool = False,
                max_request_bytes: int = 4 << 20, body_timeout: float = 30.0, ignore_unknown_fields: bool = False,
                cors_origins: list[str] | None = None, retry_after: int = 1,
-               default_thinking_budget: int | None = None) -> FastAPI:
+               default_thinking_budget: int | None = None, allow_remote_images: bool = False) -> FastAPI:
     """The FastAPI app serving `scheduler`'s model under the id `model_name`.
 
     Long by design: the routes are closures over one ``Server``, defined in the order a request
     meets them (errors, auth, pages and probes, then the two generation endpoints)."""
-    server = Server(scheduler, model_name, log_requests, retry_after, default_thinking_budget)
+    server = Server(scheduler, model_name, log_requests, retry_after, default_thinking_budget, allow_remote_images)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -205,8 +208,10 @@ def create_app(scheduler, model_name: str, api_key: str | None = None, log_reque
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
+        vision = "true" if server.ctx.images is not None else "false"  # the page offers image attachments
         return HTMLResponse(page.replace("__MODEL__", html.escape(model_name)).replace(
-            "__NEEDS_KEY__", "true" if api_key else "false"), headers={"Content-Security-Policy": CSP})
+            "__NEEDS_KEY__", "true" if api_key else "false").replace("__VISION__", vision),
+            headers={"Content-Security-Policy": CSP})
 
     @app.get("/health")
     async def health():

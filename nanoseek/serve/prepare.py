@@ -32,6 +32,7 @@ class Context:
     eos: set[int]
     vocab_size: int  # the model's (its embedding may have more rows than the tokenizer has tokens)
     default_thinking_budget: int | None = None
+    images: object = None  # serve.images.ImagePolicy when the model has vision towers
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Job:
     n: int = 1  # choices per prompt returned (best_of runs may be more)
     drop_output: bool = False  # max_tokens 0 with echo: only the prompt comes back
     want_logprobs: bool = False  # the client asked for log-probs (best_of records them anyway)
+    images: object = None  # [n, D] image tokens for the chat prompt's <image_placeholder> ids
 
 
 def _max_tokens(ctx: Context, prompt: list[int], wanted: int | None, param: str) -> int:
@@ -85,10 +87,32 @@ def _response_grammar(tok, body: RequestBase) -> Grammar | None:
         raise APIError(400, f"response_format: {e}", param="response_format") from None
 
 
-def _messages(body: ChatRequest) -> list[dict]:
+def _content(ctx: Context, m, i: int, images: list):
+    """A message's content for chat_prompt: text, or text pieces and each image's placeholder ids."""
+    if m.content is None or isinstance(m.content, str):
+        return m.content
+    if all(p.type == "text" for p in m.content):
+        return "".join(p.text for p in m.content)
+    if ctx.images is None:
+        raise APIError(400, "this model has no vision towers; image_url parts are not accepted",
+                       param=f"messages.{i}.content")
+    pieces = []
+    for j, p in enumerate(m.content):
+        if p.type == "text":
+            pieces.append(p.text)
+            continue
+        if len(images) >= ctx.images.limits.max_images:
+            raise APIError(400, f"more than {ctx.images.limits.max_images} images in one request",
+                           param=f"messages.{i}.content.{j}")
+        images.append(ctx.images.read(p.image_url.url, where=f"messages.{i}.content.{j}"))
+        pieces.append(ctx.images.engine.image_slots())
+    return pieces
+
+
+def _messages(ctx: Context, body: ChatRequest, images: list) -> list[dict]:
     out = []
-    for m in body.messages:
-        content = m.content if m.content is None or isinstance(m.content, str) else "".join(p.text for p in m.content)
+    for i, m in enumerate(body.messages):
+        content = _content(ctx, m, i, images)
         msg = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.reasoning_content is not None:
             msg["reasoning_content"] = m.reasoning_content
@@ -113,7 +137,8 @@ def prepare_chat(ctx: Context, body: ChatRequest) -> Job:
         if not tools:
             raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools",
                            param="tool_choice")
-    messages, kwargs = _messages(body), dict(body.chat_template_kwargs or {})
+    images: list = []
+    messages, kwargs = _messages(ctx, body, images), dict(body.chat_template_kwargs or {})
     offered = tools if choice != "none" else None
     if tok.own_template is not None:
         kwargs["tools"] = offered
@@ -139,8 +164,9 @@ def prepare_chat(ctx: Context, body: ChatRequest) -> Job:
     max_tokens = _max_tokens(ctx, ids, body.max_completion_tokens or body.max_tokens, "messages")
     lp = body.top_logprobs or 0 if body.logprobs else None
     runs = [(ids, _params(ctx, body, max_tokens, i, logprobs=lp, guide=guide)) for i in range(body.n)]
+    tokens = ctx.images.engine.encode_images(images) if images else None  # the towers, once per image
     return Job(runs, [0] * body.n, [ids], inside=inside, tools=choice != "none", n=body.n,
-               want_logprobs=body.logprobs)
+               want_logprobs=body.logprobs, images=tokens)
 
 
 def prepare_completion(ctx: Context, body: CompletionRequest) -> Job:

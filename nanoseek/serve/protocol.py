@@ -75,6 +75,19 @@ class TextPart(Model):
     text: Text()
 
 
+class ImageURL(Model):
+    url: Text(64 << 20, 1)  # a data: URL (the request-body limit bounds it first)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; DeepSeek-VL has one resolution
+
+
+class ImagePart(Model):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class FunctionCall(Model):
     name: FunctionName
     arguments: Text()  # JSON text, as OpenAI sends it
@@ -88,7 +101,7 @@ class ToolCall(Model):
 
 class Message(Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text() | Annotated[list[TextPart], Field(max_length=256)] | None = None
+    content: Text() | Annotated[list[ContentPart], Field(max_length=256)] | None = None
     name: Text(64) | None = None
     reasoning_content: Text() | None = None
     tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None

@@ -27,7 +27,7 @@ from .tools import ToolCallStream, parse_tool_calls
 DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
 
 
-def submit(server, runs, events: asyncio.Queue) -> list:
+def submit(server, runs, events: asyncio.Queue, images=None) -> list:
     """Queue every run; all or nothing. Events arrive as (run index, Event)."""
     sched = server.scheduler
     if len(runs) > sched.incoming.maxsize:  # could never be queued at once: not worth a retry
@@ -40,7 +40,8 @@ def submit(server, runs, events: asyncio.Queue) -> list:
     reqs = []
     try:
         for i, (ids, p) in enumerate(runs):
-            reqs.append(sched.submit(ids, p, lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
+            reqs.append(sched.submit(ids, p, lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev)),
+                                     images=images))
     except (QueueFull, NotRunning, ValueError) as e:
         for r in reqs:
             r.cancel()
@@ -113,7 +114,7 @@ def _finish(reason: str | None, calls: bool) -> str:
 async def respond(server, request: Request, kind: str, job, stream: bool, include_usage: bool):
     """Submit the job's runs and answer with one JSON body or an SSE stream."""
     events: asyncio.Queue = asyncio.Queue()
-    reqs = submit(server, job.runs, events)
+    reqs = submit(server, job.runs, events, job.images)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     t0 = time.perf_counter()
     choices = [Choice(job.echo[job.choice_prompt[i]] if job.echo else "") for i in range(len(job.runs))]
