@@ -31,7 +31,6 @@ Shapes: B batch, T queries, S keys, H^I indexer heads, d^I their size, k index_t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
