@@ -115,20 +115,26 @@ class Experts(nn.Module):
             return few(x, weights, indices, self.gate_proj, self.up_proj, self.down_proj)
         order, counts = sort_by_expert(indices, self.gate_proj.shape[0])  # [N*K] pair ids grouped by expert
         token = order // K
-        xs = x[token]  # [N*K, D], grouped by expert
-        # unbind once: indexing a stacked parameter per expert would make autograd build a
-        # zero-filled [E, ...] gradient for every slice.
-        w_gate, w_up, w_down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
         # The routing weight scales the (narrower) intermediate activation: same result as
         # scaling the expert's output, half the elementwise work in forward and backward.
-        gates = weights.flatten()[order].unsqueeze(-1).to(x.dtype).split(counts)
-        y = torch.zeros_like(x)
-        for e, (h, g, tok) in enumerate(zip(xs.split(counts), gates, token.split(counts))):
-            if h.shape[0] == 0:
-                continue
-            h = F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t()) * g
-            y.index_add_(0, tok, (h @ w_down[e].t()).to(y.dtype))
-        return y
+        gates = weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        out = expert_products(x[token], gates, counts, self.gate_proj, self.up_proj, self.down_proj)
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+
+def expert_products(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], gate_proj: torch.Tensor,
+                    up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """Rows grouped by expert -> each row's gated expert output: xs [M, D] holds counts[e] rows for
+    expert e in turn, gates [M, 1] their routing weights -> [M, D]. Expert parallelism
+    (train/expert_parallel.py) calls this on the rows other ranks dispatched to this one."""
+    # unbind once: indexing a stacked parameter per expert would make autograd build a
+    # zero-filled [E, ...] gradient for every slice.
+    w_gate, w_up, w_down = gate_proj.unbind(0), up_proj.unbind(0), down_proj.unbind(0)
+    outs = []
+    for e, (h, g) in enumerate(zip(xs.split(counts), gates.split(counts))):
+        if h.shape[0]:
+            outs.append(F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t()) * g @ w_down[e].t())
+    return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
 
 def _routed_experts_few(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_proj: torch.Tensor,
