@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import warnings
 
 import pytest
 import torch
@@ -124,6 +125,16 @@ def test_fsdp_and_expert_parallel_match_one_process(tmp_path):
     experts = sum(p.numel() * 4 * 3 for n, p in model.named_parameters() if ".experts." in n)
     for b in per_rank["ep2"]:  # replicated, but each rank holds half the routed experts
         assert b == pytest.approx(ref_bytes - experts / 2, rel=1e-3)
+    # The sharded run's HF export (gathered one parameter at a time) is a checkpoint transformers runs.
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "fsdp_ep2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    x = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, load_pretrained(path, dtype=torch.float32).eval()(x),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_sharded_checkpoint_saved_at_world_4_resumes_at_world_2(tmp_path):
