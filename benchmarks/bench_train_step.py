@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_train_step.py            # batch 8 x 256, fp32 and bf16 autocast
     .venv/bin/python benchmarks/bench_train_step.py --iters 5
+    .venv/bin/python benchmarks/bench_train_step.py --compile            # each nanoseek block torch.compiled
+    .venv/bin/python benchmarks/bench_train_step.py --experts loop       # per-expert matmul loop, not _grouped_mm
 
 Config (the model-core issue's): hidden 256, 4 layers (first dense), 8 heads, kv_lora_rank 64,
 16 routed experts top-4, 1 shared expert. fwd is the inference forward to logits; fwd+bwd is a
@@ -99,12 +101,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_step_args(p)
     p.add_argument("--iters", type=int, default=7, help="timed iterations (median reported)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each nanoseek block (as --compile trains)")
+    p.add_argument("--experts", choices=("grouped", "loop"), default="grouped",
+                   help="routed-expert products: torch._grouped_mm (default where available) or a per-expert loop")
+    p.add_argument("--modes", default="fwd-fp32,fwdbwd-fp32,fwd-bf16,fwdbwd-bf16", help="comma-separated modes to time")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
+    import nanoseek.model
+    if args.experts == "loop":  # benchmark-only switch: the library picks grouped wherever it runs
+        nanoseek.model._has_grouped_mm = lambda x: False
     ours, ref = same_weights(CONFIG)
+    if args.compile:
+        for layer in ours.model.layers:
+            layer.compile()
     cfg = ours.config
     ours.train()
     ref.train()
@@ -112,10 +124,14 @@ def main(argv=None) -> int:
     y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
     tokens = args.batch * args.seq
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch} x {args.seq}, {ours.num_params() / 1e6:.1f}M params")
+          f"batch {args.batch} x {args.seq}, {ours.num_params() / 1e6:.1f}M params, experts {args.experts}"
+          f"{', compiled blocks' if args.compile else ''}")
+    modes = args.modes.split(",")
     print(f"{'mode':<28}{'nanoseek tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}")
     for autocast in (False, True):
         for backward in (False, True):
+            if f"{'fwdbwd' if backward else 'fwd'}-{'bf16' if autocast else 'fp32'}" not in modes:
+                continue
             fns = [step_fn(ours, ours, nanoseek_loss(ours), x, y, backward, autocast),
                    step_fn(ref, lambda t: ref(t).logits, transformers_loss(ref), x, y, backward, autocast)]
             t_ours, t_ref = time_pair(fns, args.iters)

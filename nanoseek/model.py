@@ -20,6 +20,8 @@ applied from outside (``model.to(torch.bfloat16)``, ``quant.quantize_model(model
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,10 +125,23 @@ class Experts(nn.Module):
 
 
 def expert_products(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], gate_proj: torch.Tensor,
-                    up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+                    up_proj: torch.Tensor, down_proj: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
     """Rows grouped by expert -> each row's gated expert output: xs [M, D] holds counts[e] rows for
     expert e in turn, gates [M, 1] their routing weights -> [M, D]. Expert parallelism
-    (train/expert_parallel.py) calls this on the rows other ranks dispatched to this one."""
+    (train/expert_parallel.py) calls this on the rows other ranks dispatched to this one.
+
+    grouped (default: where the device has it): one ``torch._grouped_mm`` per projection over all
+    experts (offsets = cumulative counts) instead of a Python loop of per-expert matmuls; the same
+    products, bit for bit on CPU."""
+    if grouped is None:  # its strides must be multiples of 16 bytes
+        grouped = _has_grouped_mm(xs) and xs.shape[-1] % 8 == 0 and gate_proj.shape[1] % 8 == 0
+    if grouped:
+        dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)
+        xs, gates = xs.to(dtype).contiguous(), gates.to(dtype)
+        mm = functools.partial(_grouped_mm, offs=offs)
+        h = F.silu(mm(xs, gate_proj.to(dtype).mT)) * mm(xs, up_proj.to(dtype).mT) * gates
+        return mm(h, down_proj.to(dtype).mT)
     # unbind once: indexing a stacked parameter per expert would make autograd build a
     # zero-filled [E, ...] gradient for every slice.
     w_gate, w_up, w_down = gate_proj.unbind(0), up_proj.unbind(0), down_proj.unbind(0)
@@ -135,6 +150,33 @@ def expert_products(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], ga
         if h.shape[0]:
             outs.append(F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t()) * g @ w_down[e].t())
     return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
+
+
+def _has_grouped_mm(x: torch.Tensor) -> bool:
+    """torch._grouped_mm runs on CPU (any float dtype) and on CUDA sm90+ in bf16."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cuda")))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: _grouped_mm's backward
+    rejects broadcast (stride-0) gradients, such as the one ``y.sum().backward()`` sends."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(torch._grouped_mm(a, b, offs=offs))
 
 
 def _routed_experts_few(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_proj: torch.Tensor,
