@@ -156,3 +156,29 @@ def test_layout_names_the_flag():
         Layout.resolve(4, dp_shard=3)
     with pytest.raises(ValueError, match="--ep=3"):
         Layout.resolve(4, ep=3)
+
+
+def test_fp8_linears_train_in_emulation():
+    """--fp8's conversion (torchao float8, rowwise) on a CPU in emulation: the blocks' linears become
+    Float8Linear, embedding/head/router stay, and a bf16 step's loss stays near fp32's."""
+    pytest.importorskip("torchao.float8")
+    from nanoseek.train.losses import linear_cross_entropy
+    from nanoseek.train.parallelize import apply_fp8
+    model = micro_model()
+    x = torch.randint(0, VOCAB, (2, 32))
+
+    def loss():
+        hidden, _ = model.forward_train(x)
+        return linear_cross_entropy(hidden, model.lm_head.weight, x)
+    ref = float(loss())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_fp8(model, emulate=True)
+    kinds = {type(m).__name__ for m in model.model.layers.modules()}
+    assert "Float8Linear" in kinds and type(model.lm_head).__name__ != "Float8Linear"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss()
+    value.backward()
+    assert abs(float(value) - ref) / ref < 0.02
+    fp8 = [m for layer in model.main_layers for m in layer.modules() if type(m).__name__ == "Float8Linear"]
+    assert fp8 and all(m.weight.grad is not None and m.weight.grad.isfinite().all() for m in fp8)

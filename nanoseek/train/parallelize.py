@@ -121,14 +121,19 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
-def apply_fp8(model: nn.Module) -> None:
-    """Swap the blocks' nn.Linear layers for torchao's float8 training linears (rowwise scaling:
-    the closest torchao recipe to DeepSeek-V3's fine-grained 1×128 / 128×128 scaling; fp32
-    accumulation). The embedding, the head and the router stay in high precision, as in DeepSeek-V3."""
-    if not torch.cuda.is_available():
+def apply_fp8(model: nn.Module, emulate: bool = False) -> None:
+    """Swap the blocks' linear layers for torchao's float8 training linears: rowwise (per-row and
+    per-column) dynamic scaling, the torchao recipe closest to DeepSeek-V3's fine-grained 1×128
+    activation / 128×128 weight blocks, with fp32 accumulation in the gradient matmuls. The embedding,
+    the output head, the router and the stacked routed experts stay in high precision (DeepSeek-V3
+    keeps embedding, head and gating in BF16/FP32 too). emulate: the float8 casts without float8
+    matmuls, so the path runs (slowly) on a CPU - for tests."""
+    if not (emulate or torch.cuda.is_available()):
         raise RuntimeError("--fp8 needs a CUDA GPU with float8 matmuls (sm89+)")
+    import dataclasses
+
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-    config = Float8LinearConfig.from_recipe_name("rowwise")
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name("rowwise"), emulate=emulate)
     convert_to_float8_training(model.model.layers, config=config,
                                module_filter_fn=lambda m, name: m.in_features % 16 == 0 and m.out_features % 16 == 0)
 
