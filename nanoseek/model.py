@@ -130,9 +130,9 @@ def expert_products(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], ga
     expert e in turn, gates [M, 1] their routing weights -> [M, D]. Expert parallelism
     (train/expert_parallel.py) calls this on the rows other ranks dispatched to this one.
 
-    grouped (default: where the device has it): one ``torch._grouped_mm`` per projection over all
-    experts (offsets = cumulative counts) instead of a Python loop of per-expert matmuls; the same
-    products, bit for bit on CPU."""
+    grouped (default: CUDA sm90+ in bf16): one ``torch._grouped_mm`` per projection over all experts
+    (offsets = cumulative counts) instead of a Python loop of per-expert matmuls; the same products
+    (bit for bit on a CPU, where the test runs it)."""
     if grouped is None:  # its strides must be multiples of 16 bytes
         grouped = _has_grouped_mm(xs) and xs.shape[-1] % 8 == 0 and gate_proj.shape[1] % 8 == 0
     if grouped:
@@ -153,12 +153,11 @@ def expert_products(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], ga
 
 
 def _has_grouped_mm(x: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on CPU (any float dtype) and on CUDA sm90+ in bf16."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return True
-    return (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    """Where torch._grouped_mm pays: CUDA sm90+ in bf16. It also runs (exactly) on a CPU, but there it is
+    a loop of matmuls itself and measured no faster (BENCHMARKS.md), and its fake-tensor rule wants
+    bf16, so torch.compile could not trace it: the CPU keeps the loop."""
+    return (hasattr(torch, "_grouped_mm") and x.device.type == "cuda"
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)
             and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cuda")))
 
 

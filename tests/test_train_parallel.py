@@ -1,7 +1,7 @@
 """FSDP2, expert parallelism and sharded checkpoints (train/parallelize.py, expert_parallel.py, state.py)
 with 2 and 4 CPU processes (gloo, torch.multiprocessing): the same losses, gradient norms and expert
 biases as one process, per-rank parameter + AdamW bytes ≈ 1/N, and a DCP checkpoint saved at world 4
-(HSDP + EP) that resumes at world 2 (FSDP + EP) as world 4 would have continued.
+(HSDP + EP) that resumes at world 2 (FSDP + EP), and in one process, as world 4 would have continued.
 
 Tolerance: fp32 reductions in another order (FSDP's reduce-scatter, all-to-all then index_add):
 losses and gradient norms agree within 1e-5 relative; weights after AdamW within 1e-4 (Adam divides
@@ -75,8 +75,8 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
                 loop.build_adamw = build
             with open(os.path.join(job["out"], f"bytes{rank}.json"), "w") as f:
                 json.dump(local_bytes(model, seen["opt"].state), f)
-            if job.get("copy_to") and rank == 0:
-                shutil.copytree(job["out"], job["copy_to"])
+            for copy in job.get("copy_to", []) if rank == 0 else []:
+                shutil.copytree(job["out"], copy)
             dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -139,14 +139,17 @@ def test_fsdp_and_expert_parallel_match_one_process(tmp_path):
 
 
 def test_sharded_checkpoint_saved_at_world_4_resumes_at_world_2(tmp_path):
-    four, two, one = tmp_path / "four", tmp_path / "two", tmp_path / "one"
+    four, two, solo, one = tmp_path / "four", tmp_path / "two", tmp_path / "solo", tmp_path / "one"
     # World 4 runs HSDP (2 replicas × 2 shards) + EP 2; world 2 resumes its checkpoint as FSDP 2 + EP 2.
     cfg = {"ep": 2, "checkpoint_every": 3}
     hsdp = {**cfg, "dp_replicate": 2}
-    launch(4, [{"out": str(four), "cfg": {**hsdp, "stop_at": 3}, "copy_to": str(two)},
+    launch(4, [{"out": str(four), "cfg": {**hsdp, "stop_at": 3}, "copy_to": [str(two), str(solo)]},
                {"out": str(four), "cfg": hsdp, "resume": True}])
     launch(2, [{"out": str(two), "cfg": cfg, "resume": True}])
     assert_same_run(four, two, range(1, STEPS + 1))
+    # ... and in one process, without a process group (DCP reads whole tensors).
+    train(load_pretrained(solo, dtype=torch.float32), micro_rows(), config(), solo, resume=True, env=DistEnv())
+    assert_same_run(four, solo, range(1, STEPS + 1))
     train(micro_model(), micro_rows(), config(), one, env=DistEnv())
     assert_same_run(one, four, range(1, STEPS + 1))
 

@@ -42,7 +42,7 @@ from .flops import matmul_peak_flops, mfu, training_flops_per_token
 from .losses import IGNORE, linear_cross_entropy, mtp_loss, mtp_targets, sequence_balance_loss
 from .optim import build_adamw, warmup_cosine, warmup_stable_decay
 from .parallelize import Layout, Meshes, clip_grad_norm, parallelize
-from .state import (load_sharded_train_state, load_train_state, refuse_existing_run, save_checkpoint,
+from .state import (load_sharded_train_state, load_train_state, read_state, refuse_existing_run, save_checkpoint,
                     save_sharded_checkpoint, start_fresh, truncate_metrics)
 from .step import MetricsLog, optimizer_step
 
@@ -269,10 +269,13 @@ def _start_step(out_dir: Path, model, optimizer, cfg: TrainConfig, resume: bool,
                 meshes: Meshes | None = None) -> int:
     """0 for a fresh run; the checkpointed step (optimizer and RNG restored) when resuming."""
     if resume:
-        if meshes is None:
+        if read_state(out_dir).get("sharded"):  # DCP: any layout, one process included
+            state = load_sharded_train_state(out_dir, model, optimizer, meshes.experts if meshes else None)
+        elif meshes is None:
             state = load_train_state(out_dir, model, optimizer)
         else:
-            state = load_sharded_train_state(out_dir, model, optimizer, meshes.experts)
+            raise ValueError(f"{out_dir}: a one-process checkpoint; resume it in one process, or start the "
+                             "sharded run from it with --model")
         saved = state.get("train_config", {})
         for name in ("batch_size", "seed"):
             if saved.get(name) != getattr(cfg, name):

@@ -292,13 +292,13 @@ def save_sharded_checkpoint(out_dir, model, optimizer, step: int, rank: int, tok
 
 
 def load_sharded_train_state(out_dir, model, optimizer, expert_mesh=None) -> dict:
-    """Restore model + AdamW from DIR/train_state/dcp at this run's layout (any world size), and RNG."""
+    """Restore model + AdamW from DIR/train_state/dcp at this run's layout (any world size, one process
+    without a process group included: DCP then reads whole tensors), and RNG."""
     import torch.distributed.checkpoint as dcp
     state = read_state(out_dir)
     state_dir = Path(out_dir) / TRAIN_STATE
     if not state.get("sharded"):
-        raise ValueError(f"{state_dir}: saved by a one-process run; resume it in one process "
-                         "(or start a sharded run from it with --model)")
+        raise ValueError(f"{state_dir}: saved by a one-process run, not a sharded one")
     _init_optimizer_state(optimizer)
     dcp.load(sharded_state(model, optimizer, expert_mesh), checkpoint_id=str(state_dir / DCP_DIR))
     set_rng_state(load_file(str(state_dir / "rng.safetensors")), state["rng"])
