@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_train_step.py            # batch 8 x 256, fp32 and bf16 autocast
     .venv/bin/python benchmarks/bench_train_step.py --iters 5
+    .venv/bin/python benchmarks/bench_train_step.py --compile            # each nanoseek block torch.compiled
+    .venv/bin/python benchmarks/bench_train_step.py --experts grouped    # torch._grouped_mm for the experts
 
 Config (the model-core issue's): hidden 256, 4 layers (first dense), 8 heads, kv_lora_rank 64,
 16 routed experts top-4, 1 shared expert. fwd is the inference forward to logits; fwd+bwd is a
@@ -95,16 +97,43 @@ def time_pair(fns, iters: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def _with_experts(module, grouped: bool, fn):
+    def run():
+        module._has_grouped_mm = lambda x: grouped
+        fn()
+    return run
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_step_args(p)
     p.add_argument("--iters", type=int, default=7, help="timed iterations (median reported)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each nanoseek block (as --compile trains)")
+    p.add_argument("--experts", choices=("auto", "grouped", "loop"), default="auto",
+                   help="routed-expert products: the library's choice (auto: grouped on CUDA sm90 bf16, else the "
+                        "loop), torch._grouped_mm, or the per-expert loop")
+    p.add_argument("--baseline", choices=("transformers", "eager", "loop"), default="transformers",
+                   help="what nanoseek is timed against: transformers, nanoseek uncompiled (with --compile), or "
+                        "nanoseek with the per-expert loop (with --experts grouped); same weights, alternating")
+    p.add_argument("--modes", default="fwd-fp32,fwdbwd-fp32,fwd-bf16,fwdbwd-bf16", help="comma-separated modes to time")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
+    import nanoseek.model
+    if args.experts != "auto":  # benchmark-only switch over the library's own choice
+        nanoseek.model._has_grouped_mm = lambda x: args.experts == "grouped"
     ours, ref = same_weights(CONFIG)
+    switch = None
+    if args.baseline == "eager":
+        import copy
+        ref = copy.deepcopy(ours)
+    elif args.baseline == "loop":
+        ref, switch = ours, nanoseek.model
+    if args.compile:
+        for layer in ours.model.layers:
+            layer.compile()
     cfg = ours.config
     ours.train()
     ref.train()
@@ -112,12 +141,19 @@ def main(argv=None) -> int:
     y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
     tokens = args.batch * args.seq
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch} x {args.seq}, {ours.num_params() / 1e6:.1f}M params")
-    print(f"{'mode':<28}{'nanoseek tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}")
+          f"batch {args.batch} x {args.seq}, {ours.num_params() / 1e6:.1f}M params, experts {args.experts}"
+          f"{', compiled blocks' if args.compile else ''}")
+    modes = args.modes.split(",")
+    print(f"{'mode':<28}{'nanoseek tok/s':>16}{args.baseline + ' tok/s':>20}{'ratio':>8}")
     for autocast in (False, True):
         for backward in (False, True):
+            if f"{'fwdbwd' if backward else 'fwd'}-{'bf16' if autocast else 'fp32'}" not in modes:
+                continue
             fns = [step_fn(ours, ours, nanoseek_loss(ours), x, y, backward, autocast),
-                   step_fn(ref, lambda t: ref(t).logits, transformers_loss(ref), x, y, backward, autocast)]
+                   step_fn(ref, lambda t: ref(t).logits, transformers_loss(ref), x, y, backward, autocast)
+                   if args.baseline == "transformers" else step_fn(ref, ref, nanoseek_loss(ref), x, y, backward, autocast)]
+            if switch is not None:  # one model, the expert products switched before each call
+                fns = [_with_experts(switch, True, fns[0]), _with_experts(switch, False, fns[1])]
             t_ours, t_ref = time_pair(fns, args.iters)
             name = f"{'fwd+bwd' if backward else 'fwd'} {'bf16 autocast' if autocast else 'fp32'}"
             print(f"{name:<28}{tokens / t_ours:>16,.0f}{tokens / t_ref:>20,.0f}{t_ref / t_ours:>7.2f}x")

@@ -7,6 +7,9 @@
 #   2. parity: the same random checkpoint on cuda (fp32) and cpu gives the same logits (1e-4);
 #   3. generation and serving on cuda: a paged server with chunked prefill answers 8 concurrent streams;
 #   4. decode: batch-1 tokens/s on bench_decode's config, fp32/bf16, eager and compiled.
+#   5. training: bf16 + compiled blocks vs FP8 (torchao float8, rowwise) on a ~1B V3-shaped model,
+#      200 steps each: tokens/s, MFU, the FP8-vs-bf16 loss gap (bench_train_fp8.py); then the
+#      parallel tests of the suite (CPU processes, gloo) and, with 2+ GPUs, FSDP2 + EP under torchrun.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-.}/gpu_check.log"
@@ -59,4 +62,13 @@ PY
 
 echo "== 4. decode speed on cuda"
 timeout 300 $PY benchmarks/bench_decode.py --device cuda --batch 1 --contexts 128 2048 --no-transformers || echo "bench_decode on cuda FAILED"
+echo "== 5. training: bf16 + compile vs FP8 (torchao float8), FSDP2 + EP"
+$PY -c "import torchao; print('torchao', torchao.__version__)" 2>/dev/null \
+  || $PY -m pip install -q --no-index --no-deps torchao >/dev/null 2>&1 || echo "torchao not installed: FP8 step will fail"
+timeout 420 $PY benchmarks/bench_train_fp8.py --steps 200 || echo "bench_train_fp8 FAILED"
+NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ "$NGPU" -ge 2 ]; then
+  timeout 300 $PY -m torch.distributed.run --standalone --nproc_per_node "$NGPU" benchmarks/bench_train_fp8.py \
+    --steps 50 --ep "$NGPU" || echo "FSDP2 + EP on $NGPU GPUs FAILED"
+fi
 echo "== done"

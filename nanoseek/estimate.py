@@ -4,6 +4,7 @@ latent, grouped-query ones the keys and values of their key/value heads.
 
     print(report(ModelConfig.preset("deepseek-v3"), context=32768, batch=1))
     estimate(ModelConfig.preset("r1-distill-qwen-7b")).kv_cache_bytes_per_token
+    print(parallel_report(ModelConfig.preset("deepseek-v2-lite"), world=8, ep=8, batch=1, seq_len=4096))
 
 The model is built on the meta device (no memory is allocated), so even DeepSeek-V3's 671B
 parameters are counted in a second.
@@ -32,6 +33,7 @@ class Estimate:
     index_cache_bytes_per_token: int  # of which DSA's indexer keys k^I (deepseek_v32; else 0)
     mha_cache_bytes_per_token: int  # what caching K and V of every query head would take
     kv_dtype_bytes: int
+    expert_params: int = 0  # the routed experts' share of total_params (what expert parallelism splits)
 
     def weight_bytes(self, dtype: str) -> float:
         return self.total_params * BYTES_PER_PARAM[dtype]
@@ -57,6 +59,7 @@ def estimate(cfg: ModelConfig, kv_dtype_bytes: int = 2) -> Estimate:
                                      if cfg.has_indexer else 0),
         mha_cache_bytes_per_token=mha * cfg.num_hidden_layers * kv_dtype_bytes,
         kv_dtype_bytes=kv_dtype_bytes,
+        expert_params=sum(p.numel() for n, p in model.named_parameters() if ".experts." in n),
     )
 
 
@@ -129,3 +132,77 @@ def _dsa_line(cfg: ModelConfig, e: Estimate, context: int) -> str:
     return (f"DSA: {latent:,} bytes/token of latent + {e.index_cache_bytes_per_token:,} of indexer keys; "
             f"at {context // 1024}k context a decode step reads the indexer keys of all {context:,} tokens and "
             f"the latents of only k={k:,} ({read:.1%} of the cache; dense MLA reads all of it)")
+
+
+# ----------------------------------------------------------------------------- per-rank training memory
+
+@dataclass
+class RankMemory:
+    """Bytes one rank holds while training (fp32 master weights, fp32 gradients, AdamW's two moments)."""
+
+    layout: str
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+def activation_bytes_per_token(cfg: ModelConfig, itemsize: int = 2, checkpointing: bool = False) -> float:
+    """A first-order count of what backward keeps per token: per block, the norms' inputs and outputs,
+    attention's queries, keys, values and output, and the FFN's inputs and intermediates (K routed
+    experts + shared for MoE). With activation checkpointing only each block's input is kept (plus one
+    block recomputed at a time). Softmax/flash buffers and the fused head's chunks are left out."""
+    D = cfg.hidden_size
+    qk, v = cfg.head_dims
+    attn = cfg.num_attention_heads * (2 * qk + 2 * v)
+
+    def ffn(i: int) -> int:
+        if not cfg.is_moe_layer(i):
+            return 3 * cfg.intermediate_size
+        inter = cfg.moe_intermediate_size
+        return cfg.num_experts_per_tok * (D + 3 * inter) + 3 * inter * (cfg.n_shared_experts or 0)
+
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    per_layer = [4 * D + attn + ffn(i) for i in range(layers)]
+    if checkpointing:
+        return itemsize * (layers * D + max(per_layer))
+    return itemsize * sum(per_layer)
+
+
+def rank_memory(cfg: ModelConfig, world: int, ep: int = 1, fsdp: bool = True, batch: int = 1, seq_len: int = 4096,
+                checkpointing: bool = False, e: Estimate | None = None) -> RankMemory:
+    """Per-rank memory of one layout: dense weights sharded over the world (FSDP) or replicated; routed
+    experts split over ep ranks, and with FSDP sharded again over the world/ep that hold the same ones.
+    batch: sequences per rank per micro-batch. FSDP's transient all-gather of one block is not counted."""
+    e = e or estimate(cfg)
+    dense, experts = e.total_params - e.expert_params, e.expert_params
+    shard = world if fsdp else 1
+    params = dense / shard + experts / (world if fsdp else ep)
+    name = ("FSDP" if fsdp else "replicated") + (f" + EP {ep}" if ep > 1 else "")
+    acts = activation_bytes_per_token(cfg, checkpointing=checkpointing) * batch * seq_len
+    return RankMemory(name, weights=4 * params, grads=4 * params, optimizer=8 * params, activations=acts)
+
+
+def parallel_report(cfg: ModelConfig, world: int, ep: int = 1, fsdp: bool | None = None, batch: int = 1,
+                    seq_len: int = 4096, checkpointing: bool = False) -> str:
+    """A table of per-rank memory for the layouts of `world` ranks (fsdp None: with and without FSDP)."""
+    if world < 1 or ep < 1 or world % ep:
+        raise ValueError(f"--ep={ep} must divide --world={world} (both >= 1)")
+    if ep > 1 and (cfg.n_routed_experts or 1) % ep:
+        raise ValueError(f"--ep={ep} must divide the model's {cfg.n_routed_experts} routed experts")
+    layouts = [(f, p) for f in ((True, False) if fsdp is None else (fsdp,)) for p in sorted({1, ep})]
+    e = estimate(cfg)
+    rows = [rank_memory(cfg, 1, 1, False, batch, seq_len, checkpointing, e)]
+    rows[0].layout = "one device"
+    rows += [rank_memory(cfg, world, p, f, batch, seq_len, checkpointing, e) for f, p in layouts]
+    head = (f"per-rank training memory, {world} ranks, AdamW fp32 (activations: bf16, {batch} x {seq_len:,} tokens"
+            f"{', checkpointed' if checkpointing else ''}):")
+    lines = [head, f"  {'layout':<22}{'weights':>12}{'grads':>12}{'optimizer':>12}{'activations':>13}{'total':>12}"]
+    for r in rows:
+        lines.append(f"  {r.layout:<22}" + "".join(f"{_human(b):>12}" for b in (r.weights, r.grads, r.optimizer))
+                     + f"{_human(r.activations):>13}{_human(r.total):>12}")
+    return "\n".join(lines)

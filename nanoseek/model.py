@@ -20,6 +20,8 @@ applied from outside (``model.to(torch.bfloat16)``, ``quant.quantize_model(model
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,20 +117,65 @@ class Experts(nn.Module):
             return few(x, weights, indices, self.gate_proj, self.up_proj, self.down_proj)
         order, counts = sort_by_expert(indices, self.gate_proj.shape[0])  # [N*K] pair ids grouped by expert
         token = order // K
-        xs = x[token]  # [N*K, D], grouped by expert
-        # unbind once: indexing a stacked parameter per expert would make autograd build a
-        # zero-filled [E, ...] gradient for every slice.
-        w_gate, w_up, w_down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
         # The routing weight scales the (narrower) intermediate activation: same result as
         # scaling the expert's output, half the elementwise work in forward and backward.
-        gates = weights.flatten()[order].unsqueeze(-1).to(x.dtype).split(counts)
-        y = torch.zeros_like(x)
-        for e, (h, g, tok) in enumerate(zip(xs.split(counts), gates, token.split(counts))):
-            if h.shape[0] == 0:
-                continue
-            h = F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t()) * g
-            y.index_add_(0, tok, (h @ w_down[e].t()).to(y.dtype))
-        return y
+        gates = weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        out = expert_products(x[token], gates, counts, self.gate_proj, self.up_proj, self.down_proj)
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+
+def expert_products(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], gate_proj: torch.Tensor,
+                    up_proj: torch.Tensor, down_proj: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
+    """Rows grouped by expert -> each row's gated expert output: xs [M, D] holds counts[e] rows for
+    expert e in turn, gates [M, 1] their routing weights -> [M, D]. Expert parallelism
+    (train/expert_parallel.py) calls this on the rows other ranks dispatched to this one.
+
+    grouped (default: CUDA sm90+ in bf16): one ``torch._grouped_mm`` per projection over all experts
+    (offsets = cumulative counts) instead of a Python loop of per-expert matmuls; the same products
+    (bit for bit on a CPU, where the test runs it)."""
+    if grouped is None:  # its strides must be multiples of 16 bytes
+        grouped = _has_grouped_mm(xs) and xs.shape[-1] % 8 == 0 and gate_proj.shape[1] % 8 == 0
+    if grouped:
+        dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)
+        xs, gates = xs.to(dtype).contiguous(), gates.to(dtype)
+        mm = functools.partial(_grouped_mm, offs=offs)
+        h = F.silu(mm(xs, gate_proj.to(dtype).mT)) * mm(xs, up_proj.to(dtype).mT) * gates
+        return mm(h, down_proj.to(dtype).mT)
+    # unbind once: indexing a stacked parameter per expert would make autograd build a
+    # zero-filled [E, ...] gradient for every slice.
+    w_gate, w_up, w_down = gate_proj.unbind(0), up_proj.unbind(0), down_proj.unbind(0)
+    outs = []
+    for e, (h, g) in enumerate(zip(xs.split(counts), gates.split(counts))):
+        if h.shape[0]:
+            outs.append(F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t()) * g @ w_down[e].t())
+    return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
+
+
+def _has_grouped_mm(x: torch.Tensor) -> bool:
+    """Where torch._grouped_mm pays: CUDA sm90+ in bf16. It also runs (exactly) on a CPU, but there it is
+    a loop of matmuls itself and measured no faster (BENCHMARKS.md), and its fake-tensor rule wants
+    bf16, so torch.compile could not trace it: the CPU keeps the loop."""
+    return (hasattr(torch, "_grouped_mm") and x.device.type == "cuda"
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cuda")))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: _grouped_mm's backward
+    rejects broadcast (stride-0) gradients, such as the one ``y.sum().backward()`` sends."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(torch._grouped_mm(a, b, offs=offs))
 
 
 def _routed_experts_few(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_proj: torch.Tensor,

@@ -40,3 +40,24 @@ def test_cli_reports_a_gqa_cache(capsys):
     assert main(["estimate", "--preset", "r1-distill-qwen-1.5b", "--context", "1000"]) == 0
     out = capsys.readouterr().out
     assert "parameters: 1.78B total\n" in out and "GQA: K/V of 2 key/value heads" in out and "28,672 bytes/token" in out
+
+
+def test_per_rank_training_memory_divides_by_the_layout():
+    from nanoseek.config import PRESETS
+    from nanoseek.estimate import parallel_report, rank_memory
+    cfg = ModelConfig.preset("deepseek-v2-lite")
+    one, e = rank_memory(cfg, 1, fsdp=False), estimate(cfg)
+    assert one.weights + one.grads + one.optimizer == e.training_bytes()  # 16 B/param, as the report says
+    fsdp = rank_memory(cfg, 8, fsdp=True)
+    assert fsdp.optimizer == one.optimizer / 8 and fsdp.activations == one.activations
+    ep = rank_memory(cfg, 8, ep=8, fsdp=False)  # replicated dense part, an eighth of the routed experts
+    assert ep.weights == 4 * (e.total_params - e.expert_params + e.expert_params / 8)
+    assert rank_memory(cfg, 1, fsdp=False, checkpointing=True).activations < one.activations / 5
+    for name in PRESETS:  # every preset, dense ones included
+        assert "FSDP" in parallel_report(ModelConfig.preset(name), world=4)
+
+
+def test_cli_prints_per_rank_memory(capsys):
+    assert main(["estimate", "--preset", "deepseek-v3", "--world", "64", "--ep", "8", "--fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "per-rank training memory, 64 ranks" in out and "FSDP + EP 8" in out and "replicated" not in out

@@ -151,3 +151,18 @@ def test_meta_device_build_of_real_shapes():
         model = Transformer(ModelConfig.preset("deepseek-v3"))
     assert abs(model.num_params(include_mtp=False) / 1e9 - 671) < 1
     assert abs(model.num_params(active=True, include_mtp=False) / 1e9 - 37) < 1
+
+
+def test_grouped_expert_products_equal_the_per_expert_loop():
+    """torch._grouped_mm over all experts (the default on CPU) == the per-expert loop, values and gradients."""
+    from nanoseek.model import expert_products
+    torch.manual_seed(0)
+    xs, gates = torch.randn(20, 8, requires_grad=True), torch.rand(20, 1, requires_grad=True)
+    weights = [torch.randn(4, 16, 8, requires_grad=True), torch.randn(4, 16, 8, requires_grad=True),
+               torch.randn(4, 8, 16, requires_grad=True)]
+    counts = [5, 0, 9, 6]  # an expert with no rows too
+    outs = [expert_products(xs, gates, counts, *weights, grouped=g) for g in (True, False)]
+    grads = [torch.autograd.grad(o.sum(), [xs, gates, *weights]) for o in outs]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

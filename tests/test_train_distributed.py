@@ -1,5 +1,6 @@
-"""Data parallelism: `nanoseek pretrain` under torchrun with 2 CPU processes (gloo) trains the same
-run as one process at the same global batch, within float tolerance."""
+"""Several processes: `nanoseek pretrain` under torchrun with 2 CPU processes (gloo; FSDP2 by default)
+trains the same run as one process at the same global batch, within float tolerance. The layouts
+themselves (FSDP2, EP, HSDP, sharded checkpoints) are tested in test_train_parallel.py."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from nanoseek import load_pretrained
-from nanoseek.train.distributed import DistEnv, data_parallel
+from nanoseek.train.distributed import DistEnv
 from nanoseek.train.loop import TrainConfig
 from nanoseek.train.pretrain import PretrainConfig, pretrain
 
@@ -48,7 +49,3 @@ def test_two_processes_match_one(tmp_path):
     for k in ma:
         torch.testing.assert_close(mb[k], ma[k], rtol=1e-4, atol=1e-4, msg=k)
 
-
-def test_one_process_needs_no_wrapper():
-    module = torch.nn.Linear(2, 2)
-    assert data_parallel(module, DistEnv()) is module

@@ -3,7 +3,8 @@
     nanoseek pretrain --preset tiny --data arithmetic --steps 600 --out runs/pretrain
     nanoseek pretrain --preset tiny --data arithmetic --steps 600 --out runs/pretrain --resume
     nanoseek pretrain --model runs/pretrain --data corpus.txt,more.jsonl --steps 200 --out runs/more
-    torchrun --nproc_per_node 2 -m nanoseek pretrain --preset tiny --data arithmetic --steps 600 --out runs/ddp
+    torchrun --nproc_per_node 2 -m nanoseek pretrain --preset tiny --data arithmetic --steps 600 --out runs/fsdp
+    torchrun --nproc_per_node 4 -m nanoseek pretrain --preset tiny --data arithmetic --ep 2 --dp-replicate 2 --out runs/hsdp-ep
 
 Flags: PretrainConfig's and TrainConfig's fields. The work: nanoseek.train.pretrain.pretrain.
 """

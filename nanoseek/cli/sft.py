@@ -3,7 +3,8 @@
     nanoseek sft --model runs/pretrain --dataset arithmetic --steps 200 --out runs/sft
     nanoseek sft --model runs/pretrain --dataset chats.jsonl --steps 200 --out runs/sft
     nanoseek sft --model runs/pretrain --dataset arithmetic --steps 200 --out runs/sft --resume
-    torchrun --nproc_per_node 2 -m nanoseek sft --model runs/pretrain --dataset arithmetic --out runs/sft-ddp
+    torchrun --nproc_per_node 2 -m nanoseek sft --model runs/pretrain --dataset arithmetic --out runs/sft-fsdp
+    torchrun --nproc_per_node 4 -m nanoseek sft --model runs/pretrain --dataset arithmetic --ep 2 --out runs/sft-ep
 
 Flags: SFTConfig's and TrainConfig's fields (SFT's shorter defaults). The work: nanoseek.train.sft.sft.
 """

@@ -67,8 +67,9 @@ from ..tokenizer import Tokenizer
 from ..train.batches import RowSampler
 from ..train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from ..train.evaluate import evaluate_accuracy
-from ..train.loop import apply_activation_checkpointing, opt
+from ..train.loop import opt
 from ..train.optim import build_adamw
+from ..train.parallelize import apply_activation_checkpointing
 from ..train.state import load_train_state, refuse_existing_run, save_checkpoint, start_fresh, truncate_metrics
 from ..train.step import MetricsLog, append_jsonl, optimizer_step
 from .lora import add_lora, merge_and_unload, merged

@@ -1,11 +1,11 @@
-"""Data parallelism applied from outside the model: the model code stays single-device.
+"""The process group a launch describes: rank, world size, device, and the sums every loop needs.
 
-Launch any training command under torchrun and it trains data-parallel (DDP): each process
-takes its slice of the global batch, gradients are averaged by DDP, and the expert loads
-behind the balancing-bias update are summed over processes so every replica moves its
-biases the same way.
+Launch any training command under torchrun and it trains on every process: each process takes
+its slice of the global batch, and parallelize.py shards (FSDP2) or replicates the weights and
+splits the routed experts (--ep); the expert loads behind the balancing-bias update are summed
+over processes (all_reduce_sum) so every rank moves its biases the same way.
 
-    torchrun --nproc_per_node 2 -m nanoseek pretrain --preset tiny --data arithmetic --steps 100 --out runs/ddp
+    torchrun --nproc_per_node 2 -m nanoseek pretrain --preset tiny --data arithmetic --steps 100 --out runs/fsdp
 
 gloo on CPU, NCCL on GPU; one process (no torchrun) needs no process group at all.
 """
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 @dataclass
@@ -56,18 +55,6 @@ def init_distributed(device: str | torch.device | None = None) -> DistEnv:
 def shutdown(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def data_parallel(module: nn.Module, env: DistEnv) -> nn.Module:
-    """Wrap for DDP when there are several processes; otherwise return the module as is.
-
-    broadcast_buffers=False: the only buffers that change (balancing biases) are updated
-    identically on every process from all-reduced loads, so there is nothing to broadcast.
-    """
-    if not env.distributed:
-        return module
-    ids = [env.device.index] if env.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:

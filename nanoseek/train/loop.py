@@ -23,7 +23,6 @@ step.py (the optimizer step and metrics log every loop shares), flops.py (FLOPs 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import time
@@ -32,18 +31,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from ..indexer import STAGES, Indexer, indexer_loss, set_stage
 from ..plots import plot_curves, plot_expert_load, read_metrics
 from .balance import CollapseMonitor, load_max_over_mean, moe_layer_ids, step_loads, update_expert_bias
 from .batches import RowSampler, attention_mask, check_rows, document_positions
-from .distributed import DistEnv, all_reduce_sum, barrier, data_parallel
+from .distributed import DistEnv, all_reduce_sum, barrier
 from .flops import matmul_peak_flops, mfu, training_flops_per_token
 from .losses import IGNORE, linear_cross_entropy, mtp_loss, mtp_targets, sequence_balance_loss
 from .optim import build_adamw, warmup_cosine, warmup_stable_decay
-from .state import load_train_state, refuse_existing_run, save_checkpoint, start_fresh, truncate_metrics
+from .parallelize import Layout, Meshes, clip_grad_norm, parallelize
+from .state import (load_sharded_train_state, load_train_state, read_state, refuse_existing_run, save_checkpoint,
+                    save_sharded_checkpoint, start_fresh, truncate_metrics)
 from .step import MetricsLog, optimizer_step
 
 
@@ -80,12 +81,20 @@ class TrainConfig:
                                           "them, toward the dense attention (KL, eq. 3); 'sparse' trains everything "
                                           "with top-k attention, the indexers by their KL alone (eq. 4)",
                                     choices=STAGES)
+    # parallelism (under torchrun; see parallelize.py)
+    fsdp: bool = opt(True, "several processes: shard weights, gradients and AdamW state (FSDP2); "
+                     "--no-fsdp replicates them (dp_replicate = world)")
+    dp_shard: int = opt(-1, "processes each weight is sharded over (-1: world / dp_replicate)")
+    dp_replicate: int = opt(1, "replica groups (HSDP when > 1 and dp_shard > 1)")
+    ep: int = opt(1, "expert parallelism: split each layer's routed experts over this many processes")
+    compile: bool = opt(False, "torch.compile each transformer block")
+    fp8: bool = opt(False, "FP8 linear layers in the blocks (torchao float8, rowwise scaling; CUDA sm89+)")
 
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
 
-        for name in ("steps", "batch_size", "micro_batch_size"):
+        for name in ("steps", "batch_size", "micro_batch_size", "dp_replicate", "ep"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
         if self.batch_size % self.micro_batch_size:
@@ -118,7 +127,7 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- model plumbing
 
 class TrainForward(nn.Module):
-    """forward_train + the main head's loss as one module, so DDP sees (and syncs) a plain forward.
+    """forward_train + the main head's loss as one module, so FSDP2 (the root unit) sees a plain forward.
 
     The head and cross-entropy are fused (losses.linear_cross_entropy): the [B, T, V] logits are
     never stored for backward.
@@ -131,13 +140,6 @@ class TrainForward(nn.Module):
     def forward(self, input_ids, positions, mask, targets, num_tokens):
         hidden, mtp_logits = self.model.forward_train(input_ids, positions, mask)
         return linear_cross_entropy(hidden, self.model.lm_head.weight, targets, num_tokens), mtp_logits
-
-
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each transformer block (MTP blocks too) during backward instead of storing its
-    activations. Applied from outside: each block's forward is wrapped, its weights keep their names."""
-    for layer in model.model.layers:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -158,32 +160,33 @@ def train(model: nn.Module, rows, cfg: TrainConfig, out_dir: str | Path, tokeniz
     model.to(env.device).train()
     if cfg.indexer_stage:  # before the optimizer: the warm-up freezes all but the indexers
         set_stage(model, cfg.indexer_stage)
+    n_params, n_active = model.num_params(), model.num_params(active=True)
+    flops_per_token = training_flops_per_token(model, rows.input_ids.shape[1])
+    forward, meshes = parallelize(TrainForward(model), layout_of(cfg, env), env.device.type, bf16=cfg.bf16,
+                                  activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                                  fp8=cfg.fp8)
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay)
-    start = _start_step(out_dir, model, optimizer, cfg, resume, env)
+    start = _start_step(out_dir, model, optimizer, cfg, resume, env, meshes)
     end = cfg.stop_at or cfg.steps
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    forward = data_parallel(TrainForward(model), env)
     sampler = RowSampler(rows.input_ids.shape[0], cfg.batch_size, cfg.seed)
     seq_len = rows.input_ids.shape[1]
     tokens_per_step = cfg.batch_size * seq_len
     peak = matmul_peak_flops(str(env.device), torch.bfloat16 if cfg.bf16 else torch.float32) * env.world_size
-    flops_per_token = training_flops_per_token(model, seq_len)
     layer_ids = moe_layer_ids(model)
     monitor = CollapseMonitor(layer_ids)
     recent_loads = collections.deque(maxlen=max(1, cfg.steps // 10))
     meta = {"stage": stage, **(meta or {}), "train_config": dataclasses.asdict(cfg)}
     if env.is_main:
-        print(f"{stage}: {model.num_params():,} parameters ({model.num_params(active=True):,} active), "
+        print(f"{stage}: {n_params:,} parameters ({n_active:,} active), "
               f"{rows.input_ids.shape[0]:,} rows of {seq_len} tokens, {tokens_per_step:,} tokens/step, "
-              f"{env.world_size} process(es) on {env.device}, steps {start}->{end} of {cfg.steps}")
+              f"{env.world_size} process(es) on {env.device}{_describe(meshes)}, steps {start}->{end} of {cfg.steps}")
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=env.is_main)
     bar = tqdm(total=end, initial=start, disable=not (env.is_main and cfg.progress), unit="step",
                dynamic_ncols=True, desc=stage)
     t_start, row = time.perf_counter(), None
     for step in range(start, end):
         t0 = time.perf_counter()
-        losses, loads = train_step(forward, model, optimizer, rows, sampler.rows(step), step, cfg, env)
+        losses, loads = train_step(forward, model, optimizer, rows, sampler.rows(step), step, cfg, env, meshes)
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -196,10 +199,10 @@ def train(model: nn.Module, rows, cfg: TrainConfig, out_dir: str | Path, tokeniz
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mfu=f"{row['mfu']:.1%}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < end:
-            _checkpoint(out_dir, model, optimizer, tokenizer, step + 1, meta, cfg, env)
+            _checkpoint(out_dir, model, optimizer, tokenizer, step + 1, meta, cfg, env, meshes)
     bar.close()
     if start < end:
-        _checkpoint(out_dir, model, optimizer, tokenizer, end, meta, cfg, env)
+        _checkpoint(out_dir, model, optimizer, tokenizer, end, meta, cfg, env, meshes)
     if env.is_main:
         _finish(out_dir, stage, row, recent_loads, layer_ids, model.config.num_hidden_layers)
     return out_dir
@@ -216,7 +219,7 @@ def _expert_fields(layer_ids: list[int], loads: torch.Tensor, collapsed: list) -
 
 
 def train_step(forward: nn.Module, model: nn.Module, optimizer, rows, row_ids: torch.Tensor, step: int,
-               cfg: TrainConfig, env: DistEnv) -> tuple[dict, torch.Tensor]:
+               cfg: TrainConfig, env: DistEnv, meshes: Meshes | None = None) -> tuple[dict, torch.Tensor]:
     """One optimizer step over this process's share of `row_ids`: (logged losses, expert loads [L, E])."""
     mine = row_ids.view(env.world_size, -1)[env.rank]
     input_ids, doc_ids, targets = (getattr(rows, n)[mine].to(env.device) for n in ("input_ids", "doc_ids", "targets"))
@@ -230,29 +233,32 @@ def train_step(forward: nn.Module, model: nn.Module, optimizer, rows, row_ids: t
     for i, a in enumerate(starts):
         sl = slice(a, a + cfg.micro_batch_size)
         last = i == len(starts) - 1
-        with forward.no_sync() if env.distributed and not last else contextlib.nullcontext():
-            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                ce, mtp_logits = forward(input_ids[sl], document_positions(doc_ids[sl]), attention_mask(doc_ids[sl]),
-                                         targets[sl], counts[0])
-            mtp = mtp_loss(mtp_logits, [t[sl] for t in deep_targets], counts[1:]).to(ce.device)
-            bal = torch.zeros((), device=ce.device)
-            real = doc_ids[sl] >= 0  # padding (doc id -1) is routed but neither balanced nor counted
-            if cfg.balance_loss_alpha > 0:
-                bal = sum((sequence_balance_loss(moe.scores, moe.indices, real, num_sequences=cfg.batch_size)
-                           for moe in model.moe_layers()), bal)  # a dense model's stays the zero tensor
-            # DSA: the indexers' KL (eq. 3/4), a mean over queries per micro-batch weighted by its rows
-            kl = indexer_loss(indexers) if indexers else None
-            kl = torch.zeros((), device=ce.device) if kl is None else kl
-            loss = ce + cfg.mtp_weight * mtp + cfg.balance_loss_alpha * bal + kl * len(mine[sl]) / cfg.batch_size
-            # DDP averages gradients over processes; each loss is already a share of the global sum.
-            (loss * env.world_size).backward()
+        if isinstance(forward, FSDPModule):  # reduce gradients after the last micro-batch only
+            forward.set_requires_gradient_sync(last)
+        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            ce, mtp_logits = forward(input_ids[sl], document_positions(doc_ids[sl]), attention_mask(doc_ids[sl]),
+                                     targets[sl], counts[0])
+        mtp = mtp_loss(mtp_logits, [t[sl] for t in deep_targets], counts[1:]).to(ce.device)
+        bal = torch.zeros((), device=ce.device)
+        real = doc_ids[sl] >= 0  # padding (doc id -1) is routed but neither balanced nor counted
+        if cfg.balance_loss_alpha > 0:
+            bal = sum((sequence_balance_loss(moe.scores, moe.indices, real, num_sequences=cfg.batch_size)
+                       for moe in model.moe_layers()), bal)  # a dense model's stays the zero tensor
+        # DSA: the indexers' KL (eq. 3/4), a mean over queries per micro-batch weighted by its rows
+        kl = indexer_loss(indexers) if indexers else None
+        kl = torch.zeros((), device=ce.device) if kl is None else kl
+        loss = ce + cfg.mtp_weight * mtp + cfg.balance_loss_alpha * bal + kl * len(mine[sl]) / cfg.batch_size
+        # FSDP averages gradients over processes; each loss is already a share of the global sum.
+        (loss * env.world_size).backward()
         sums += torch.stack([ce.detach(), mtp.detach(), bal.detach(),
                              kl.detach() * len(mine[sl]) / cfg.batch_size]).double().cpu()
         loads = loads + step_loads(model, real)
     sums = all_reduce_sum(sums.to(env.device), env).cpu()
     loads = all_reduce_sum(torch.as_tensor(loads).to(env.device), env).cpu()
     lr = cfg.lr_at(step)
-    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, loss=float(sums[0]), where=f"step {step + 1}")
+    clip = None if meshes is None else functools.partial(clip_grad_norm, meshes=meshes)
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, loss=float(sums[0]), where=f"step {step + 1}",
+                               clip=clip)
     if cfg.indexer_stage != "warmup":  # the warm-up keeps the whole model but the indexers as it was
         update_expert_bias(model, loads, cfg.bias_update_speed)
     mtp_value = float(sums[1]) if model.mtp_layers else None
@@ -263,10 +269,31 @@ def train_step(forward: nn.Module, model: nn.Module, optimizer, rows, row_ids: t
     return out, loads
 
 
-def _start_step(out_dir: Path, model, optimizer, cfg: TrainConfig, resume: bool, env: DistEnv) -> int:
+def layout_of(cfg: TrainConfig, env: DistEnv) -> Layout:
+    """The parallel layout the flags ask for at this world size (--no-fsdp: replicate everything)."""
+    if not cfg.fsdp:
+        return Layout.resolve(env.world_size, dp_shard=1, dp_replicate=env.world_size, ep=cfg.ep)
+    return Layout.resolve(env.world_size, cfg.dp_shard, cfg.dp_replicate, cfg.ep)
+
+
+def _describe(meshes: Meshes | None) -> str:
+    if meshes is None:
+        return ""
+    lay = meshes.layout
+    return f" (dp_replicate {lay.dp_replicate} × dp_shard {lay.dp_shard}, ep {lay.ep})"
+
+
+def _start_step(out_dir: Path, model, optimizer, cfg: TrainConfig, resume: bool, env: DistEnv,
+                meshes: Meshes | None = None) -> int:
     """0 for a fresh run; the checkpointed step (optimizer and RNG restored) when resuming."""
     if resume:
-        state = load_train_state(out_dir, model, optimizer)
+        if read_state(out_dir).get("sharded"):  # DCP: any layout, one process included
+            state = load_sharded_train_state(out_dir, model, optimizer, meshes.experts if meshes else None)
+        elif meshes is None:
+            state = load_train_state(out_dir, model, optimizer)
+        else:
+            raise ValueError(f"{out_dir}: a one-process checkpoint; resume it in one process, or start the "
+                             "sharded run from it with --model")
         saved = state.get("train_config", {})
         for name in ("batch_size", "seed"):
             if saved.get(name) != getattr(cfg, name):
@@ -283,10 +310,13 @@ def _start_step(out_dir: Path, model, optimizer, cfg: TrainConfig, resume: bool,
     return 0
 
 
-def _checkpoint(out_dir, model, optimizer, tokenizer, step, meta, cfg, env) -> None:
+def _checkpoint(out_dir, model, optimizer, tokenizer, step, meta, cfg, env, meshes=None) -> None:
+    meta = {**meta, "data": {"rows_seen": step * cfg.batch_size}}
+    if meshes is not None:
+        save_sharded_checkpoint(out_dir, model, optimizer, step, env.rank, tokenizer, meta, meshes.experts)
+        return
     if env.is_main:
-        save_checkpoint(out_dir, model, optimizer, step, tokenizer,
-                        {**meta, "data": {"rows_seen": step * cfg.batch_size}})
+        save_checkpoint(out_dir, model, optimizer, step, tokenizer, meta)
     barrier(env)
 
 

@@ -184,3 +184,122 @@ def start_fresh(out_dir: str | os.PathLike, logs: tuple[str, ...] = ("metrics.js
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in logs:
         (out_dir / name).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- sharded (FSDP2 / EP) runs
+#
+# A sharded run's stage folder is the same, except that train_state/ holds a torch.distributed.checkpoint
+# (DCP) folder instead of optimizer.safetensors: model and AdamW state as global tensors, each rank
+# writing its shards, so a run saved on 4 ranks resumes on 2 (DCP reshards on load). Routed experts
+# under expert parallelism are local slices; they are presented to DCP as the global [E, ...] tensor
+# sharded over the ("ep", "dp_mod_ep") mesh, so the saved layout does not depend on --ep either.
+
+DCP_DIR = "dcp"
+
+
+def _global_experts(t, expert_mesh):
+    """An FSDP-sharded local-experts tensor (DTensor over dp_mod_ep) as a view of the global [E, ...]
+    tensor over (ep, dp_mod_ep), sharing storage, so DCP loads in place."""
+    from torch.distributed.tensor import DTensor, Shard
+    local = t.to_local()
+    ep, dpm = expert_mesh.shape
+    per_rank = t.shape[0] // dpm
+    if per_rank * dpm != t.shape[0]:
+        raise ValueError(f"{t.shape[0]} local experts must divide evenly over dp_mod_ep={dpm} to checkpoint")
+    shape = (t.shape[0] * ep, *t.shape[1:])
+    return DTensor.from_local(local, expert_mesh, [Shard(0), Shard(0)], run_check=False, shape=torch.Size(shape),
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Create AdamW's state (zeros) before a load: DCP loads into existing tensors. A zero-lr step on
+    zero gradients; the loaded state replaces what it wrote."""
+    if optimizer.state:
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+
+
+def sharded_state(model, optimizer, expert_mesh=None) -> dict:
+    """{"model/<name>": tensor, "optim/<name>/<key>": tensor} with experts as global DTensors."""
+    def present(name, t):
+        expert = expert_mesh is not None and ".experts." in name and t.dim() == 3
+        return _global_experts(t, expert_mesh) if expert else t
+
+    state = {f"model/{n}": present(n, t) for n, t in model.state_dict().items()}
+    for n, p in model.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            state[f"optim/{n}/{key}"] = present(n, value) if value.dim() else value
+    return state
+
+
+def gather_full_state(model, expert_mesh=None, keep: bool = True) -> dict:
+    """The model's full state dict on this rank when `keep` (rank 0), gathered one parameter at a
+    time (each DTensor all-gathered, then the EP slices); other ranks join the collectives only."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    out = {}
+    for name, t in model.state_dict().items():
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if expert_mesh is not None and ".experts." in name and full.dim() == 3:
+            parts = [torch.empty_like(full) for _ in range(expert_mesh.shape[0])]
+            dist.all_gather(parts, full.contiguous(), group=expert_mesh.get_group("ep"))
+            full = torch.cat(parts)
+        if keep:
+            out[name] = full.detach().to("cpu", copy=True)
+    return out
+
+
+def save_sharded_checkpoint(out_dir, model, optimizer, step: int, rank: int, tokenizer=None, meta=None,
+                            expert_mesh=None) -> Path:
+    """Every rank: DCP-save model + AdamW beside out_dir; rank 0 then writes the HF checkpoint (gathered
+    parameter by parameter), tokenizer, RNG and state.json and swaps the folder in atomically."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from ..model import Transformer
+    out_dir = Path(out_dir)
+    staging = out_dir.parent / f".{out_dir.name}.dcp-{step}"
+    dcp.save(sharded_state(model, optimizer, expert_mesh), checkpoint_id=str(staging))
+    full = gather_full_state(model, expert_mesh, keep=rank == 0)
+    if rank == 0:
+        with torch.device("meta"):
+            plain = Transformer(model.config)
+        plain.load_state_dict(full, assign=True)
+        plain.tie_weights()
+        with atomic_directory(out_dir) as tmp:
+            save_pretrained(plain, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            state_dir = tmp / TRAIN_STATE
+            state_dir.mkdir()
+            os.rename(staging, state_dir / DCP_DIR)
+            rng_tensors, rng_extra = rng_state()
+            save_file(rng_tensors, str(state_dir / "rng.safetensors"))
+            groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+                      for g in optimizer.param_groups]
+            state = {"format": FORMAT_VERSION, "step": step, "sharded": True, "param_groups": groups,
+                     "rng": rng_extra, **(meta or {})}
+            (state_dir / "state.json").write_text(json.dumps(state, indent=1))
+    dist.barrier()
+    return out_dir
+
+
+def load_sharded_train_state(out_dir, model, optimizer, expert_mesh=None) -> dict:
+    """Restore model + AdamW from DIR/train_state/dcp at this run's layout (any world size, one process
+    without a process group included: DCP then reads whole tensors), and RNG."""
+    import torch.distributed.checkpoint as dcp
+    state = read_state(out_dir)
+    state_dir = Path(out_dir) / TRAIN_STATE
+    if not state.get("sharded"):
+        raise ValueError(f"{state_dir}: saved by a one-process run, not a sharded one")
+    _init_optimizer_state(optimizer)
+    dcp.load(sharded_state(model, optimizer, expert_mesh), checkpoint_id=str(state_dir / DCP_DIR))
+    set_rng_state(load_file(str(state_dir / "rng.safetensors")), state["rng"])
+    return state

@@ -25,10 +25,13 @@ from .optim import set_lr
 
 
 def optimizer_step(model: nn.Module, optimizer, lr: float, grad_clip: float, loss: float | None = None,
-                   where: str = "training") -> float:
+                   where: str = "training", clip=None) -> float:
     """Clip the gradient norm to `grad_clip` (0 = no clipping), raise FloatingPointError when it or
-    `loss` is not finite, set the rate to `lr`, step, zero the gradients. Returns the norm before clipping."""
-    grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf))
+    `loss` is not finite, set the rate to `lr`, step, zero the gradients. Returns the norm before clipping.
+
+    clip(params, max_norm) -> norm replaces torch's clip_grad_norm_ (sharded runs: parallelize.clip_grad_norm)."""
+    clip = clip or nn.utils.clip_grad_norm_
+    grad_norm = float(clip(model.parameters(), grad_clip or math.inf))
     if not (math.isfinite(grad_norm) and (loss is None or math.isfinite(loss))):
         what = f"gradient norm {grad_norm}" if loss is None else f"loss {loss} / gradient norm {grad_norm}"
         raise FloatingPointError(f"{where}: {what} is not finite; try a lower --lr or --grad-clip")
