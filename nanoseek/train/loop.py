@@ -150,6 +150,8 @@ def train(model: nn.Module, rows, cfg: TrainConfig, out_dir: str | Path, tokeniz
 
     resume: continue from out_dir's training state; the caller passes the model loaded from
     out_dir (``load_pretrained(out_dir)``). `meta` is stored in train_state/state.json.
+    A little over 60 lines because it reads as the loop's whole life in order: checks, parallel
+    layout, resume, the step loop with its logging and checkpoints, the final save.
     """
     env = env or DistEnv()
     out_dir = Path(out_dir)
