@@ -57,3 +57,20 @@ def arithmetic_checkpoint(path):
     save_pretrained(Transformer(cfg), path)
     tok.save_pretrained(path)
     return path
+
+
+def paged_greedy(engine, prompts, max_tokens, pages=32, page=4):
+    """Greedy tokens of `prompts` through the inference core on a paged cache (all admitted at once,
+    stepped until done): what the engine's slot cache must agree with."""
+    from nanoseek.inference import Batch, SamplingParams, Sequence
+    from nanoseek.inference.cache import PagedLatentCache, PrefixCache
+    cfg = engine.config
+    cache = PagedLatentCache(cfg.num_hidden_layers, pages, page, cfg.cache_width, engine.dtype, slots=len(prompts),
+                             max_len=cfg.max_position_embeddings)
+    batch = Batch(engine, len(prompts), cfg.max_position_embeddings, None, PrefixCache(0, page), cache)
+    seqs = [Sequence(p, SamplingParams(max_tokens=max_tokens)) for p in prompts]
+    batch.admit(seqs)
+    while batch.rows:
+        batch.step()
+        batch.leave()
+    return [s.out for s in seqs]

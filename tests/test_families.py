@@ -8,11 +8,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import paged_greedy, randomize_
 
 from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
-from nanoseek.inference import Batch, Engine, SamplingParams, Sequence
-from nanoseek.inference.cache import PagedLatentCache, PrefixCache
+from nanoseek.inference import Engine, SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,16 +99,7 @@ def test_engine_greedy_tokens_equal_transformers_generate(family, tmp_path, one_
                               pad_token_id=0)
         assert got == out[0, len(p):].tolist()
     # the paged cache holds per-head K/V the same way: the same tokens, pages shared across rows
-    cfg = model.config
-    cache = PagedLatentCache(cfg.num_hidden_layers, 32, 4, cfg.cache_width, engine.dtype, slots=4,
-                             max_len=cfg.max_position_embeddings)
-    batch = Batch(engine, 4, cfg.max_position_embeddings, None, PrefixCache(0, 4), cache)
-    seqs = [Sequence(p, SamplingParams(max_tokens=12)) for p in prompts]
-    batch.admit(seqs)
-    while batch.rows:
-        batch.step()
-        batch.leave()
-    assert [s.out for s in seqs] == ours
+    assert paged_greedy(engine, prompts, 12) == ours
 
 
 def test_gqa_cache_width_and_bytes():

@@ -7,13 +7,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import paged_greedy, randomize_
 
 from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
 from nanoseek.estimate import estimate, report
 from nanoseek.indexer import indexer_kl, indexer_loss, set_stage
-from nanoseek.inference import Batch, Engine, SamplingParams, Sequence
-from nanoseek.inference.cache import PagedLatentCache, PrefixCache
+from nanoseek.inference import Engine, SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,15 +87,7 @@ def test_engine_sparse_decode_equals_full_forward_on_slots_and_pages(one_thread)
     assert [c.tokens for c in engine.generate(prompts, 14)] == want  # slots, one ragged batch
     cfg = model.config
     assert cfg.cache_width == 16 + 8 + 16  # latent, rotary key, indexer key
-    cache = PagedLatentCache(cfg.num_hidden_layers, 32, 4, cfg.cache_width, engine.dtype, slots=3,
-                             max_len=cfg.max_position_embeddings)
-    batch = Batch(engine, 3, cfg.max_position_embeddings, None, PrefixCache(0, 4), cache)
-    seqs = [Sequence(p, SamplingParams(max_tokens=14)) for p in prompts]
-    batch.admit(seqs)
-    while batch.rows:
-        batch.step()
-        batch.leave()
-    assert [s.out for s in seqs] == want
+    assert paged_greedy(engine, prompts, 14) == want
 
 
 def test_decoding_gathers_only_the_chosen_latents(one_thread, monkeypatch):
