@@ -24,13 +24,17 @@ def test_shapes_task_is_deterministic_and_balanced():
     assert [(e.question, e.answer) for e in a] == [(e.question, e.answer) for e in b]
     assert a[0].image.tobytes() == b[0].image.tobytes()
     assert majority_baseline(shape_examples(400, seed=2)) < 0.45  # no answer is a safe guess
+    written = [e for e in shape_examples(80, seed=3) if e.topic == "text"]
+    assert written and {e.answer for e in written} <= {"cat", "dog", "sun", "box"}
+    white = [sum(px == (255, 255, 255) for px in e.image.getdata()) for e in written]
+    assert min(white) > 20  # the word's box is on the canvas
 
 
 def test_shapes_training_lowers_the_loss_and_saves_a_loadable_checkpoint(shapes_run):
     out, report = shapes_run
     assert report["loss_last"] < 0.6 * report["loss_first"]
     assert {"accuracy_before", "accuracy_after", "majority_baseline"} <= set(report)
-    assert {"all", "colour", "kind", "count"} == set(report["accuracy_after"])
+    assert {"all", "colour", "kind", "count", "text"} == set(report["accuracy_after"])
     vl = load_vl(out)
     assert vl.config.model_type == "deepseek_vl_hybrid"
     assert json.loads((out / "report.json").read_text())["steps"] == 60
