@@ -407,6 +407,23 @@ class Transformer(nn.Module):
         return total
 
 
+def add_indexers(model: Transformer, index_topk: int, index_n_heads: int, index_head_dim: int,
+                 seed: int = 0) -> Transformer:
+    """A DeepSeek-V3 model as a V3.2 (DSA) one to continue training, as DeepSeek did: the same weights,
+    plus freshly initialised lightning indexers of the given shape (V3.2 §2.1.1's warm-up then trains
+    them). With at most index_topk tokens of context every token is chosen, so the new model's
+    outputs equal the old one's until the context outgrows k."""
+    cfg = model.config.replace(model_type="deepseek_v32", index_topk=index_topk, index_n_heads=index_n_heads,
+                               index_head_dim=index_head_dim)
+    torch.manual_seed(seed)
+    new = Transformer(cfg).to(next(model.parameters()).dtype)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(".indexer." not in k for k in missing):
+        raise ValueError(f"not a DeepSeek-V3-shaped model: unexpected {unexpected[:3]}, missing "
+                         f"{[k for k in missing if '.indexer.' not in k][:3]}")
+    return new
+
+
 def _layer_index(name: str) -> int | None:
     parts = name.split(".")
     if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers":

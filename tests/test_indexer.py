@@ -232,3 +232,26 @@ def test_the_server_core_and_the_commands_run_a_v32_checkpoint(tmp_path, capsys,
         assert cli.main(["generate", "--model", str(tmp_path / path), "--prompt", "the answer is 42, think first",
                          "--max-new-tokens", "5"]) == 0
         assert capsys.readouterr().out.strip()
+
+
+def test_a_v3_checkpoint_continues_as_v32_with_fresh_indexers(tmp_path, one_thread):
+    """pretrain --model V3 --indexer-stage warmup: the V3 weights plus new indexers (the model's
+    outputs are unchanged while the context fits in k), trained by the warm-up, saved as V3.2."""
+    from nanoseek.cli import main
+    from nanoseek.model import add_indexers
+    from nanoseek.tokenizer import Tokenizer
+    v3 = randomize_(Transformer(ModelConfig.preset("tiny").replace(vocab_size=300, num_nextn_predict_layers=0)),
+                    scale=0.1).eval()
+    v32_model = add_indexers(v3, index_topk=8, index_n_heads=2, index_head_dim=24).eval()
+    x = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(v3(x[:, :8]), v32_model(x[:, :8]))  # every token chosen: the dense model exactly
+        assert not torch.allclose(v3(x), v32_model(x))  # beyond k the indexers choose
+    save_pretrained(v3, tmp_path / "v3")
+    Tokenizer.train(["12+30=42 and 7*6=42 " * 4] * 20, vocab_size=300).save_pretrained(tmp_path / "v3")
+    assert main(["pretrain", "--model", str(tmp_path / "v3"), "--data", "arithmetic", "--out", str(tmp_path / "out"),
+                 "--steps", "2", "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32",
+                 "--indexer-stage", "warmup", "--index-topk", "8", "--index-n-heads", "2", "--index-head-dim", "24",
+                 "--no-progress"]) == 0
+    out = load_pretrained(tmp_path / "out")
+    assert out.config.model_type == "deepseek_v32" and out.config.index_topk == 8

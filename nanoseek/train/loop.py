@@ -35,6 +35,7 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from ..indexer import STAGES, Indexer, indexer_loss, set_stage
+from ..model import add_indexers
 from ..plots import plot_curves, plot_expert_load, read_metrics
 from .balance import CollapseMonitor, load_max_over_mean, moe_layer_ids, step_loads, update_expert_bias
 from .batches import RowSampler, attention_mask, check_rows, document_positions
@@ -81,6 +82,10 @@ class TrainConfig:
                                           "them, toward the dense attention (KL, eq. 3); 'sparse' trains everything "
                                           "with top-k attention, the indexers by their KL alone (eq. 4)",
                                     choices=STAGES)
+    index_topk: int = opt(2048, "a DeepSeek-V3 model trained with --indexer-stage becomes a V3.2 one with fresh "
+                                "lightning indexers choosing this many tokens (V3.2 itself: 2048)")
+    index_n_heads: int = opt(64, "those indexers' heads")
+    index_head_dim: int = opt(128, "those indexers' query/key size")
     # parallelism (under torchrun; see parallelize.py)
     fsdp: bool = opt(True, "several processes: shard weights, gradients and AdamW state (FSDP2); "
                      "--no-fsdp replicates them (dp_replicate = world)")
@@ -143,6 +148,14 @@ class TrainForward(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the loop
+
+def with_indexers(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """The model --indexer-stage trains: a V3.2 model as it is, a V3 one continued as V3.2 with fresh
+    indexers of cfg's shape (``model.add_indexers``), as DeepSeek continued V3.1 into V3.2."""
+    if cfg.indexer_stage is None or model.config.has_indexer:
+        return model
+    return add_indexers(model, cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim, cfg.seed)
+
 
 def train(model: nn.Module, rows, cfg: TrainConfig, out_dir: str | Path, tokenizer=None, stage: str = "pretrain",
           meta: dict | None = None, resume: bool = False, env: DistEnv | None = None) -> Path:

@@ -23,7 +23,7 @@ from ..data.tasks import TASKS
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .distributed import DistEnv, barrier, init_distributed
-from .loop import TrainConfig, opt, train
+from .loop import TrainConfig, opt, train, with_indexers
 from .state import refuse_existing_run
 
 
@@ -77,7 +77,7 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> Transformer:
     if cfg.model is not None:
         model = load_pretrained(cfg.model, dtype=torch.float32)
         check_vocab(tokenizer, model, cfg.model)
-        return model
+        return with_indexers(model, cfg.train)
     mcfg = ModelConfig.preset(cfg.preset).replace(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                                                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     torch.manual_seed(cfg.train.seed)

@@ -28,7 +28,7 @@ from ..data.tasks import TASKS
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .distributed import DistEnv, init_distributed
-from .loop import TrainConfig, opt, train
+from .loop import TrainConfig, opt, train, with_indexers
 from .state import refuse_existing_run
 
 
@@ -103,7 +103,8 @@ def pack_conversations(conversations: list[list[dict]], tokenizer: Tokenizer, se
 def load_model(cfg: SFTConfig) -> tuple[Transformer, Tokenizer]:
     """The model in fp32 and its tokenizer: from --out when resuming, else from --model."""
     path = Path(cfg.out if cfg.resume else cfg.model)
-    return load_with_tokenizer(path, dtype=torch.float32)
+    model, tokenizer = load_with_tokenizer(path, dtype=torch.float32)
+    return with_indexers(model, cfg.train), tokenizer
 
 
 def sft(cfg: SFTConfig, env: DistEnv | None = None) -> Path:
