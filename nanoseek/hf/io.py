@@ -15,6 +15,7 @@ read: no pickle.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -245,6 +246,17 @@ def load_with_tokenizer(path: str | os.PathLike, dtype: torch.dtype | None = Non
     return model, tokenizer
 
 
+def release_freed_memory() -> None:
+    """Give the C heap's freed pages back to the system (glibc's malloc_trim; a no-op elsewhere).
+    Reading and quantizing a shard frees many large temporaries that glibc keeps for reuse: measured
+    on a V2-Lite cut, 2.2 GiB over a 2.1 GiB int4 model, enough to take a 24 GB machine past its
+    memory at full size. Called every 64 tensors and after every shard."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _compute_dtype(cfg: ModelConfig, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         return dtype
@@ -304,7 +316,9 @@ class _Loader:
         companions = {c for key in files.keys() | self.targets for c in companion_keys(key, suffixes) if c in files}
         for file, keys in by_file(files, skip=companions).items():
             with open_safetensors(file) as f:
-                for key in keys:
+                for n, key in enumerate(keys, 1):
+                    if n % 64 == 0:
+                        release_freed_memory()
                     t = read_tensor(f, file, key)
                     if not self.on_load and self._stored_quantized(key):
                         self.seen.update(self._load_quantized(key, t, file))
@@ -317,6 +331,7 @@ class _Loader:
                         self.seen.update(self._install(key, parts, file))
                         continue
                     self.seen.update(self._assign(key, t, file))
+            release_freed_memory()
         for (name, e), projs in self.experts.items():
             if len(projs) == 3:
                 self.model.get_submodule(name).set_expert(e, projs["gate_proj"], projs["up_proj"], projs["down_proj"])
