@@ -74,3 +74,15 @@ def paged_greedy(engine, prompts, max_tokens, pages=32, page=4):
         batch.step()
         batch.leave()
     return [s.out for s in seqs]
+
+
+def transformers_model(cfg, seed: int = 1):
+    """transformers' model for a nanoseek config (built from its config.json), every weight random."""
+    import warnings
+
+    import transformers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    return randomize_(hf, seed=seed)

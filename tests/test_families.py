@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import paged_greedy, randomize_
+from conftest import paged_greedy, randomize_, transformers_model
 
 from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
 from nanoseek.inference import Engine, SamplingParams
@@ -66,11 +66,7 @@ def test_nanoseek_saved_model_matches_transformers(family, rope, kw, tmp_path, o
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_transformers_saved_model_loads_and_saves_back(family, tmp_path, one_thread):
     cfg = small(family, "llama3" if family == "llama" else "none", tie_word_embeddings=family == "qwen2")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
-        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
-    randomize_(hf, seed=1)
+    hf = transformers_model(cfg)
     hf.save_pretrained(tmp_path / "hf")
     x = torch.randint(0, 96, (2, 40))
     with torch.no_grad():

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import paged_greedy, randomize_
+from conftest import paged_greedy, randomize_, transformers_model
 
 from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
 from nanoseek.estimate import estimate, report
@@ -55,11 +55,7 @@ def test_logits_match_transformers_beyond_index_topk(tmp_path, one_thread):
 
 def test_transformers_saved_model_loads_and_saves_back(tmp_path, one_thread):
     cfg = ModelConfig(**{**V32, "num_nextn_predict_layers": 0})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
-        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
-    randomize_(hf, seed=1)
+    hf = transformers_model(cfg)
     hf.save_pretrained(tmp_path / "hf")
     x = torch.randint(0, 96, (1, 30))
     model = load_pretrained(tmp_path / "hf")

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import randomize_
+from conftest import randomize_, transformers_model
 from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
 from nanoseek.model import MoE, document_mask
 
@@ -53,11 +53,7 @@ def test_nanoseek_saved_model_matches_transformers(kw, tmp_path):
 @pytest.mark.parametrize("old_spelling", [False, True])
 def test_transformers_saved_model_loads(kw, old_spelling, tmp_path):
     ours = ModelConfig(**kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in ours.to_hf().items() if k != "architectures"})
-        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
-    randomize_(hf, seed=1)
+    hf = transformers_model(ours)
     hf.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     if old_spelling:  # the published checkpoints' rope_theta + rope_scaling{type: yarn}
