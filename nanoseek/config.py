@@ -1,9 +1,11 @@
 """ModelConfig: one flat, documented description of any DeepSeek model.
 
-Six families, told apart by config.json's ``model_type`` (``FAMILIES``):
+Seven families, told apart by config.json's ``model_type`` (``FAMILIES``):
 
     deepseek_v3, deepseek_v2  MLA + DeepSeekMoE (+ MTP): V3, R1, V2, V2-Lite
     deepseek_v32              V3 + DeepSeek Sparse Attention (a lightning indexer per layer): V3.2
+    deepseek_v4               shared-KV attention over a window + compressed entries (CSA/HCA), mHC,
+                              hash-routed and sqrtsoftplus MoE (``v4.py``): V4-Flash, V4-Pro
     deepseek                  multi-head attention + DeepSeekMoE: DeepSeekMoE-16B
     llama                     grouped-query attention, dense: DeepSeek-LLM, DeepSeek-Coder, R1-Distill-Llama
     qwen2                     grouped-query attention with q/k/v biases, dense: R1-Distill-Qwen
@@ -29,6 +31,9 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .config_json import read_config, rope_fields, v4_fields
+from .presets import PRESETS
+
 
 @dataclass(frozen=True)
 class Family:
@@ -40,6 +45,7 @@ class Family:
     keys: tuple[str, ...]  # GQA families: the fields to_hf writes besides model_type, RoPE, dtype (MLA: all)
     defaults: dict  # field values the family implies when config.json leaves them out
     indexer: bool = False  # MLA with DeepSeek-V3.2's lightning indexer and top-k selection (indexer.py)
+    # "mla" | "gqa" | "v4": attention as above; "v4" builds the whole model from v4.py
 
 
 _GQA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -69,6 +75,10 @@ FAMILIES = {
                     keys=_GQA_KEYS + ("attention_bias", "head_dim"), defaults=dict(_DENSE)),
     "qwen2": Family("gqa", "Qwen2ForCausalLM", moe=False, qkv_bias=True, keys=_GQA_KEYS + ("head_dim",),
                     defaults=dict(_DENSE)),
+    "deepseek_v4": Family("v4", "DeepseekV4ForCausalLM", moe=True, qkv_bias=False, keys=(), defaults=dict(
+        scoring_func="sqrtsoftplus", topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=1.5, n_group=1,
+        topk_group=1, first_k_dense_replace=0, moe_layer_freq=1, num_key_value_heads=1, rope_interleave=True,
+        num_nextn_predict_layers=1)),
 }
 # The published DeepSeekMoE-16B config.json loads its classes from the checkpoint's own code.
 _DEEPSEEK_AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekConfig",
@@ -108,6 +118,18 @@ class ModelConfig:
     index_topk: int = 2048  # k: earlier tokens each query attends to, chosen by the lightning indexer
     index_head_dim: int = 128  # d^I: indexer query/key size (its first qk_rope_head_dim dims are rotated)
     index_n_heads: int = 64  # H^I: indexer heads
+
+    # --- v4: DeepSeek-V4 (v4.py); also uses q_lora_rank, head_dim, qk_rope_head_dim and the index_* fields
+    compress_ratios: list[int] | None = None  # per layer, main then MTP: 0 window only, 4 CSA, 128 HCA (m, m')
+    window_size: int = 128  # n_win: recent tokens every V4 attention layer sees (config.json "sliding_window")
+    compress_rope_theta: float = 160000.0  # RoPE base of CSA/HCA layers; rope_type/rope_factor (YaRN) apply there
+    o_groups: int = 8  # g: head groups of the grouped output projection
+    o_lora_rank: int = 1024  # d_g: each group's intermediate size
+    hc_mult: int = 4  # n_hc: residual streams of the manifold-constrained hyper-connections (mHC)
+    hc_sinkhorn_iters: int = 20  # t_max: Sinkhorn-Knopp iterations of the residual mixing matrix
+    hc_eps: float = 1e-6
+    num_hash_layers: int = 3  # the first layers route each token to experts tid2eid[token] (hash MoE)
+    swiglu_limit: float | None = None  # clip expert gate (above) and up (both sides) pre-activations (V4: 10)
 
     # --- rope and its context extensions (layers.py: one function per rope_type)
     rope_theta: float = 10000.0
@@ -168,12 +190,14 @@ class ModelConfig:
                 bad(name, "must be a non-negative integer")
         if self.attention == "mla":
             self._validate_mla(bad)
+        elif self.attention == "v4":
+            self._validate_v4(bad)
         else:
             self._validate_gqa(bad)
         if self.moe_layer_freq < 1:
             bad("moe_layer_freq", "must be >= 1")
-        if self.scoring_func not in ("softmax", "sigmoid"):
-            bad("scoring_func", "expected 'softmax' or 'sigmoid'")
+        if self.scoring_func not in ("softmax", "sigmoid", "sqrtsoftplus"):
+            bad("scoring_func", "expected 'softmax', 'sigmoid' or 'sqrtsoftplus'")
         if self.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
             bad("topk_method", "expected 'greedy', 'group_limited_greedy' or 'noaux_tc'")
         if self.rope_type not in ("default", "linear", "llama3", "yarn"):
@@ -216,6 +240,31 @@ class ModelConfig:
             if self.q_lora_rank is None:
                 bad("q_lora_rank", "the lightning indexer reads the compressed query: it must be set")
 
+    def _validate_v4(self, bad) -> None:
+        n = self.num_hidden_layers + self.num_nextn_predict_layers
+        ratios = self.compress_ratios
+        if not isinstance(ratios, list) or len(ratios) < self.num_hidden_layers \
+                or any(r not in (0, 4, 128) and not (isinstance(r, int) and r > 1) for r in ratios):
+            bad("compress_ratios", f"needs one entry per layer ({n}: main then MTP), each 0 (window only) "
+                                   "or a compression rate > 1 (4: CSA, 128: HCA)")
+        if self.num_key_value_heads not in (None, 1):
+            bad("num_key_value_heads", "V4 attention has one shared key/value head")
+        for name in ("head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "window_size", "hc_mult",
+                     "hc_sinkhorn_iters", "index_topk", "index_n_heads", "index_head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                bad(name, "must be a positive integer")
+        if self.num_attention_heads % self.o_groups:
+            bad("o_groups", f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.qk_rope_head_dim % 2 or not 0 < self.qk_rope_head_dim <= min(self.head_dim, self.index_head_dim):
+            bad("qk_rope_head_dim", "must be even and at most head_dim and index_head_dim")
+        if not 0 <= self.num_hash_layers <= n:
+            bad("num_hash_layers", f"must be between 0 and the {n} layers")
+
+    def compress_ratio(self, layer_id: int) -> int:
+        """V4: layer `layer_id`'s compression rate (0: sliding window only; MTP layers past the list: 0)."""
+        ratios = self.compress_ratios or []
+        return ratios[layer_id] if layer_id < len(ratios) else 0
+
     def _validate_gqa(self, bad) -> None:
         G = self.kv_heads
         if not isinstance(G, int) or G <= 0 or self.num_attention_heads % G:
@@ -257,8 +306,8 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        """Dimensions the rotary embedding turns: MLA's decoupled k^R, or GQA's whole head."""
-        return self.qk_rope_head_dim if self.attention == "mla" else self.attention_head_dim
+        """Dimensions the rotary embedding turns: MLA's decoupled k^R and V4's rotated tail, or GQA's whole head."""
+        return self.attention_head_dim if self.attention == "gqa" else self.qk_rope_head_dim
 
     @property
     def head_dims(self) -> tuple[int, int]:
@@ -290,7 +339,10 @@ class ModelConfig:
     def cache_width(self) -> int:
         """Numbers the KV cache holds per layer and token: MLA's latent c_KV and rotary key k^R, or
         GQA's key and value of every key/value head. With DSA the indexer's key k^I rides along:
-        [c_KV ; k^R ; k^I], so every cache layout keeps the two in step."""
+        [c_KV ; k^R ; k^I], so every cache layout keeps the two in step. V4 keeps no per-token
+        entry of this kind: its cache (``inference/compressed.py``) reports its own bytes."""
+        if self.attention == "v4":
+            return 0
         if self.attention == "mla":
             return self.kv_lora_rank + self.qk_rope_head_dim + (self.index_head_dim if self.has_indexer else 0)
         return 2 * self.kv_heads * self.attention_head_dim
@@ -358,13 +410,14 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, source: str | os.PathLike | dict) -> "ModelConfig":
         """Read any family's config.json (a directory, the file, or its dict), either rope spelling."""
-        d, where = _read_config(source)
+        d, where = read_config(source)
         model_type = d.pop("model_type", None)
         if model_type not in FAMILIES:
             raise ValueError(f"{where}: model_type={model_type!r} is not a DeepSeek model family nanoseek "
                              f"builds (expected one of {', '.join(FAMILIES)})")
         try:
-            kw: dict[str, Any] = dict(FAMILIES[model_type].defaults, model_type=model_type, **_rope_fields(d))
+            v4 = v4_fields(d) if model_type == "deepseek_v4" else {}
+            kw: dict[str, Any] = dict(FAMILIES[model_type].defaults, model_type=model_type, **v4, **rope_fields(d))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
@@ -406,7 +459,9 @@ class ModelConfig:
         d = dict(self.extra)
         d["architectures"] = [family.architecture]
         d["model_type"] = self.model_type
-        if family.attention == "mla":
+        if family.attention == "v4":
+            d.update(self._v4_hf())
+        elif family.attention == "mla":
             for f in fields(self):
                 if f.name not in _NOT_WRITTEN and (family.indexer or not f.name.startswith("index_")):
                     d[f.name] = getattr(self, f.name)
@@ -417,6 +472,8 @@ class ModelConfig:
             d["num_key_value_heads"] = self.kv_heads
         if self.model_type == "deepseek":
             d["auto_map"] = dict(_DEEPSEEK_AUTO_MAP)
+        elif family.attention == "v4":
+            d["sliding_window"] = d.pop("window_size")
         d["hidden_act"] = "silu"
         d["rope_theta"] = self.rope_theta
         d["rope_scaling"] = self._rope_scaling()
@@ -424,6 +481,22 @@ class ModelConfig:
             d["torch_dtype"] = self.torch_dtype
         if self.quantization_config is not None:
             d["quantization_config"] = self.quantization_config
+        return d
+
+    def _v4_hf(self) -> dict:
+        """A V4 config.json's own keys in DeepSeek's published spelling (compress_ratios, num_hash_layers,
+        qk_rope_head_dim), plus transformers' layer_types/compress_rates when an HCA rate is not the
+        published 128 (transformers reads compress_ratios entries as 0, 4 or 128 only)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name in _V4_KEYS}
+        d["num_key_value_heads"] = 1
+        hca = sorted({r for r in self.compress_ratios if r not in (0, 4)})
+        if hca and hca != [128]:
+            if len(hca) > 1:
+                raise ValueError(f"compress_ratios: HCA rates {hca} differ; transformers takes one per layer type")
+            kinds = {0: "sliding_attention", 4: "compressed_sparse_attention"}
+            d["layer_types"] = [kinds.get(r, "heavily_compressed_attention")
+                                for r in self.compress_ratios[:self.num_hidden_layers]]
+            d["compress_rates"] = {"compressed_sparse_attention": 4, "heavily_compressed_attention": hca[0]}
         return d
 
     def _rope_scaling(self) -> dict | None:
@@ -448,6 +521,15 @@ _NOT_WRITTEN = {"extra", "rope_type", "rope_factor", "beta_fast", "beta_slow", "
                 "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "quantization_config",
                 "torch_dtype", "num_key_value_heads", "head_dim"}
 
+# The fields a V4 config.json holds (window_size is written as "sliding_window").
+_V4_KEYS = {"vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "head_dim", "qk_rope_head_dim", "q_lora_rank", "o_lora_rank", "o_groups", "n_routed_experts",
+            "n_shared_experts", "num_experts_per_tok", "scoring_func", "topk_method", "norm_topk_prob",
+            "routed_scaling_factor", "max_position_embeddings", "compress_rope_theta", "compress_ratios",
+            "window_size", "hc_mult", "hc_sinkhorn_iters", "hc_eps", "num_hash_layers", "swiglu_limit",
+            "index_n_heads", "index_head_dim", "index_topk", "num_nextn_predict_layers", "rms_norm_eps",
+            "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id"}
+
 # config.json keys whose other values nanoseek does not build: (key, the value it builds, why).
 _UNSUPPORTED = [
     ("hidden_act", "silu", "every DeepSeek release uses 'silu'"),
@@ -461,49 +543,6 @@ def is_spec(text: str) -> bool:
     return text.partition(":")[0].strip() in FAMILIES.keys() | PRESETS.keys()
 
 
-def _read_config(source: str | os.PathLike | dict) -> tuple[dict, str]:
-    """A config.json's dict (from a directory, the file, or the dict itself) and where it came from."""
-    if isinstance(source, dict):
-        return dict(source), "config dict"
-    path = os.fspath(source)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    try:
-        with open(path) as f:
-            return json.load(f), path
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no config.json found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def _rope_fields(d: dict) -> dict:
-    """Pop the RoPE/YaRN keys from a config dict, in either spelling (rope_theta + rope_scaling{type},
-    or transformers' newer rope_parameters{rope_type}), as ModelConfig fields."""
-    kw: dict[str, Any] = {}
-    rope = dict(d.pop("rope_parameters", None) or {})
-    rope.update(d.pop("rope_scaling", None) or {})
-    theta = d.pop("rope_theta", None) or rope.get("rope_theta")
-    if theta is not None:
-        kw["rope_theta"] = float(theta)
-    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-    if rope_type not in ("default", "linear", "llama3", "yarn"):
-        raise ValueError(f"rope_type={rope_type!r} is not supported (default, linear, llama3, yarn)")
-    if rope.get("attention_factor") is not None:
-        raise ValueError("rope_scaling.attention_factor is not supported (YaRN's amplitude comes from its mscales)")
-    kw["rope_type"] = rope_type
-    if rope_type != "default":
-        kw["rope_factor"] = float(rope.get("factor", 1.0))
-    if rope_type in ("llama3", "yarn"):
-        kw["original_max_position_embeddings"] = rope.get(
-            "original_max_position_embeddings", d.get("original_max_position_embeddings"))
-    for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "low_freq_factor", "high_freq_factor"):
-        if rope_type in ("llama3", "yarn") and rope.get(key) is not None:
-            kw[key] = float(rope[key])
-    d.pop("original_max_position_embeddings", None)
-    return kw
-
-
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature: 0.1·m·ln(s) + 1 for s > 1."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
@@ -513,88 +552,3 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 SPEC_ALIASES = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
                 "kv_heads": "num_key_value_heads", "inter": "intermediate_size", "vocab": "vocab_size",
                 "tie": "tie_word_embeddings", "context": "max_position_embeddings"}
-
-PRESETS: dict[str, dict] = {
-    # A forward pass in milliseconds on a CPU: MLA with q compression, 1 dense + 3 MoE layers,
-    # 8 routed experts in 2 groups, sigmoid + noaux_tc routing, one MTP module.
-    "tiny": dict(model_type="deepseek_v3", vocab_size=1024, hidden_size=128, intermediate_size=384,
-                 num_hidden_layers=4, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32,
-                 qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, first_k_dense_replace=1,
-                 moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-                 n_group=2, topk_group=1, scoring_func="sigmoid", topk_method="noaux_tc",
-                 norm_topk_prob=True, routed_scaling_factor=1.0, num_nextn_predict_layers=1,
-                 max_position_embeddings=1024),
-    # DeepSeek-V2-Lite (16B total, 2.4B active), from its published config.json.
-    "deepseek-v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048,
-                             intermediate_size=10944, num_hidden_layers=27, num_attention_heads=16,
-                             q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                             v_head_dim=128, first_k_dense_replace=1, moe_intermediate_size=1408,
-                             n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1,
-                             topk_group=1, scoring_func="softmax", topk_method="greedy",
-                             norm_topk_prob=False, routed_scaling_factor=1.0, num_nextn_predict_layers=0,
-                             max_position_embeddings=163840, rope_theta=10000.0, rope_type="yarn",
-                             rope_factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
-                             beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707, bos_token_id=100000,
-                             eos_token_id=100001),
-    # DeepSeek-V3 / R1 (671B total, 37B active, +14B MTP), from its published config.json.
-    "deepseek-v3": dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168,
-                        intermediate_size=18432, num_hidden_layers=61, num_attention_heads=128,
-                        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                        v_head_dim=128, first_k_dense_replace=3, moe_intermediate_size=2048,
-                        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
-                        topk_group=4, scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
-                        routed_scaling_factor=2.5, num_nextn_predict_layers=1,
-                        max_position_embeddings=163840, rope_theta=10000.0, rope_type="yarn",
-                        rope_factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
-                        beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, bos_token_id=0, eos_token_id=1),
-    # The dense and first-MoE releases, from their published config.json files. Parameter counts
-    # (tests/test_estimate.py) are within 1% of the model cards'.
-    **{f"r1-distill-qwen-{size}": dict(model_type="qwen2", vocab_size=vocab, hidden_size=hidden,
-                                       intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                                       num_key_value_heads=kv, max_position_embeddings=131072, rms_norm_eps=eps,
-                                       rope_theta=theta, bos_token_id=151646, eos_token_id=151643,
-                                       extra=dict(use_sliding_window=False, sliding_window=4096,
-                                                  max_window_layers=window))
-       for size, vocab, hidden, inter, layers, heads, kv, eps, theta, window in [
-           ("1.5b", 151936, 1536, 8960, 28, 12, 2, 1e-6, 10000.0, 21),
-           ("7b", 152064, 3584, 18944, 28, 28, 4, 1e-6, 10000.0, 28),
-           ("14b", 152064, 5120, 13824, 48, 40, 8, 1e-5, 1000000.0, 48),
-           ("32b", 152064, 5120, 27648, 64, 40, 8, 1e-5, 1000000.0, 64)]},
-    **{f"r1-distill-llama-{size}": dict(model_type="llama", vocab_size=128256, hidden_size=hidden,
-                                        intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                                        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                                        rope_theta=500000.0, rope_type="llama3", rope_factor=8.0,
-                                        low_freq_factor=1.0, high_freq_factor=4.0,
-                                        original_max_position_embeddings=8192, bos_token_id=128000,
-                                        eos_token_id=128001)
-       for size, hidden, inter, layers, heads in [("8b", 4096, 14336, 32, 32), ("70b", 8192, 28672, 80, 64)]},
-    **{f"deepseek-llm-{size}": dict(model_type="llama", vocab_size=102400, hidden_size=hidden,
-                                    intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                                    num_key_value_heads=kv, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                                    bos_token_id=100000, eos_token_id=100001)
-       for size, hidden, inter, layers, heads, kv in [("7b", 4096, 11008, 30, 32, 32),
-                                                       ("67b", 8192, 22016, 95, 64, 8)]},
-    **{f"deepseek-coder-{size}": dict(model_type="llama", vocab_size=32256, hidden_size=hidden,
-                                      intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                                      num_key_value_heads=kv, max_position_embeddings=16384, rms_norm_eps=1e-6,
-                                      rope_theta=100000.0, rope_type="linear", rope_factor=4.0,
-                                      bos_token_id=32013, eos_token_id=32014)
-       for size, hidden, inter, layers, heads, kv in [("1.3b", 2048, 5504, 24, 16, 16),
-                                                       ("6.7b", 4096, 11008, 32, 32, 32),
-                                                       ("33b", 7168, 19200, 62, 56, 8)]},
-    # DeepSeekMoE-16B: multi-head attention, 1 dense layer, then 64 routed (6 per token) + 2 shared experts.
-    "deepseek-moe-16b": dict(model_type="deepseek", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-                             num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
-                             max_position_embeddings=4096, rms_norm_eps=1e-6, moe_intermediate_size=1408,
-                             n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
-                             first_k_dense_replace=1, moe_layer_freq=1, bos_token_id=100000, eos_token_id=100001),
-    # Tiny dense students for tests and the demo's distillation: Qwen2's layout (q/k/v biases), GQA.
-    "tiny-qwen2": dict(model_type="qwen2", vocab_size=1024, hidden_size=128, intermediate_size=384,
-                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=1024, bos_token_id=0, eos_token_id=1),
-}
-# DeepSeek-V3.2(-Exp): V3 plus the lightning indexer (its config.json); tiny-v32: `tiny` with DSA at a small k.
-PRESETS["deepseek-v3.2"] = dict(PRESETS["deepseek-v3"], model_type="deepseek_v32", index_topk=2048,
-                                index_head_dim=128, index_n_heads=64)
-PRESETS["tiny-v32"] = dict(PRESETS["tiny"], model_type="deepseek_v32", index_topk=16, index_head_dim=32,
-                           index_n_heads=4)

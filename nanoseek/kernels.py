@@ -40,6 +40,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y if bias is None else y + bias
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """silu(gate) * up. With `limit` (DeepSeek-V4's clipped SwiGLU) gate is first clipped from above
+    and up to [-limit, limit], which bounds the activations of low-precision experts."""
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up
+
+
 # ----------------------------------------------------------------------------- MoE dispatch
 
 def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, list[int]]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .attention import ATTENTION, GQA, MLA
 from .config import ModelConfig
-from .kernels import group_by_expert, linear, sort_by_expert
+from .kernels import group_by_expert, linear, sort_by_expert, swiglu
 from .layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, rope_frequencies
 
 # The primitives and attention classes were first defined here; callers may import them from here.
@@ -39,22 +39,23 @@ __all__ = ["Linear", "RMSNorm", "RotaryEmbedding", "apply_rotary", "rope_frequen
 # ----------------------------------------------------------------------------- feed-forward
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers and shared experts; `limit` clips (V4)."""
 
-    def __init__(self, dim: int, inter_dim: int):
+    def __init__(self, dim: int, inter_dim: int, limit: float | None = None):
         super().__init__()
         self.gate_proj = Linear(dim, inter_dim, bias=False)
         self.up_proj = Linear(dim, inter_dim, bias=False)
         self.down_proj = Linear(inter_dim, dim, bias=False)
+        self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
 
 
 class Gate(nn.Module):
     """The router: scores every routed expert and picks K per token.
 
-    scoring  softmax (V2) or sigmoid (V3) of h·e_i, computed in fp32.
+    scoring  softmax (V2), sigmoid (V3) or sqrt(softplus) (V4) of h·e_i, computed in fp32.
     choice   greedy top-K; group_limited_greedy (V2): keep the topk_group groups with the highest
              max score; noaux_tc (V3): add the balancing bias b_i, rank groups by the sum of their top-2
              biased scores. The bias steers the choice only: weights come from unbiased scores.
@@ -78,7 +79,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> weights [N, K] (fp32), indices [N, K], scores [N, E] (fp32, unbiased)."""
         logits = F.linear(x.float(), self.weight.float())
-        scores = logits.softmax(-1) if self.scoring_func == "softmax" else logits.sigmoid()
+        scores = SCORING[self.scoring_func](logits)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
         if self.topk_method != "greedy" and self.n_group > 1:
             grouped = choice.unflatten(-1, (self.n_group, -1))  # [N, G, E/G]
@@ -96,6 +97,9 @@ class Gate(nn.Module):
         return weights * self.routed_scaling_factor, indices, scores
 
 
+SCORING = {"softmax": lambda z: z.softmax(-1), "sigmoid": torch.sigmoid, "sqrtsoftplus": lambda z: F.softplus(z).sqrt()}
+
+
 class Experts(nn.Module):
     """E routed SwiGLU experts stored stacked: gate_proj/up_proj [E, I, D], down_proj [E, D, I].
 
@@ -103,29 +107,31 @@ class Experts(nn.Module):
     experts, never over tokens.
     """
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, limit: float | None = None):
         super().__init__()
         self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.limit = limit  # DeepSeek-V4's SwiGLU clip (kernels.swiglu)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         N, K = indices.shape
         if N * K <= self.gate_proj.shape[0] and not torch.is_grad_enabled():
             # under torch.compile, an opaque op: its Python grouping by expert is not traced
             few = routed_experts_few if torch.compiler.is_compiling() else _routed_experts_few
-            return few(x, weights, indices, self.gate_proj, self.up_proj, self.down_proj)
+            return few(x, weights, indices, self.gate_proj, self.up_proj, self.down_proj, self.limit)
         order, counts = sort_by_expert(indices, self.gate_proj.shape[0])  # [N*K] pair ids grouped by expert
         token = order // K
         # The routing weight scales the (narrower) intermediate activation: same result as
         # scaling the expert's output, half the elementwise work in forward and backward.
         gates = weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-        out = expert_products(x[token], gates, counts, self.gate_proj, self.up_proj, self.down_proj)
+        out = expert_products(x[token], gates, counts, self.gate_proj, self.up_proj, self.down_proj, limit=self.limit)
         return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
 
 def expert_products(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], gate_proj: torch.Tensor,
-                    up_proj: torch.Tensor, down_proj: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
+                    up_proj: torch.Tensor, down_proj: torch.Tensor, grouped: bool | None = None,
+                    limit: float | None = None) -> torch.Tensor:
     """Rows grouped by expert -> each row's gated expert output: xs [M, D] holds counts[e] rows for
     expert e in turn, gates [M, 1] their routing weights -> [M, D]. Expert parallelism
     (train/expert_parallel.py) calls this on the rows other ranks dispatched to this one.
@@ -140,7 +146,7 @@ def expert_products(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], ga
         offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)
         xs, gates = xs.to(dtype).contiguous(), gates.to(dtype)
         mm = functools.partial(_grouped_mm, offs=offs)
-        h = F.silu(mm(xs, gate_proj.to(dtype).mT)) * mm(xs, up_proj.to(dtype).mT) * gates
+        h = swiglu(mm(xs, gate_proj.to(dtype).mT), mm(xs, up_proj.to(dtype).mT), limit) * gates
         return mm(h, down_proj.to(dtype).mT)
     # unbind once: indexing a stacked parameter per expert would make autograd build a
     # zero-filled [E, ...] gradient for every slice.
@@ -148,7 +154,7 @@ def expert_products(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], ga
     outs = []
     for e, (h, g) in enumerate(zip(xs.split(counts), gates.split(counts))):
         if h.shape[0]:
-            outs.append(F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t()) * g @ w_down[e].t())
+            outs.append(swiglu(h @ w_gate[e].t(), h @ w_up[e].t(), limit) * g @ w_down[e].t())
     return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
 
@@ -179,14 +185,14 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 
 
 def _routed_experts_few(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_proj: torch.Tensor,
-                        up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+                        up_proj: torch.Tensor, down_proj: torch.Tensor, limit: float | None = None) -> torch.Tensor:
     """Decoding (a few tokens, no autograd): group the (token, expert) pairs in Python and read
     only the chosen experts' weights, with no sort and no per-step view of all E experts."""
     gates = weights.flatten().to(x.dtype).unsqueeze(-1)  # [N*K, 1]
     y = torch.zeros_like(x)
     for e, tok, pairs in group_by_expert(indices, gate_proj.shape[0]):
         h = x[tok]
-        h = F.silu(linear(h, gate_proj[e])) * linear(h, up_proj[e]) * gates[pairs]
+        h = swiglu(linear(h, gate_proj[e]), linear(h, up_proj[e]), limit) * gates[pairs]
         h = linear(h, down_proj[e])
         if isinstance(tok, slice):  # one token: a slice add, cheaper than index_add_ at decode sizes
             y[tok] += h
@@ -210,17 +216,18 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Gate(cfg)
-        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.swiglu_limit)
                                if cfg.n_shared_experts else None)
         self.load: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
         self.indices: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., D] -> [..., D]; input_ids [...] only for a gate that routes by token (V4's hash MoE)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        weights, indices, scores = self.gate(x)
+        weights, indices, scores = self.gate(x) if input_ids is None else self.gate(x, input_ids.reshape(-1))
         y = self.experts(x, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

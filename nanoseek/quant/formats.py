@@ -275,7 +275,9 @@ def _empty_like(fmt: WeightFormat, name: str, module: nn.Module, group_size: int
     """An empty quantized module of `fmt` shaped like `module` (an nn.Linear or Experts)."""
     if isinstance(module, Experts):
         E, inter, dim = module.gate_proj.shape
-        return fmt.experts(E, dim, inter, group_size, name)
+        new = fmt.experts(E, dim, inter, group_size, name)
+        new.limit = module.limit
+        return new
     return fmt.linear(module.in_features, module.out_features, module.bias is not None, group_size, name)
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import group_by_expert
+from ..kernels import group_by_expert, swiglu
 
 KERNEL_DTYPE = torch.bfloat16
 INT4_TILE = 16  # the int4 CPU kernel packs output rows in tiles of 16
@@ -185,13 +185,14 @@ class QuantExperts(nn.Module):
     n_experts: int
     dim: int
     inter_dim: int
+    limit: float | None = None  # DeepSeek-V4's SwiGLU clip, copied from the model's Experts
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         y = torch.zeros_like(x)
         gates = weights.flatten().unsqueeze(-1)  # [N*K, 1] fp32, pair j = (token j // K, its k-th expert)
         for e, tok, pairs in group_by_expert(indices, self.n_experts):
             gate, up = self._gate_up(x[tok], e).float().split(self.inter_dim, dim=-1)
-            h = F.silu(gate) * up * gates[pairs]  # the routing weight scales the narrower activation
+            h = swiglu(gate, up, self.limit) * gates[pairs]  # the routing weight scales the narrower activation
             if isinstance(tok, slice):  # one token: a slice add, cheaper than index_add_ at decode sizes
                 y[tok] += self._down(h, e)
             else:

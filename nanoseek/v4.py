@@ -1,0 +1,487 @@
+"""DeepSeek-V4 (``model_type: deepseek_v4``): the model, in reading order.
+
+    rotate_tail        partial RoPE on the last qk_rope_head_dim channels, pairs (x0,x1),(x2,x3).. in place
+    compress           m tokens -> one KV entry: a per-channel softmax-gated sum; CSA's windows overlap
+    Compressor         projections + compress + norm + RoPE at the window's position (§2.3.1 eqs 9-12, §2.3.2 eqs 20-23)
+    LightningIndexer   per query, the top-k compressed entries by sum_h w_h ReLU(q_h · K) (§2.3.1 eqs 13-17)
+    Attention          shared-KV multi-query attention over [sliding window ; compressed entries] with a
+                       learned sink per head, then the grouped low-rank output projection (§2.3)
+    HyperConnection    mHC: n residual streams, read by `pre`, written by `post`, mixed by a
+                       Sinkhorn-Knopp doubly stochastic `comb` (§2.2)
+    HashGate           the first num_hash_layers route token t to experts tid2eid[t] (§2.1)
+    Block -> MTPBlock -> V4Transformer
+
+Each layer's attention is one of three kinds (``cfg.compress_ratio(i)``): 0 a sliding window of
+``window_size`` recent tokens only; 4 compressed sparse attention (CSA: window + entries of 4 tokens
+with overlapping windows, of which the lightning indexer picks index_topk per query); any other rate
+(128 in the releases) heavily compressed attention (HCA: window + every entry). The feed-forward is
+nanoseek's DeepSeekMoE (``model.MoE``) with sqrt(softplus) scoring, clipped SwiGLU and, for the first
+layers, hash routing. Module names follow transformers' ``DeepseekV4ForCausalLM``; ``hf/keys.py`` maps
+them to the checkpoint's published keys (``layers.N.attn.wq_a`` ...).
+
+Shapes: B batch, T query tokens, D hidden, n hc_mult streams, H heads, dh head_dim, r rope dims,
+m compression rate, N compressed entries.
+
+Every compression and window is a function of absolute positions, so the same code runs a whole
+sequence (no cache) and the engine's incremental steps (``inference/compressed.py``): the cache hands
+each layer the window's earlier tokens and the projections of the windows not yet closed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import Linear, RMSNorm, rope_frequencies
+from .model import SCORING, MoE
+
+CSA_RATIO = 4  # DeepSeek's reference: rate 4 means overlapping windows and a lightning indexer
+
+
+# ----------------------------------------------------------------------------- primitives
+
+def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight (V4's per-head query norm and mHC's input norm)."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def rotate_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the last 2·(r/2) channels of x [B, T, (H,) d] by position, adjacent channels paired
+    (the checkpoint's layout, kept: V4 reads keys as values); the other channels pass through.
+    cos/sin [B, T, r/2] (fp32). With -sin this undoes the rotation (the attention output's)."""
+    r = 2 * cos.shape[-1]
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    a, b = x[..., -r:].float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2).to(x.dtype)
+    return torch.cat((x[..., :-r], rotated), dim=-1)
+
+
+class Rotary(nn.Module):
+    """cos/sin of one RoPE base: "main" (rope_theta, plain) for window-only layers, "compress"
+    (compress_rope_theta with the config's YaRN frequencies; V4 keeps cos/sin unscaled) for CSA/HCA."""
+
+    def __init__(self, cfg: ModelConfig, compressed: bool):
+        super().__init__()
+        if compressed:
+            inv_freq, _ = rope_frequencies(cfg.replace(rope_theta=cfg.compress_rope_theta))
+        else:
+            inv_freq, _ = rope_frequencies(cfg.replace(rope_type="default"))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq
+        return freqs.cos(), freqs.sin()
+
+
+def compress(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tensor, m: int,
+             overlap: bool) -> torch.Tensor:
+    """Every complete window of m tokens of kv/gate [B, L, c] (L = n·m) -> one entry [B, n, d].
+
+    Entry i = sum_j softmax_j(gate_j + B_j) ⊙ kv_j over its window, per channel. Without overlap
+    (HCA) d = c and the window is the m tokens. With overlap (CSA) each token projects two series,
+    c = 2d: its second half joins its own window, its first half the next window's, so entry i pools
+    2m slots (window i-1's first halves, window i's second halves); the first window of the
+    segment has no predecessor (weight 0)."""
+    B, L, c = kv.shape
+    n = L // m
+    kv, gate = kv[:, :n * m].view(B, n, m, c), gate[:, :n * m].view(B, n, m, c) + position_bias
+    if overlap:
+        d = c // 2
+        prev_kv = torch.cat((kv.new_zeros(B, 1, m, d), kv[:, :-1, :, :d]), dim=1)
+        prev_gate = torch.cat((gate.new_full((B, 1, m, d), float("-inf")), gate[:, :-1, :, :d]), dim=1)
+        kv = torch.cat((prev_kv, kv[..., d:]), dim=2)  # [B, n, 2m, d]
+        gate = torch.cat((prev_gate, gate[..., d:]), dim=2)
+    return (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
+
+
+class Compressor(nn.Module):
+    """Tokens -> compressed KV entries at rate m (CSA: 2 series, overlapping windows; HCA: 1).
+
+    C = H·W^KV, Z = H·W^Z (kv_proj, gate_proj), pooled by ``compress``, RMS-normed (kv_norm), and
+    RoPE'd at the window's first position i·m. ``raw`` gives the projections a cache keeps for
+    windows still open; ``entries`` turns a run of them into entries."""
+
+    def __init__(self, cfg: ModelConfig, m: int, head_dim: int):
+        super().__init__()
+        self.m, self.head_dim, self.overlap = m, head_dim, m == CSA_RATIO
+        width = head_dim * (2 if self.overlap else 1)
+        self.kv_proj = Linear(cfg.hidden_size, width, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, width, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(m, width))
+        self.kv_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, 2·width]: [C ; Z] per token."""
+        return torch.cat((self.kv_proj(x), self.gate_proj(x)), dim=-1)
+
+    def entries(self, raw: torch.Tensor, first: int, rotary: Rotary) -> torch.Tensor:
+        """raw [B, L, 2·width] of positions first.. (first a multiple of m) -> entries [B, L // m, dh]."""
+        kv, gate = raw.chunk(2, dim=-1)
+        out = self.kv_norm(compress(kv, gate, self.position_bias.float(), self.m, self.overlap))
+        pos = (first + self.m * torch.arange(out.shape[1], device=out.device)).expand(out.shape[0], -1)
+        return rotate_tail(out, *rotary(pos))
+
+
+class LightningIndexer(nn.Module):
+    """CSA's choice of entries (§2.3.1): its own compressor at index_head_dim, queries from the
+    attention's compressed query c^Q, and I_{t,s} = sum_h w_{t,h} · ReLU(q_{t,h} · K^I_s) / sqrt(d^I),
+    w = W^w h_t / sqrt(H^I); each query keeps the top index_topk entries it may see."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.compressor = Compressor(cfg, CSA_RATIO, cfg.index_head_dim)
+        self.q_b_proj = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
+        self.weights_proj = Linear(cfg.hidden_size, cfg.index_n_heads, bias=False)
+
+    def select(self, x: torch.Tensor, q_res: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """-> bool [B, T, N]: the entries each query attends (visible [B, T, N]: those it may)."""
+        B, T, _ = x.shape
+        q = rotate_tail(self.q_b_proj(q_res).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        scores = F.relu(torch.einsum("bthd,bnd->bthn", q.float(), keys.float())) * self.head_dim ** -0.5
+        w = self.weights_proj(x).float() * self.n_heads ** -0.5
+        scores = (scores * w.unsqueeze(-1)).sum(2).masked_fill(~visible, float("-inf"))  # [B, T, N]
+        k = min(self.topk, scores.shape[-1])
+        chosen = torch.zeros_like(visible)
+        if k:
+            chosen.scatter_(-1, scores.topk(k, dim=-1).indices, True)
+        return chosen & visible
+
+
+# ----------------------------------------------------------------------------- attention
+
+class Attention(nn.Module):
+    """V4 attention (§2.3): H query heads, one shared key=value head of dh dims.
+
+    c^Q = RMSNorm(W^DQ h); q = RoPE(RMSNorm_head(W^UQ c^Q)); kv = RoPE(RMSNorm(W^KV h)), RoPE on the
+    last r channels only. Keys: the window's last window_size tokens, plus (CSA/HCA) compressed
+    entries whose windows have closed (entry i holds tokens i·m..i·m+m-1, seen from position
+    >= i·m+m-1); CSA attends only the indexer's picks. softmax over [scores ; sink_h] (the sink takes
+    weight, gives no value), o = sum p_j kv_j, RoPE undone on o's tail (-sin at the query), then
+    the grouped output projection: each of g head groups to d_g dims (o_a_proj), all to D (o_b_proj)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.head_dim, self.window = cfg.num_attention_heads, cfg.head_dim, cfg.window_size
+        self.groups, self.eps = cfg.o_groups, cfg.rms_norm_eps
+        self.m = cfg.compress_ratio(layer_id)
+        H, dh = self.n_heads, self.head_dim
+        self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+        self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.q_b_proj = Linear(cfg.q_lora_rank, H * dh, bias=False)
+        self.kv_proj = Linear(cfg.hidden_size, dh, bias=False)
+        self.kv_norm = RMSNorm(dh, cfg.rms_norm_eps)
+        self.o_a_proj = Linear(H * dh // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)  # g blocks
+        self.o_b_proj = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(H))
+        self.compressor = Compressor(cfg, self.m, dh) if self.m else None
+        self.indexer = LightningIndexer(cfg) if self.m == CSA_RATIO else None
+        self.rotary = Rotary(cfg, compressed=bool(self.m))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+        """x [B, T, D] at positions [B, T] (each row contiguous) -> [B, T, D]. cache: see
+        ``inference.compressed.CompressedCache``; without one, x is a whole sequence from position 0."""
+        B, T, _ = x.shape
+        cos, sin = self.rotary(positions)
+        q_res = self.q_a_norm(self.q_a_proj(x))  # c^Q [B, T, d'_c]
+        q = rotate_tail(unit_rms(self.q_b_proj(q_res).view(B, T, self.n_heads, self.head_dim), self.eps), cos, sin)
+        kv = rotate_tail(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, T, dh]
+        if cache is None:
+            keys, key_pos = kv, positions
+        else:
+            keys, key_pos = cache.window(self.layer_id, kv)
+        qp = positions.unsqueeze(-1)
+        allowed = (key_pos.unsqueeze(1) <= qp) & (key_pos.unsqueeze(1) > qp - self.window) & (key_pos.unsqueeze(1) >= 0)
+        if self.compressor is not None:
+            entries, allowed_c = self._compressed(x, q_res, positions, cos, sin, cache)
+            keys, allowed = torch.cat((keys, entries), dim=1), torch.cat((allowed, allowed_c), dim=-1)
+        o = self._attend(q, keys, allowed)  # [B, T, H, dh]
+        o = rotate_tail(o, cos, -sin).reshape(B, T, self.groups, -1)
+        w = self.o_a_proj.weight.view(self.groups, -1, o.shape[-1])  # [g, d_g, H·dh/g]
+        o = torch.einsum("btgi,goi->btgo", o, w).flatten(2)
+        return self.o_b_proj(o)
+
+    def _compressed(self, x, q_res, positions, cos, sin, cache):
+        """-> (entries [B, N, dh], bool [B, T, N]: what each query attends among them)."""
+        comp = self.compressor
+        raw = comp.raw(x) if self.indexer is None else torch.cat((comp.raw(x), self.indexer.compressor.raw(x)), -1)
+        if cache is None:
+            out = self._entries(raw, 0)
+        else:
+            out = cache.entries(self.layer_id, raw, self.m, self._entries)
+        entries = out[..., :self.head_dim]
+        visible = torch.arange(entries.shape[1], device=x.device) < ((positions + 1) // self.m).unsqueeze(-1)
+        if self.indexer is None:
+            return entries, visible
+        return entries, self.indexer.select(x, q_res, cos, sin, out[..., self.head_dim:], visible)
+
+    def _entries(self, raw: torch.Tensor, first: int) -> torch.Tensor:
+        """raw projections [B, L, ·] of positions first.. -> entries [B, L // m, dh (+ d^I)]."""
+        if self.indexer is None:
+            return self.compressor.entries(raw, first, self.rotary)
+        main, index = raw.split([4 * self.head_dim, 4 * self.indexer.head_dim], dim=-1)
+        return torch.cat((self.compressor.entries(main, first, self.rotary),
+                          self.indexer.compressor.entries(index, first, self.rotary)), dim=-1)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, dh], keys = values [B, S, dh], allowed [B, T, S] -> [B, T, H, dh]."""
+        scores = torch.einsum("bthd,bsd->bhts", q, keys).float() * self.head_dim ** -0.5
+        scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        sink = self.sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        p = torch.cat((scores, sink), dim=-1).softmax(-1)[..., :-1].to(keys.dtype)
+        return torch.einsum("bhts,bsd->bthd", p, keys)
+
+
+# ----------------------------------------------------------------------------- mHC
+
+class HyperConnection(nn.Module):
+    """Manifold-constrained hyper-connections (§2.2): the residual is n streams X [B, T, n, D].
+
+    From x = RMSNorm(flatten(X)): pre = σ(α_pre·x W_pre + b_pre) + ε, post = 2σ(α_post·x W_post + b_post),
+    comb = Sinkhorn-Knopp(softmax(α_res·x W_res + b_res) + ε), t_max alternating column/row
+    normalisations, a doubly stochastic n x n matrix. The block reads sum_i pre_i X_i and the new
+    streams are post ⊗ f(...) + comb^T X. fn/base/scale hold W, b, α of all three, concatenated."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n = cfg.hc_mult
+        self.n, self.iters, self.eps, self.norm_eps = n, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
+        self.fn = nn.Parameter(torch.empty((2 + n) * n, n * cfg.hidden_size))
+        self.base = nn.Parameter(torch.zeros((2 + n) * n))
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """streams [B, T, n, D] -> (post [B, T, n], comb [B, T, n, n] (fp32), the block's input [B, T, D])."""
+        n = self.n
+        mix = F.linear(unit_rms(streams.flatten(2).float(), self.norm_eps), self.fn.float())
+        pre, post, comb = mix.split([n, n, n * n], dim=-1)
+        b_pre, b_post, b_comb = self.base.float().split([n, n, n * n])
+        a_pre, a_post, a_comb = self.scale.float().unbind(0)
+        pre = torch.sigmoid(pre * a_pre + b_pre) + self.eps
+        post = 2 * torch.sigmoid(post * a_post + b_post)
+        comb = torch.softmax(comb.unflatten(-1, (n, n)) * a_comb + b_comb.view(n, n), dim=-1) + self.eps
+        comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
+        for _ in range(self.iters - 1):
+            comb = comb / (comb.sum(-1, keepdim=True) + self.eps)
+            comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
+        return post, comb, (pre.unsqueeze(-1) * streams).sum(2).to(streams.dtype)
+
+
+def hc_collapse(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                eps: float, norm_eps: float) -> torch.Tensor:
+    """The output head's read of the n streams [B, T, n, D] -> [B, T, D]: sum_i (σ(α·x W + b)_i + ε) X_i."""
+    mix = F.linear(unit_rms(streams.flatten(2).float(), norm_eps), fn.float())
+    pre = torch.sigmoid(mix * scale.float() + base.float()) + eps
+    return (pre.unsqueeze(-1) * streams).sum(2).to(streams.dtype)
+
+
+class HyperHead(nn.Module):
+    """The final collapse of the streams before the output norm (``hc_collapse``'s parameters)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n = cfg.hc_mult
+        self.eps, self.norm_eps = cfg.hc_eps, cfg.rms_norm_eps
+        self.hc_fn = nn.Parameter(torch.empty(n, n * cfg.hidden_size))
+        self.hc_base = nn.Parameter(torch.zeros(n))
+        self.hc_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        return hc_collapse(streams, self.hc_fn, self.hc_base, self.hc_scale, self.eps, self.norm_eps)
+
+
+# ----------------------------------------------------------------------------- MoE and blocks
+
+class HashGate(nn.Module):
+    """Hash routing (§2.1): token t goes to the fixed experts tid2eid[t]; the learned scores
+    sqrt(softplus(h·e_i)) of those experts, renormalised and scaled, weight them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.scoring_func, self.routed_scaling_factor = cfg.scoring_func, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.long))
+        self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D], input_ids [N] -> weights [N, K], indices [N, K], scores [N, E]."""
+        scores = SCORING[self.scoring_func](F.linear(x.float(), self.weight.float()))
+        indices = self.tid2eid[input_ids].long()
+        weights = scores.gather(1, indices)
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, indices, scores
+
+
+class Block(nn.Module):
+    """X <- post_a ⊗ attn(norm(pre_a X)) + comb_a^T X, then the same with the MoE (§2.2)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_id)
+        self.mlp = MoE(cfg)
+        self.hashed = layer_id < cfg.num_hash_layers
+        if self.hashed:
+            self.mlp.gate = HashGate(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_hc = HyperConnection(cfg)
+        self.ffn_hc = HyperConnection(cfg)
+
+    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor, cache=None):
+        dtype = streams.dtype
+        post, comb, h = self.attn_hc(streams)
+        out = self.self_attn(self.input_layernorm(h), positions, cache)
+        streams = post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + comb.to(dtype).transpose(-1, -2) @ streams
+        post, comb, h = self.ffn_hc(streams)
+        out = self.mlp(self.post_attention_layernorm(h), input_ids if self.hashed else None)
+        return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + comb.to(dtype).transpose(-1, -2) @ streams
+
+
+class MTPBlock(Block):
+    """Multi-token prediction (as the V4 checkpoint ships it, ``mtp.k.*``): the main model's streams
+    X and the next tokens' embeddings e enter as e_proj(enorm(e)) + h_proj(hnorm(X)) (broadcast over
+    streams), one Block, then its own stream collapse and norm before the shared output head."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.e_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.h_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hc_head = HyperHead(cfg)
+
+    def forward(self, streams, emb, input_ids, positions, cache=None):
+        """-> the module's normed output [B, T, D] (its logits are lm_head of it)."""
+        streams = self.e_proj(self.enorm(emb)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
+        return self.norm(self.hc_head(super().forward(streams, input_ids, positions, cache)))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n = cfg.num_hidden_layers
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(n)] +
+                                    [MTPBlock(cfg, n + k) for k in range(cfg.num_nextn_predict_layers)])
+        self.hc_head = HyperHead(cfg)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class V4Transformer(nn.Module):
+    """The DeepSeek-V4 causal LM, with ``model.Transformer``'s interface (forward, forward_hidden,
+    forward_train, moe_layers, num_params), so the engine, trainers and checkpoint code drive it alike.
+    ``forward_hidden`` returns the collapsed streams before the final norm; the engine's MTP drafting
+    is not wired to V4's stream-level MTP (``drafts_with_mtp``)."""
+
+    drafts_with_mtp = False
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None):
+        """N(0, initializer_range) for matrices and mHC projections; norms and mHC scales 1; biases,
+        sinks and position biases 0; tid2eid a fixed pseudo-random table."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("norm.weight") or leaf in ("scale", "hc_scale"):
+                p.fill_(1.0)
+            elif leaf in ("base", "hc_base", "sinks", "position_bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for m in self.modules():
+            if isinstance(m, HashGate) and m.tid2eid.device.type != "meta":
+                g = torch.Generator().manual_seed(0)
+                V, K = m.tid2eid.shape
+                m.tid2eid.copy_(torch.rand(V, m.weight.shape[0], generator=g).topk(K, dim=-1).indices)
+            if isinstance(m, MoE) and m.gate.e_score_correction_bias is not None \
+                    and m.gate.e_score_correction_bias.device.type != "meta":
+                m.gate.e_score_correction_bias.zero_()
+
+    @property
+    def main_layers(self) -> list[Block]:
+        return list(self.model.layers[:self.config.num_hidden_layers])
+
+    @property
+    def mtp_layers(self) -> list[MTPBlock]:
+        return list(self.model.layers[self.config.num_hidden_layers:])
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers]
+
+    def _positions(self, input_ids, positions):
+        if positions is None:
+            return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        return positions
+
+    def forward_streams(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                        inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> the residual streams after the last main layer [B, T, n, D]."""
+        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        positions = self._positions(input_ids, positions)
+        streams = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        for layer in self.main_layers:
+            streams = layer(streams, input_ids, positions, cache)
+        return streams
+
+    def forward_hidden(self, input_ids, positions=None, mask=None, cache=None, absorb=False, inputs_embeds=None):
+        """-> [B, T, D] before the final norm. mask must be None (V4 builds its own from positions);
+        absorb is MLA's and changes nothing here."""
+        if mask is not None:
+            raise ValueError("DeepSeek-V4 attends by position (window + compressed entries): pass no mask "
+                             "(packed documents are not supported)")
+        return self.model.hc_head(self.forward_streams(input_ids, positions, cache, inputs_embeds))
+
+    def forward(self, input_ids, positions=None, mask=None, cache=None, absorb=False, inputs_embeds=None):
+        """input_ids [B, T] -> logits [B, T, vocab_size]."""
+        return self.lm_head(self.model.norm(self.forward_hidden(input_ids, positions, mask, cache, absorb,
+                                                                inputs_embeds)))
+
+    def forward_train(self, input_ids, positions=None, mask=None):
+        """(final normed hidden [B, T, D], [MTP logits [B, T, V] per depth]), as ``Transformer.forward_train``."""
+        if mask is not None:
+            raise ValueError("DeepSeek-V4 trains on unpacked rows: pass no document mask")
+        streams = self.forward_streams(input_ids, positions)
+        hidden = self.model.norm(self.model.hc_head(streams))
+        positions = self._positions(input_ids, positions)
+        mtp_logits = []
+        for k, layer in enumerate(self.mtp_layers, start=1):
+            nxt = torch.roll(input_ids, -k, dims=1)
+            out = layer(streams, self.model.embed_tokens(nxt), nxt, positions)
+            mtp_logits.append(self.lm_head(out))
+        return hidden, mtp_logits
+
+    def mtp_logits(self, streams: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None):
+        """MTP module 1's logits from the main streams [B, T, n, D] and tokens i+1 [B, T]."""
+        layer = self.mtp_layers[0]
+        out = layer(streams, self.model.embed_tokens(next_ids), next_ids, self._positions(next_ids, positions))
+        return self.lm_head(out)
+
+    def num_params(self, active: bool = False, include_mtp: bool = True) -> int:
+        cfg = self.config
+        total = 0
+        for name, p in self.named_parameters():
+            parts = name.split(".")
+            if not include_mtp and len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= cfg.num_hidden_layers:
+                continue
+            n = p.numel()
+            if active and ".experts." in name:
+                n = n * cfg.num_experts_per_tok // cfg.n_routed_experts
+            total += n
+        return total
