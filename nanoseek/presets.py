@@ -109,7 +109,7 @@ PRESETS["deepseek-v4-pro"] = dict(_V4, hidden_size=7168, moe_intermediate_size=3
                                   compress_ratios=[128, 128] + [4, 128] * 29 + [4] + [0])
 PRESETS["tiny-v4"] = dict(_V4, vocab_size=1024, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
                           num_attention_heads=4, head_dim=32, qk_rope_head_dim=8, q_lora_rank=32, o_groups=2,
-                          o_lora_rank=16, n_routed_experts=8, num_experts_per_tok=2, index_n_heads=2,
-                          index_head_dim=16, index_topk=4, window_size=8, hc_mult=2, num_hash_layers=1,
+                          o_lora_rank=16, n_routed_experts=8, num_experts_per_tok=2,
+                          index_head_dim=16, index_n_heads=8, index_topk=4, window_size=8, hc_mult=2, num_hash_layers=1,
                           max_position_embeddings=4096, original_max_position_embeddings=256,
                           compress_ratios=[0, 4, 16, 4, 0])

@@ -76,6 +76,9 @@ class Batch:
             raise ValueError(f"speculative={speculative!r}: expected None or 'mtp'")
         if speculative == "mtp" and not engine.model.mtp_layers:
             raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        if speculative == "mtp" and not getattr(engine.model, "drafts_with_mtp", True):
+            raise ValueError(f"speculative='mtp' is not available for {engine.config.model_type}: its MTP module "
+                             "is loaded and trained, but the engine does not draft with it")
         if max_batched_tokens is not None and max_batched_tokens < 1:
             raise ValueError(f"max_batched_tokens={max_batched_tokens}: must be >= 1")
         self.engine, self.mtp, self.slots = engine, speculative == "mtp", slots
@@ -164,8 +167,13 @@ class Batch:
     @torch.inference_mode()
     def _prefill(self, budget: int | None) -> None:
         """Prefill waiting rows (see _take_prefill) through the expanded path; rows whose context is
-        complete make their first token (a resumed row keeps the one it had) and start decoding."""
+        complete make their first token (a resumed row keeps the one it had) and start decoding.
+        A cache that takes no padding (DeepSeek-V4's) gets one forward per row."""
         take = self._take_prefill(budget)
+        for part in ([[t] for t in take] if getattr(self.cache, "unpadded", False) else [take]):
+            self._prefill_rows(part)
+
+    def _prefill_rows(self, take: list[tuple[int, int]]) -> None:
         real = [(i, n) for i, n in take if self.rows[i].twin is None]
         if not real:
             return

@@ -22,6 +22,7 @@ import torch
 
 from .batch import SPECULATIVE, Batch
 from .cache import LatentCache, PrefixCache, attention_mask
+from .compressed import CompressedCache
 from .sequence import Completion, SamplingParams, Sequence, check_prompt, new_generator
 
 # SamplingParams fields Engine.generate/stream take as keywords beside their own arguments
@@ -86,8 +87,10 @@ class Engine:
         Speculative decoding adds the MTP module's own entries (one more layer's worth per depth)."""
         return self.config.cache_bytes_per_token(self.dtype.itemsize)
 
-    def new_cache(self, batch_size: int, max_len: int, mtp_layers: int = 0) -> LatentCache:
+    def new_cache(self, batch_size: int, max_len: int, mtp_layers: int = 0) -> LatentCache | CompressedCache:
         cfg = self.config
+        if cfg.attention == "v4":  # a window and compressed entries (no per-token latent)
+            return CompressedCache(cfg, batch_size, max_len, self.dtype, self.device)
         return LatentCache(cfg.num_hidden_layers + mtp_layers, batch_size, max_len, cfg.cache_width,
                            self.dtype, self.device)
 
@@ -272,6 +275,8 @@ def _mask(positions: torch.Tensor, cache: LatentCache) -> torch.Tensor | None:
     one token is decoded or the keys start at 0: plain causal attention is then exact, and the
     layers skip building and applying a mask (prefill takes SDPA's causal kernel)."""
     start = cache.start
+    if getattr(cache, "unpadded", False):  # DeepSeek-V4 masks by position itself
+        return None
     if start is not None and (positions.shape[1] == 1 or start == 0):
         return None
     return attention_mask(positions, cache.attend_len)
