@@ -348,8 +348,17 @@ class ModelConfig:
         return 2 * self.kv_heads * self.attention_head_dim
 
     def cache_bytes_per_token(self, itemsize: int, layers: int | None = None) -> int:
-        """KV-cache bytes per token over `layers` (default: the main model's) at this element size."""
-        return self.cache_width * (self.num_hidden_layers if layers is None else layers) * itemsize
+        """KV-cache bytes per token over `layers` (default: the main model's) at this element size.
+        V4: what one more token adds on average, sum over compressed layers of entry width / m (its
+        window and pending projections are a fixed part per sequence: ``inference.compressed.fixed_bytes``)."""
+        n = self.num_hidden_layers if layers is None else layers
+        if self.attention == "v4":
+            return round(sum(self.v4_entry_width(m) * itemsize / m for m in map(self.compress_ratio, range(n)) if m))
+        return self.cache_width * n * itemsize
+
+    def v4_entry_width(self, m: int) -> int:
+        """V4: numbers in one compressed entry at rate m: CSA's key plus its indexer key, HCA's key."""
+        return self.head_dim + (self.index_head_dim if m == 4 else 0)
 
     @property
     def softmax_scale(self) -> float:

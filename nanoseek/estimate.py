@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
-from .model import Transformer
+from .models import build_model
 
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
 
@@ -45,7 +45,7 @@ class Estimate:
 
 def estimate(cfg: ModelConfig, kv_dtype_bytes: int = 2) -> Estimate:
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     total = model.num_params()
     no_mtp = model.num_params(include_mtp=False)
     mha = cfg.num_attention_heads * sum(cfg.head_dims)

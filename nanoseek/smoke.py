@@ -16,6 +16,7 @@ import torch
 from .hf import load_pretrained, save_pretrained
 from .config import ModelConfig
 from .model import Transformer
+from .models import build_model
 
 
 def greedy(model: Transformer, ids: list[int], n: int) -> list[int]:
@@ -41,7 +42,7 @@ def smoke(out: str | None = None, tokens: int = 8, seed: int = 0) -> SmokeResult
     """Build the tiny preset (seeded), save it to `out` (a temp folder if None), load it back, decode greedily."""
     torch.manual_seed(seed)
     cfg = ModelConfig.preset("tiny")
-    model = Transformer(cfg).eval()
+    model = build_model(cfg).eval()
     out = out or tempfile.mkdtemp(prefix="nanoseek-smoke-")
     t0 = time.perf_counter()
     save_pretrained(model, out)

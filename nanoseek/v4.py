@@ -65,11 +65,15 @@ class Rotary(nn.Module):
 
     def __init__(self, cfg: ModelConfig, compressed: bool):
         super().__init__()
-        if compressed:
-            inv_freq, _ = rope_frequencies(cfg.replace(rope_theta=cfg.compress_rope_theta))
-        else:
-            inv_freq, _ = rope_frequencies(cfg.replace(rope_type="default"))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.cfg, self.compressed = cfg, compressed
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self) -> torch.Tensor:
+        """The inverse frequencies [r/2] (a loader recomputes them after building on the meta device)."""
+        cfg = self.cfg
+        if self.compressed:
+            return rope_frequencies(cfg.replace(rope_theta=cfg.compress_rope_theta))[0]
+        return rope_frequencies(cfg.replace(rope_type="default"))[0]
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float().unsqueeze(-1) * self.inv_freq
@@ -386,9 +390,13 @@ class V4Transformer(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.reset_parameters()
+
+    def tie_weights(self):
+        """Share embedding and output head when tie_word_embeddings (again after to_empty/meta moves)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None):

@@ -29,12 +29,14 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..layers import RotaryEmbedding, rope_frequencies
 from ..model import Gate, Transformer
+from ..models import build_model
+from ..v4 import Rotary
 from ..quant.formats import FORMATS, WeightFormat, swap_modules, weight_format
 from ..quant.modules import QuantExperts, QuantLinear
 from ..tokenizer import Tokenizer
 from .fsutil import atomic_directory
 from .keys import (EXPERT_KEY, FUSED_EXPERT_KEY, companion_keys, expert_keys, has_mtp_layers, hf_keys,
-                   hf_state_dict, is_computed, is_mtp_shared_copy, natural_key, quantized_keys)
+                   hf_state_dict, is_computed, is_mtp_shared_copy, natural_key, quantized_keys, v4_stored_names)
 
 FP8 = FORMATS["fp8"]  # what DeepSeek-V3/R1 ship; read whatever the config says
 
@@ -208,9 +210,13 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     cfg = ModelConfig.from_hf(path)
     fmt = stored_format(cfg, path)
     files = checkpoint_files(path)
+    stored: dict[str, str] = {}
+    if cfg.attention == "v4":  # DeepSeek's spelling on disk: read under nanoseek's module names
+        files, stored = v4_files(cfg, files)
     n = cfg.num_hidden_layers
     if cfg.num_nextn_predict_layers and not has_mtp_layers(cfg, files):
-        warnings.warn(f"{path}: no MTP layers (model.layers.{n}.*) in the checkpoint; loading with MTP disabled")
+        where = "mtp.0.*" if cfg.attention == "v4" else f"model.layers.{n}.*"
+        warnings.warn(f"{path}: no MTP layers ({where}) in the checkpoint; loading with MTP disabled")
         cfg = cfg.replace(num_nextn_predict_layers=0)
     held = fmt if fmt is not None and fmt.in_memory else None
     if quantize is not None:
@@ -223,10 +229,27 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
         if held is None:
             cfg = cfg.replace(quantization_config=target.config(group_size, keep))
             held = target
+    if cfg.attention == "v4" and fmt is not None:
+        raise CheckpointError(f"{path}: a quantized DeepSeek-V4 checkpoint ({fmt.name}) does not load yet; "
+                              "load a bf16/fp32 one (quantize= works on it)")
     loader = _Loader(path, cfg, files, held, allow_unexpected, on_load=quantize is not None and fmt is not held)
+    loader.stored = stored
     loader.build(_compute_dtype(cfg, dtype), device)
     loader.load()
     return loader.model.eval()
+
+
+def v4_files(cfg: ModelConfig, files: dict[str, Path]) -> tuple[dict[str, Path], dict[str, str]]:
+    """A V4 checkpoint's {key: file} under module names, and {module name: stored key}. A key that
+    names no module of the config is kept as it is (the loader then reports it as unexpected)."""
+    with torch.device("meta"):
+        names = hf_keys(build_model(cfg))
+    aliases = v4_stored_names(names, cfg.num_hidden_layers)
+    renamed, stored = {}, {}
+    for key, file in files.items():
+        name = aliases.get(key, key)
+        renamed[name], stored[name] = file, key
+    return renamed, stored
 
 
 def check_vocab(tokenizer: Tokenizer, model: Transformer, where) -> None:
@@ -282,12 +305,13 @@ class _Loader:
         self.targets = quantized_keys(cfg, self.keep) if fmt else set()  # keys stored quantized
         self.seen: set[str] = set()
         self.experts: dict[tuple[str, int], dict[str, tuple]] = {}  # a quantized expert waits for its 3 matrices
+        self.stored: dict[str, str] = {}  # module name -> the key it is stored under, where they differ (V4)
 
     def build(self, dtype: torch.dtype, device) -> None:
         """The model on the meta device, its quantized modules swapped in, then allocated on `device`
         with its parameters in `dtype` (quantized modules' codes and bf16 scales are buffers: left alone)."""
         with torch.device("meta"):
-            model = Transformer(self.cfg)
+            model = build_model(self.cfg)
         self.expected = set(hf_keys(model))
         if self.fmt is not None:
             try:
@@ -301,6 +325,8 @@ class _Loader:
         for m in model.modules():  # buffers that are computed, not stored
             if isinstance(m, RotaryEmbedding):
                 m.inv_freq = rope_frequencies(model.config)[0].to(device)
+            if isinstance(m, Rotary):
+                m.inv_freq = m.frequencies().to(device)
             if isinstance(m, Gate) and m.e_score_correction_bias is not None:
                 m.e_score_correction_bias = torch.zeros_like(m.e_score_correction_bias, dtype=torch.float32)
         self.model = model
@@ -319,7 +345,7 @@ class _Loader:
                 for n, key in enumerate(keys, 1):
                     if n % 64 == 0:
                         release_freed_memory()
-                    t = read_tensor(f, file, key)
+                    t = read_tensor(f, file, self.stored.get(key, key))
                     if not self.on_load and self._stored_quantized(key):
                         self.seen.update(self._load_quantized(key, t, file))
                         continue
@@ -390,7 +416,7 @@ class _Loader:
 
     @staticmethod
     def _check_float(key: str, t: torch.Tensor, file: Path) -> None:
-        if not (t.dtype.is_floating_point or key.endswith("e_score_correction_bias")):
+        if not (t.dtype.is_floating_point or key.endswith(("e_score_correction_bias", "tid2eid"))):
             raise CheckpointError(f"{file}: {key} has dtype {t.dtype}; expected a floating-point tensor")
 
     def _unexpected(self, key: str, file: Path) -> list[str]:

@@ -23,6 +23,10 @@ file says otherwise:
                     computed from the config, so it is skipped on load and never written
     quantized       a stored weight keeps its key; its companions sit at ``<key><suffix>`` with the
                     format's suffixes (``quant.formats``: ``_scale``, ``_min``, FP8's ``_scale_inv``)
+    DeepSeek-V4     nanoseek's names are transformers' in-memory ones; checkpoints use DeepSeek's published
+                    spelling (``layers.N.attn.wq_a.weight``, ``layers.N.ffn.experts.E.w1.weight``,
+                    ``hc_head_fn``, ``mtp.K.*``), which ``v4_checkpoint_key`` writes; ``v4_stored_names``
+                    also reads the variant transformers saves (a ``model.`` prefix, ``attn.norm``)
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..model import Experts, Transformer
+from ..models import build_model
 from ..quant.formats import is_kept
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -88,6 +93,18 @@ def is_mtp_shared_copy(cfg: ModelConfig, key: str) -> bool:
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's tensors under DeepSeek checkpoint keys (experts split, MTP shared copies added)."""
     cfg = model.config
+    if cfg.attention == "v4":
+        return {v4_checkpoint_key(k, cfg.num_hidden_layers): v for k, v in _split_experts(model).items()}
+    out = _split_experts(model)
+    for prefix in mtp_prefixes(cfg):
+        out[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
+        out[prefix + "shared_head.head.weight"] = model.lm_head.weight.detach().clone()
+    return out
+
+
+def _split_experts(model) -> dict[str, torch.Tensor]:
+    """state_dict with stacked experts split per expert and a tied head left out."""
+    cfg = model.config
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         m = STACKED_EXPERTS.match(name)
@@ -96,9 +113,6 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
                 out[f"{m[1]}.{e}.{m[2]}.weight"] = t[e]
         elif not (name == "lm_head.weight" and cfg.tie_word_embeddings):
             out[name] = t
-    for prefix in mtp_prefixes(cfg):
-        out[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
-        out[prefix + "shared_head.head.weight"] = model.lm_head.weight.detach().clone()
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
@@ -119,7 +133,7 @@ def quantized_keys(cfg: ModelConfig, keep: list[str]) -> set[str]:
     routed expert whose module name `keep` does not match (the MTP layers' copy of the output head
     follows lm_head)."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     keys: set[str] = set()
     for name, module in model.named_modules():
         if is_kept(name, keep):
@@ -128,6 +142,65 @@ def quantized_keys(cfg: ModelConfig, keep: list[str]) -> set[str]:
             keys.add(f"{name}.weight")
         elif isinstance(module, Experts):
             keys.update(expert_keys(name, module.gate_proj.shape[0]))
-    if "lm_head.weight" in keys:
+    if "lm_head.weight" in keys and cfg.attention != "v4":
         keys.update(prefix + "shared_head.head.weight" for prefix in mtp_prefixes(cfg))
     return keys
+
+
+# ----------------------------------------------------------------------------- DeepSeek-V4 spelling
+
+# (nanoseek's name, the checkpoint's), outermost first; within a layer, then at the top level
+V4_LAYER_NAMES = [
+    ("self_attn.indexer.compressor.", "attn.indexer.compressor."), ("self_attn.indexer.q_b_proj.", "attn.indexer.wq_b."),
+    ("self_attn.indexer.weights_proj.", "attn.indexer.weights_proj."), ("self_attn.compressor.", "attn.compressor."),
+    ("self_attn.q_a_proj.", "attn.wq_a."), ("self_attn.q_a_norm.", "attn.q_norm."), ("self_attn.q_b_proj.", "attn.wq_b."),
+    ("self_attn.kv_proj.", "attn.wkv."), ("self_attn.kv_norm.", "attn.kv_norm."), ("self_attn.o_a_proj.", "attn.wo_a."),
+    ("self_attn.o_b_proj.", "attn.wo_b."), ("self_attn.sinks", "attn.attn_sink"),
+    ("mlp.gate.e_score_correction_bias", "ffn.gate.bias"), ("mlp.", "ffn."),
+    ("input_layernorm.", "attn_norm."), ("post_attention_layernorm.", "ffn_norm."),
+    ("attn_hc.fn", "hc_attn_fn"), ("attn_hc.base", "hc_attn_base"), ("attn_hc.scale", "hc_attn_scale"),
+    ("ffn_hc.fn", "hc_ffn_fn"), ("ffn_hc.base", "hc_ffn_base"), ("ffn_hc.scale", "hc_ffn_scale"),
+    ("hc_head.hc_fn", "hc_head_fn"), ("hc_head.hc_base", "hc_head_base"), ("hc_head.hc_scale", "hc_head_scale"),
+]
+V4_LEAF_NAMES = [("kv_proj.", "wkv."), ("gate_proj.", "wgate."), ("position_bias", "ape"), ("kv_norm.", "norm.")]
+V4_EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+V4_TOP_NAMES = {"model.embed_tokens.weight": "embed.weight", "lm_head.weight": "head.weight",
+                "model.norm.weight": "norm.weight", "model.hc_head.hc_fn": "hc_head_fn",
+                "model.hc_head.hc_base": "hc_head_base", "model.hc_head.hc_scale": "hc_head_scale"}
+V4_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def v4_checkpoint_key(name: str, num_hidden_layers: int) -> str:
+    """A V4 module name (experts split: ``mlp.experts.E.gate_proj.weight``) in DeepSeek's published spelling."""
+    if name in V4_TOP_NAMES:
+        return V4_TOP_NAMES[name]
+    m = V4_LAYER.match(name)
+    if not m:
+        raise KeyError(f"{name}: not a DeepSeek-V4 module name")
+    i, rest = int(m[1]), m[2]
+    for ours, theirs in V4_LAYER_NAMES:
+        if rest.startswith(ours):
+            rest = theirs + rest[len(ours):]
+            if ours.startswith("self_attn.") and "compressor." in ours:
+                for a, b in V4_LEAF_NAMES:
+                    rest = rest.replace("compressor." + a, "compressor." + b)
+            break
+    for ours, theirs in V4_EXPERT_NAMES.items():
+        rest = re.sub(rf"(experts\.(\d+\.)?){ours}\.", rf"\g<1>{theirs}.", rest)
+    return f"layers.{i}.{rest}" if i < num_hidden_layers else f"mtp.{i - num_hidden_layers}.{rest}"
+
+
+def v4_stored_names(names, num_hidden_layers: int) -> dict[str, str]:
+    """{a stored key: the module name it fills} for V4 module names (experts split): DeepSeek's
+    spelling, and what transformers writes (a ``model.`` prefix; ``model.embed_tokens``,
+    ``model.hc_head.*`` as they are; the attention's kv_norm as ``attn.norm``)."""
+    out = {}
+    for name in names:
+        key = v4_checkpoint_key(name, num_hidden_layers)
+        out[key] = name
+        out["model." + key] = name
+        if ".attn.kv_norm." in key:
+            out["model." + key.replace(".attn.kv_norm.", ".attn.norm.")] = name
+    for name in ("model.embed_tokens.weight", "model.hc_head.hc_fn", "model.hc_head.hc_base", "model.hc_head.hc_scale"):
+        out[name] = name
+    return out

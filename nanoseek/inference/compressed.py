@@ -12,8 +12,8 @@ Per slot and layer it holds (``v4.py`` says what each is):
     entries   every closed window's compressed entry, at its window index (CSA: [K ; K^I], the
               lightning indexer's key beside the attention's)
 so memory grows by sum over layers of (entry width / m) numbers per token, plus a fixed window and
-pending part per slot (``bytes_per_token``, ``fixed_bytes``). For V4-Flash in bf16 that is about
-9 KB per token against DeepSeek-V3's 70 KB of MLA latents.
+pending part per slot (``ModelConfig.cache_bytes_per_token``, ``fixed_bytes``). For V4-Flash in bf16 that is 6.9 KB per
+token (and 14 MB per sequence) against DeepSeek-V3's 70 KB of MLA latents per token.
 
 Everything is written at absolute positions, so a row's state is a function of its tokens: a
 rejected speculative token's writes are overwritten by the real one before anything reads them,
@@ -166,14 +166,8 @@ def entry_widths(cfg, m: int) -> tuple[int, int, int]:
     series each, the current window and the one before."""
     dh, di = cfg.head_dim, cfg.index_head_dim
     if m == 4:
-        return dh + di, 4 * dh + 4 * di, 2 * m
-    return dh, 2 * dh, m
-
-
-def bytes_per_token(cfg, itemsize: int) -> float:
-    """Compressed-entry bytes one more token of context adds, averaged (sum over layers of width / m)."""
-    return sum(entry_widths(cfg, m)[0] * itemsize / m for m in map(cfg.compress_ratio, range(cfg.num_hidden_layers))
-               if m)
+        return cfg.v4_entry_width(m), 4 * dh + 4 * di, 2 * m
+    return cfg.v4_entry_width(m), 2 * dh, m
 
 
 def fixed_bytes(cfg, itemsize: int) -> int:

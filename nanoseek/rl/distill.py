@@ -36,6 +36,7 @@ from ..data.tasks import TASKS
 from ..inference import Engine
 from ..hf.fsutil import atomic_write_text
 from ..model import Transformer
+from ..models import build_model
 from ..tokenizer import Tokenizer
 from ..device import resolve_device
 from ..train.batches import RowSampler, attention_mask, document_positions
@@ -173,7 +174,7 @@ def build_student(cfg: DistillConfig, tokenizer: Tokenizer) -> Transformer:
     if cfg.dense:
         mcfg = mcfg.replace(n_routed_experts=0, n_shared_experts=0)
     torch.manual_seed(cfg.train.seed)
-    return Transformer(mcfg)
+    return build_model(mcfg)
 
 
 # ----------------------------------------------------------------------------- (b) logits

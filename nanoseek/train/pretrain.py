@@ -20,6 +20,7 @@ from ..hf.io import check_vocab, load_pretrained
 from ..config import ModelConfig
 from ..data import load_data, pack_chat, tokenize_documents
 from ..data.tasks import TASKS
+from .. import models
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .distributed import DistEnv, barrier, init_distributed
@@ -81,7 +82,7 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> Transformer:
     mcfg = ModelConfig.preset(cfg.preset).replace(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                                                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     torch.manual_seed(cfg.train.seed)
-    return Transformer(mcfg)
+    return models.build_model(mcfg)
 
 
 def pack(docs: list, tokenizer: Tokenizer, seq_len: int, verbose: bool = True):

@@ -263,14 +263,14 @@ def save_sharded_checkpoint(out_dir, model, optimizer, step: int, rank: int, tok
     parameter by parameter), tokenizer, RNG and state.json and swaps the folder in atomically."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from ..model import Transformer
+    from ..models import build_model
     out_dir = Path(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.dcp-{step}"
     dcp.save(sharded_state(model, optimizer, expert_mesh), checkpoint_id=str(staging))
     full = gather_full_state(model, expert_mesh, keep=rank == 0)
     if rank == 0:
         with torch.device("meta"):
-            plain = Transformer(model.config)
+            plain = build_model(model.config)
         plain.load_state_dict(full, assign=True)
         plain.tie_weights()
         with atomic_directory(out_dir) as tmp:
