@@ -201,8 +201,11 @@ class Attention(nn.Module):
             keys, key_pos = cache.window(self.layer_id, kv)
         qp = positions.unsqueeze(-1)
         allowed = (key_pos.unsqueeze(1) <= qp) & (key_pos.unsqueeze(1) > qp - self.window) & (key_pos.unsqueeze(1) >= 0)
+        docs = None if cache is not None else (positions == 0).cumsum(-1)  # packed rows: document ids
+        if docs is not None and bool((docs > 1).any()):
+            allowed &= docs.unsqueeze(-1) == docs.unsqueeze(1)
         if self.compressor is not None:
-            entries, allowed_c = self._compressed(x, q_res, positions, cos, sin, cache)
+            entries, allowed_c = self._compressed(x, q_res, positions, cos, sin, cache, docs)
             keys, allowed = torch.cat((keys, entries), dim=1), torch.cat((allowed, allowed_c), dim=-1)
         o = self._attend(q, keys, allowed)  # [B, T, H, dh]
         o = rotate_tail(o, cos, -sin).reshape(B, T, self.groups, -1)
@@ -210,19 +213,39 @@ class Attention(nn.Module):
         o = torch.einsum("btgi,goi->btgo", o, w).flatten(2)
         return self.o_b_proj(o)
 
-    def _compressed(self, x, q_res, positions, cos, sin, cache):
+    def _compressed(self, x, q_res, positions, cos, sin, cache, docs):
         """-> (entries [B, N, dh], bool [B, T, N]: what each query attends among them)."""
         comp = self.compressor
         raw = comp.raw(x) if self.indexer is None else torch.cat((comp.raw(x), self.indexer.compressor.raw(x)), -1)
-        if cache is None:
-            out = self._entries(raw, 0)
+        if docs is not None and bool((docs > 1).any()):
+            out, visible = self._packed_entries(raw, positions, docs)
         else:
-            out = cache.entries(self.layer_id, raw, self.m, self._entries)
+            out = self._entries(raw, 0) if cache is None else cache.entries(self.layer_id, raw, self.m, self._entries)
+            visible = torch.arange(out.shape[1], device=x.device) < ((positions + 1) // self.m).unsqueeze(-1)
         entries = out[..., :self.head_dim]
-        visible = torch.arange(entries.shape[1], device=x.device) < ((positions + 1) // self.m).unsqueeze(-1)
         if self.indexer is None:
             return entries, visible
         return entries, self.indexer.select(x, q_res, cos, sin, out[..., self.head_dim:], visible)
+
+    def _packed_entries(self, raw, positions, docs):
+        """Packed rows: each document's windows compressed on their own (a window never pools two
+        documents); a query sees its own document's closed entries."""
+        B = raw.shape[0]
+        rows, owner, index = [], [], []
+        for b in range(B):
+            starts = (positions[b] == 0).nonzero().flatten().tolist() + [raw.shape[1]]
+            parts = [self._entries(raw[b:b + 1, s:e], 0)[0] for s, e in zip(starts[:-1], starts[1:])]
+            rows.append(torch.cat(parts))
+            owner += [torch.cat([torch.full((len(p),), d + 1) for d, p in enumerate(parts)])]
+            index += [torch.cat([torch.arange(len(p)) for p in parts])]
+        n = max(len(r) for r in rows)
+        out = raw.new_zeros(B, n, rows[0].shape[-1])
+        owner_t, index_t = torch.zeros(B, n, dtype=torch.long), torch.full((B, n), n, dtype=torch.long)
+        for b, (r, o, i) in enumerate(zip(rows, owner, index)):
+            out[b, :len(r)], owner_t[b, :len(r)], index_t[b, :len(r)] = r, o, i
+        owner_t, index_t = owner_t.to(raw.device), index_t.to(raw.device)
+        closed = index_t.unsqueeze(1) < ((positions + 1) // self.m).unsqueeze(-1)
+        return out, (owner_t.unsqueeze(1) == docs.unsqueeze(-1)) & closed
 
     def _entries(self, raw: torch.Tensor, first: int) -> torch.Tensor:
         """raw projections [B, L, ·] of positions first.. -> entries [B, L // m, dh (+ d^I)]."""
@@ -449,11 +472,8 @@ class V4Transformer(nn.Module):
         return streams
 
     def forward_hidden(self, input_ids, positions=None, mask=None, cache=None, absorb=False, inputs_embeds=None):
-        """-> [B, T, D] before the final norm. mask must be None (V4 builds its own from positions);
-        absorb is MLA's and changes nothing here."""
-        if mask is not None:
-            raise ValueError("DeepSeek-V4 attends by position (window + compressed entries): pass no mask "
-                             "(packed documents are not supported)")
+        """-> [B, T, D] before the final norm. V4 builds its masks from positions, packed documents
+        included (positions restart at 0 where one starts), so `mask` is not read; absorb is MLA's."""
         return self.model.hc_head(self.forward_streams(input_ids, positions, cache, inputs_embeds))
 
     def forward(self, input_ids, positions=None, mask=None, cache=None, absorb=False, inputs_embeds=None):
@@ -462,9 +482,8 @@ class V4Transformer(nn.Module):
                                                                 inputs_embeds)))
 
     def forward_train(self, input_ids, positions=None, mask=None):
-        """(final normed hidden [B, T, D], [MTP logits [B, T, V] per depth]), as ``Transformer.forward_train``."""
-        if mask is not None:
-            raise ValueError("DeepSeek-V4 trains on unpacked rows: pass no document mask")
+        """(final normed hidden [B, T, D], [MTP logits [B, T, V] per depth]), as ``Transformer.forward_train``.
+        Packed documents are told apart by their positions, as in forward_hidden."""
         streams = self.forward_streams(input_ids, positions)
         hidden = self.model.norm(self.model.hc_head(streams))
         positions = self._positions(input_ids, positions)
