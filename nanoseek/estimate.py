@@ -53,7 +53,8 @@ def estimate(cfg: ModelConfig, kv_dtype_bytes: int = 2) -> Estimate:
         total_params=total, total_params_no_mtp=no_mtp,
         active_params=model.num_params(active=True, include_mtp=False),
         mtp_params=total - no_mtp,
-        mtp_stored_copies=2 * cfg.vocab_size * cfg.hidden_size * cfg.num_nextn_predict_layers,
+        mtp_stored_copies=(2 * cfg.vocab_size * cfg.hidden_size * cfg.num_nextn_predict_layers
+                           if cfg.attention != "v4" else 0),  # V4's MTP shares embedding and head unstored
         kv_cache_bytes_per_token=cfg.cache_bytes_per_token(kv_dtype_bytes),
         index_cache_bytes_per_token=(cfg.index_head_dim * cfg.num_hidden_layers * kv_dtype_bytes
                                      if cfg.has_indexer else 0),
@@ -73,6 +74,8 @@ def _human(n: float, unit: str = "B") -> str:
 
 def cache_kind(cfg: ModelConfig) -> str:
     """What the KV cache holds, in words."""
+    if cfg.attention == "v4":
+        return "V4: CSA/HCA compressed entries, averaged; plus a window per sequence"
     if cfg.has_indexer:
         return "MLA latent + DSA indexer keys"
     if cfg.attention == "mla":
@@ -105,9 +108,10 @@ def vl_report(cfg, context: int, batch: int) -> str:
 
 def report(cfg: ModelConfig, context: int, batch: int) -> str:
     e = estimate(cfg)
-    mtp = (f" ({e.total_params_no_mtp / 1e9:,.2f}B main model + {e.mtp_params / 1e9:,.2f}B MTP; "
-           f"{(e.total_params + e.mtp_stored_copies) / 1e9:,.2f}B as DeepSeek stores it, with the MTP layer's "
-           "copies of embedding and head)") if cfg.num_nextn_predict_layers else ""
+    copies = (f"; {(e.total_params + e.mtp_stored_copies) / 1e9:,.2f}B as DeepSeek stores it, with the MTP "
+              "layer's copies of embedding and head") if e.mtp_stored_copies else ""
+    mtp = (f" ({e.total_params_no_mtp / 1e9:,.2f}B main model + {e.mtp_params / 1e9:,.2f}B MTP{copies})"
+           if cfg.num_nextn_predict_layers else "")
     lines = [
         f"parameters: {e.total_params / 1e9:,.2f}B total{mtp}",
         f"active per token: {e.active_params / 1e9:,.2f}B",
@@ -121,7 +125,35 @@ def report(cfg: ModelConfig, context: int, batch: int) -> str:
     ]
     if cfg.has_indexer:
         lines.insert(4, _dsa_line(cfg, e, context))
+    if cfg.attention == "v4":
+        lines.insert(4, _v4_line(cfg, context))
     return "\n".join(lines)
+
+
+def v4_decode_cost(cfg: ModelConfig, context: int, itemsize: int = 2) -> tuple[float, float]:
+    """(cache bytes read, attention FLOPs) of one V4 decode step at `context` tokens: every layer reads its
+    window; HCA every entry; CSA the indexer keys of every entry and the k chosen entries. FLOPs count
+    q·k and p·v over what is attended (and the indexer's scores); projections and experts are apart."""
+    H, dh, W = cfg.num_attention_heads, cfg.head_dim, min(cfg.window_size, context)
+    read = flops = 0.0
+    for m in map(cfg.compress_ratio, range(cfg.num_hidden_layers)):
+        n = context // m if m else 0
+        attended = W + (min(cfg.index_topk, n) if m == 4 else n)
+        read += attended * dh + (n * cfg.index_head_dim if m == 4 else 0)
+        flops += 4 * H * dh * attended + (2 * cfg.index_n_heads * cfg.index_head_dim * n if m == 4 else 0)
+    return read * itemsize, flops
+
+
+def _v4_line(cfg: ModelConfig, context: int) -> str:
+    from .inference.compressed import fixed_bytes
+    mla = ModelConfig.preset("deepseek-v3")
+    ctx = max(context, 1 << 20)
+    read, flops = v4_decode_cost(cfg, ctx)
+    dense = mla.cache_bytes_per_token(2) * ctx
+    return (f"V4 cache: {_human(fixed_bytes(cfg, 2))} per sequence (windows, open compression windows) + the "
+            f"entries above; at {ctx // 1024}k context a decode step reads {_human(read)} of cache and does "
+            f"{flops / 1e9:,.1f} GFLOP of attention (DeepSeek-V3's MLA reads all {_human(dense)}: "
+            f"{dense / read:,.0f}x as much)")
 
 
 def _dsa_line(cfg: ModelConfig, e: Estimate, context: int) -> str:

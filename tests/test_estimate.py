@@ -61,3 +61,25 @@ def test_cli_prints_per_rank_memory(capsys):
     assert main(["estimate", "--preset", "deepseek-v3", "--world", "64", "--ep", "8", "--fsdp"]) == 0
     out = capsys.readouterr().out
     assert "per-rank training memory, 64 ranks" in out and "FSDP + EP 8" in out and "replicated" not in out
+
+
+def test_deepseek_v4_published_sizes_and_compressed_cache():
+    flash, pro = (estimate(ModelConfig.preset(n)) for n in ("deepseek-v4-flash", "deepseek-v4-pro"))
+    assert abs(flash.total_params_no_mtp / 1e9 / 284 - 1) < 0.01  # "284B total parameters"
+    assert abs(pro.total_params_no_mtp / 1e12 / 1.6 - 1) < 0.02  # "1.6T"
+    assert abs(pro.active_params / 1e9 / 49 - 1) < 0.03  # "49B activated"
+    cfg = ModelConfig.preset("deepseek-v4-flash")  # 21 CSA layers of (512 + 128) / 4, 20 HCA of 512 / 128, bf16
+    assert flash.kv_cache_bytes_per_token == round(2 * (21 * 640 / 4 + 20 * 512 / 128)) == cfg.cache_bytes_per_token(2)
+    assert flash.mtp_stored_copies == 0
+
+
+def test_v4_decode_cost_grows_with_the_compressed_entries_only(capsys):
+    from nanoseek.estimate import v4_decode_cost
+    cfg = ModelConfig.preset("deepseek-v4-flash")
+    (r1, f1), (r2, f2) = v4_decode_cost(cfg, 1 << 19), v4_decode_cost(cfg, 1 << 20)
+    hca, csa = 20, 21  # doubling the context adds the HCA entries and CSA indexer keys, not the top-k entries
+    assert r2 - r1 == 2 * (hca * (1 << 19) // 128 * 512 + csa * (1 << 19) // 4 * 128)
+    assert f2 > f1
+    assert main(["estimate", "--preset", "deepseek-v4-flash"]) == 0
+    out = capsys.readouterr().out
+    assert "at 1024k context a decode step reads" in out and "6,880 bytes/token" in out
