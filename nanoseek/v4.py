@@ -38,6 +38,13 @@ from .layers import Linear, RMSNorm, rope_frequencies
 from .model import SCORING, MoE
 
 CSA_RATIO = 4  # DeepSeek's reference: rate 4 means overlapping windows and a lightning indexer
+FP32_PARTS = {"attn_hc", "ffn_hc", "hc_head", "sinks", "position_bias"}  # held in fp32 whatever the model's dtype
+
+
+def keeps_fp32(name: str) -> bool:
+    """Whether parameter `name` is one V4 keeps in fp32 (as DeepSeek ships it): the mHC mappings,
+    attention sinks and compression position biases, small tensors whose rounding moves every stream."""
+    return any(part in FP32_PARTS for part in name.split("."))
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -91,6 +98,8 @@ def compress(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tensor, 
     segment has no predecessor (weight 0)."""
     B, L, c = kv.shape
     n = L // m
+    if n == 0:
+        return kv.new_zeros(B, 0, c // 2 if overlap else c)
     kv, gate = kv[:, :n * m].view(B, n, m, c), gate[:, :n * m].view(B, n, m, c) + position_bias
     if overlap:
         d = c // 2
@@ -158,6 +167,20 @@ class LightningIndexer(nn.Module):
 
 # ----------------------------------------------------------------------------- attention
 
+class GroupedLinear(nn.Module):
+    """g independent projections, one per head group (§2.3's grouped output projection): x [..., g, i]
+    -> [..., g, o], weight [g·o, i] (the checkpoint's one matrix, group after group). Not an nn.Linear,
+    so quantization leaves it whole."""
+
+    def __init__(self, groups: int, in_features: int, out_features: int):
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(groups * out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...gi,goi->...go", x, self.weight.view(self.groups, -1, x.shape[-1]))
+
+
 class Attention(nn.Module):
     """V4 attention (§2.3): H query heads, one shared key=value head of dh dims.
 
@@ -180,7 +203,7 @@ class Attention(nn.Module):
         self.q_b_proj = Linear(cfg.q_lora_rank, H * dh, bias=False)
         self.kv_proj = Linear(cfg.hidden_size, dh, bias=False)
         self.kv_norm = RMSNorm(dh, cfg.rms_norm_eps)
-        self.o_a_proj = Linear(H * dh // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)  # g blocks
+        self.o_a_proj = GroupedLinear(cfg.o_groups, H * dh // cfg.o_groups, cfg.o_lora_rank)
         self.o_b_proj = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, bias=False)
         self.sinks = nn.Parameter(torch.zeros(H))
         self.compressor = Compressor(cfg, self.m, dh) if self.m else None
@@ -209,9 +232,7 @@ class Attention(nn.Module):
             keys, allowed = torch.cat((keys, entries), dim=1), torch.cat((allowed, allowed_c), dim=-1)
         o = self._attend(q, keys, allowed)  # [B, T, H, dh]
         o = rotate_tail(o, cos, -sin).reshape(B, T, self.groups, -1)
-        w = self.o_a_proj.weight.view(self.groups, -1, o.shape[-1])  # [g, d_g, H·dh/g]
-        o = torch.einsum("btgi,goi->btgo", o, w).flatten(2)
-        return self.o_b_proj(o)
+        return self.o_b_proj(self.o_a_proj(o).flatten(2))
 
     def _compressed(self, x, q_res, positions, cos, sin, cache, docs):
         """-> (entries [B, N, dh], bool [B, T, N]: what each query attends among them)."""

@@ -203,3 +203,45 @@ def test_what_the_engine_does_not_offer_is_refused(model):
     with pytest.raises(ValueError, match="prefix caching"):
         CompressedCache(model.config, 1, 64, torch.float32).snapshot(0, 0, 16)
     assert isinstance(build_model(model.config), V4Transformer)
+
+
+def test_the_server_core_pages_the_compressed_cache_and_preempts(model, tmp_path, capsys, one_thread):
+    """serve's scheduler on a budget of a few pages: rows wait, are preempted and resume, and every
+    request gets the engine's tokens; then `nanoseek generate` and `quantize` run a V4 checkpoint."""
+    from nanoseek import cli
+    from nanoseek.inference.scheduler import Scheduler
+    from nanoseek.tokenizer import Tokenizer
+    cfg = model.config
+    engine = Engine(model)
+    probe = CompressedCache(cfg, 1, 64, torch.float32)
+    budget = 4 * fixed_bytes(cfg, 4) + 7 * probe.page_bytes  # 4 slots' windows, 6 pages of 16 tokens + scratch
+    with pytest.warns(UserWarning, match="prefix caching is off"):
+        sched = Scheduler(engine, max_batch=4, kv_cache_bytes=budget, max_batched_tokens=6,
+                          prefix_cache_bytes=1 << 20)
+    assert sched.batch.cache.num_pages == 6
+    prompts = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17, 18], [40] * 20]
+    events = [[] for _ in prompts]
+    reqs = [sched.submit(p, SamplingParams(max_tokens=20 + i, ignore_eos=True), ev.append)
+            for i, (p, ev) in enumerate(zip(prompts, events))]
+    for _ in range(10_000):
+        if not sched.step() and sched.waiting == 0:
+            break
+    for ev, req, p in zip(events, reqs, prompts):
+        assert [t for e in ev for t in e.token_ids] == engine.generate([p], req.params.max_tokens,
+                                                                       ignore_eos=True)[0].tokens
+    assert sched.stats["preempted"] > 0
+    tok = Tokenizer.train(["12+30=42", "the answer is 42", "think first"] * 20, vocab_size=300)
+    save_pretrained(model, tmp_path / "bf16")
+    tok.save_pretrained(tmp_path / "bf16")
+    assert cli.main(["quantize", "--model", str(tmp_path / "bf16"), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+    for path in ("bf16", "q"):
+        assert cli.main(["generate", "--model", str(tmp_path / path), "--prompt", "12+30=", "--max-new-tokens", "5"]) == 0
+        assert capsys.readouterr().out.strip()
+    quantized = load_pretrained(tmp_path / "q")
+    experts, ours = quantized.model.layers[1].mlp.experts, model.model.layers[1].mlp.experts
+    assert type(experts).__name__ == "Int8Experts" and experts.limit == cfg.swiglu_limit
+    gate = experts.expert_weights(0)[0]
+    assert (gate - ours.gate_proj[0]).norm() / ours.gate_proj[0].norm() < 0.01
+    for name in ("attn_hc.fn", "self_attn.sinks", "self_attn.compressor.position_bias"):  # kept in fp32, exactly
+        kept = quantized.model.layers[1].get_parameter(name)
+        assert kept.dtype == torch.float32 and torch.equal(kept, model.model.layers[1].get_parameter(name))

@@ -30,7 +30,7 @@ from ..config import ModelConfig
 from ..layers import RotaryEmbedding, rope_frequencies
 from ..model import Gate, Transformer
 from ..models import build_model
-from ..v4 import Rotary
+from ..v4 import Rotary, keeps_fp32
 from ..quant.formats import FORMATS, WeightFormat, swap_modules, weight_format
 from ..quant.modules import QuantExperts, QuantLinear
 from ..tokenizer import Tokenizer
@@ -93,6 +93,19 @@ def stored_format(cfg: ModelConfig, path: Path) -> WeightFormat | None:
     return FORMATS.get(method)
 
 
+class RenamedFiles(dict):
+    """{key: file} under the model's names, remembering each key's name on disk (DeepSeek-V4's spelling)."""
+
+    def __init__(self, files: dict[str, Path], stored: dict[str, str]):
+        super().__init__(files)
+        self.stored = stored
+
+
+def stored_key(files: dict[str, Path], key: str) -> str:
+    """The name `key` has in the checkpoint's files."""
+    return files.stored.get(key, key) if isinstance(files, RenamedFiles) else key
+
+
 def read_parts(files: dict[str, Path], file: Path, key: str, t: torch.Tensor, fmt: WeightFormat
                ) -> dict[str, torch.Tensor]:
     """A stored quantized weight `t` with its companions read from their files: {suffix: tensor}."""
@@ -102,7 +115,7 @@ def read_parts(files: dict[str, Path], file: Path, key: str, t: torch.Tensor, fm
             raise CheckpointError(f"{file}: {key} is stored {t.dtype} ({fmt.name}) but its companion {ckey} "
                                   "is missing")
         with open_safetensors(files[ckey]) as cf:
-            parts[suffix] = read_tensor(cf, files[ckey], ckey)
+            parts[suffix] = read_tensor(cf, files[ckey], stored_key(files, ckey))
     return parts
 
 
@@ -210,9 +223,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     cfg = ModelConfig.from_hf(path)
     fmt = stored_format(cfg, path)
     files = checkpoint_files(path)
-    stored: dict[str, str] = {}
     if cfg.attention == "v4":  # DeepSeek's spelling on disk: read under nanoseek's module names
-        files, stored = v4_files(cfg, files)
+        files = v4_files(cfg, files)
     n = cfg.num_hidden_layers
     if cfg.num_nextn_predict_layers and not has_mtp_layers(cfg, files):
         where = "mtp.0.*" if cfg.attention == "v4" else f"model.layers.{n}.*"
@@ -229,27 +241,27 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
         if held is None:
             cfg = cfg.replace(quantization_config=target.config(group_size, keep))
             held = target
-    if cfg.attention == "v4" and fmt is not None:
-        raise CheckpointError(f"{path}: a quantized DeepSeek-V4 checkpoint ({fmt.name}) does not load yet; "
-                              "load a bf16/fp32 one (quantize= works on it)")
     loader = _Loader(path, cfg, files, held, allow_unexpected, on_load=quantize is not None and fmt is not held)
-    loader.stored = stored
     loader.build(_compute_dtype(cfg, dtype), device)
     loader.load()
     return loader.model.eval()
 
 
-def v4_files(cfg: ModelConfig, files: dict[str, Path]) -> tuple[dict[str, Path], dict[str, str]]:
-    """A V4 checkpoint's {key: file} under module names, and {module name: stored key}. A key that
-    names no module of the config is kept as it is (the loader then reports it as unexpected)."""
+def v4_files(cfg: ModelConfig, files: dict[str, Path]) -> RenamedFiles:
+    """A V4 checkpoint's {key: file} under module names (a quantized weight's companions follow their
+    weight). A key that names no module of the config is kept as it is (then reported unexpected)."""
     with torch.device("meta"):
         names = hf_keys(build_model(cfg))
     aliases = v4_stored_names(names, cfg.num_hidden_layers)
+    suffixes = sorted({s for f in FORMATS.values() for s in f.companions}, key=len, reverse=True)
     renamed, stored = {}, {}
     for key, file in files.items():
-        name = aliases.get(key, key)
+        name = aliases.get(key)
+        if name is None:
+            base = next((key[:-len(s)] for s in suffixes if key.endswith(s) and key[:-len(s)] in aliases), None)
+            name = aliases[base] + key[len(base):] if base is not None else key
         renamed[name], stored[name] = file, key
-    return renamed, stored
+    return RenamedFiles(renamed, stored)
 
 
 def check_vocab(tokenizer: Tokenizer, model: Transformer, where) -> None:
@@ -305,7 +317,6 @@ class _Loader:
         self.targets = quantized_keys(cfg, self.keep) if fmt else set()  # keys stored quantized
         self.seen: set[str] = set()
         self.experts: dict[tuple[str, int], dict[str, tuple]] = {}  # a quantized expert waits for its 3 matrices
-        self.stored: dict[str, str] = {}  # module name -> the key it is stored under, where they differ (V4)
 
     def build(self, dtype: torch.dtype, device) -> None:
         """The model on the meta device, its quantized modules swapped in, then allocated on `device`
@@ -319,8 +330,8 @@ class _Loader:
             except ValueError as e:
                 raise CheckpointError(f"{self.path / 'config.json'}: {e}") from None
         model = model.to_empty(device=device)
-        for p in model.parameters():
-            p.data = p.data.to(dtype)
+        for name, p in model.named_parameters():
+            p.data = p.data.to(torch.float32 if self.cfg.attention == "v4" and keeps_fp32(name) else dtype)
         model.tie_weights()
         for m in model.modules():  # buffers that are computed, not stored
             if isinstance(m, RotaryEmbedding):
@@ -345,7 +356,7 @@ class _Loader:
                 for n, key in enumerate(keys, 1):
                     if n % 64 == 0:
                         release_freed_memory()
-                    t = read_tensor(f, file, self.stored.get(key, key))
+                    t = read_tensor(f, file, stored_key(files, key))
                     if not self.on_load and self._stored_quantized(key):
                         self.seen.update(self._load_quantized(key, t, file))
                         continue

@@ -30,6 +30,7 @@ A forward or sampling failure ends only the rows it concerns (reason "error").
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -84,6 +85,9 @@ class Batch:
         self.engine, self.mtp, self.slots = engine, speculative == "mtp", slots
         self.cache = engine.new_cache(slots, context, mtp_layers=int(self.mtp)) if cache is None else cache
         self.prefix = engine.prefix if prefix is None else prefix
+        if self.prefix.max_bytes and not getattr(self.cache, "prefix_cache", True):
+            warnings.warn(f"{engine.config.model_type}'s cache keeps no prompt prefixes: prefix caching is off")
+            self.prefix = PrefixCache(0)
         self.paged = isinstance(self.cache, PagedLatentCache)
         if self.paged and self.prefix.max_bytes and self.prefix.block != self.cache.page_size:
             raise ValueError(f"prefix blocks of {self.prefix.block} tokens need pages of as many "

@@ -1,6 +1,8 @@
 """DeepSeek-V4's inference cache: a sliding window and compressed entries instead of a per-token latent.
 
-    cache = CompressedCache(cfg, slots=4, max_len=65536, dtype=torch.bfloat16)
+    cache = CompressedCache(cfg, slots=4, max_len=65536, dtype=torch.bfloat16)       # pages for 4 x 65536
+    cache = CompressedCache.for_budget(2 << 30, cfg, slots=16, max_len=1 << 20, dtype=torch.bfloat16)
+    cache.reserve(slot, length); cache.release(slot)   # pages, as the batch needs them
     cache.prepare(positions)                     # the engine, before each forward (rows contiguous, unpadded)
     keys, key_pos = cache.window(layer_id, kv)   # each V4 attention layer (v4.Attention)
     entries = cache.entries(layer_id, raw, m, make_entries)
@@ -10,7 +12,8 @@ Per slot and layer it holds (``v4.py`` says what each is):
     pending   the compressor's projections [C ; Z] of the tokens whose window has not closed yet, and for
               CSA the window before it (its first series overlaps the next entry): a ring as well
     entries   every closed window's compressed entry, at its window index (CSA: [K ; K^I], the
-              lightning indexer's key beside the attention's)
+              lightning indexer's key beside the attention's), in pages of page_tokens positions
+              drawn from one pool, so a sequence holds pages only for the context it has
 so memory grows by sum over layers of (entry width / m) numbers per token, plus a fixed window and
 pending part per slot (``ModelConfig.cache_bytes_per_token``, ``fixed_bytes``). For V4-Flash in bf16 that is 6.9 KB per
 token (and 14 MB per sequence) against DeepSeek-V3's 70 KB of MLA latents per token.
@@ -26,6 +29,8 @@ Prefix caching is not offered (a prefix's state includes the rings, not just who
 from __future__ import annotations
 
 import copy
+import heapq
+import math
 
 import torch
 
@@ -33,34 +38,74 @@ SLACK = 16  # ring positions beyond the history a forward reads: the most tokens
 
 
 class CompressedCache:
-    """Slots of DeepSeek-V4 state sized for `max_len` tokens each; see the module docstring."""
+    """DeepSeek-V4 state for `slots` sequences: fixed rings per slot, compressed entries in pages.
+
+    A page covers `page_tokens` positions of one sequence (a multiple of every compression rate):
+    in each compressed layer's pool it holds that stretch's page_tokens / m entries. Pages come from
+    one pool of `num_pages` (default: enough for every slot at max_len; ``for_budget`` sizes it by
+    memory), a slot's block table lists its pages in position order, and ``reserve`` takes pages
+    before a forward writes (False when the pool is short: the batch then preempts)."""
 
     unpadded = True  # rows are contiguous and unpadded; the model masks by position itself
+    prefix_cache = False  # a prefix's state includes the rings, not only whole blocks
 
-    def __init__(self, cfg, slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(self, cfg, slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 num_pages: int | None = None, page_tokens: int | None = None):
         self.cfg, self.max_len = cfg, max_len
         layers, W, dh = cfg.num_hidden_layers, cfg.window_size, cfg.head_dim
+        rates = sorted({m for m in map(cfg.compress_ratio, range(layers)) if m})
+        self.page_tokens = P = page_tokens or math.lcm(*rates, 1)
+        if any(P % m for m in rates):
+            raise ValueError(f"page_tokens={P} must be a multiple of every compression rate {rates}")
+        self.num_pages = -(-max_len // P) * slots if num_pages is None else num_pages
+        if self.num_pages < 1:
+            raise ValueError(f"num_pages={self.num_pages}: the cache needs at least one page")
         self.window_len = W - 1 + SLACK
         self.win = torch.zeros(layers, slots, self.window_len, dh, dtype=dtype, device=device)
         self.pending: dict[int, torch.Tensor] = {}
-        self.comp: dict[int, torch.Tensor] = {}
+        self.comp: dict[int, torch.Tensor] = {}  # layer -> pool [(num_pages + 1) * P / m, width]; last page: scratch
         for i in range(layers):
             m = cfg.compress_ratio(i)
-            if not m:
-                continue
-            width, raw, history = entry_widths(cfg, m)
-            self.pending[i] = torch.zeros(slots, history + SLACK, raw, dtype=dtype, device=device)
-            self.comp[i] = torch.zeros(slots, max_len // m + 1, width, dtype=dtype, device=device)
+            if m:
+                width, raw, history = entry_widths(cfg, m)
+                self.pending[i] = torch.zeros(slots, history + SLACK, raw, dtype=dtype, device=device)
+                self.comp[i] = torch.zeros((self.num_pages + 1) * (P // m), width, dtype=dtype, device=device)
+        self.tables: list[list[int]] = [[] for _ in range(slots)]
+        self.free_pages = list(range(self.num_pages))  # a heap: lowest id first
         self.slots = list(range(slots))
         self.starts: list[int] = []
         self.T = 0
         self.positions: torch.Tensor | None = None
         self.attend_len, self._start = 0, None
+        self._rows: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def for_budget(cls, budget_bytes: int, cfg, slots: int, max_len: int, dtype: torch.dtype,
+                   device: torch.device | str = "cpu", page_tokens: int | None = None) -> "CompressedCache":
+        """As many pages as `budget_bytes` holds after every slot's fixed part."""
+        probe = cls(cfg, 1, 1, dtype, "meta", num_pages=1, page_tokens=page_tokens)
+        fixed = slots * fixed_bytes(cfg, dtype.itemsize) + probe.page_bytes  # + the scratch page
+        pages = (budget_bytes - fixed) // probe.page_bytes
+        if pages < 1:
+            raise ValueError(f"a KV-cache budget of {budget_bytes} bytes holds {slots} sequences' windows "
+                             f"({fixed} bytes) but no page of {probe.page_bytes} bytes")
+        return cls(cfg, slots, max_len, dtype, device, num_pages=pages, page_tokens=page_tokens)
 
     # ------------------------------------------------------------------ sizes
     @property
     def capacity(self) -> int:
-        return self.max_len
+        """Tokens the whole pool holds."""
+        return self.num_pages * self.page_tokens
+
+    @property
+    def free_tokens(self) -> int:
+        return len(self.free_pages) * self.page_tokens
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes one page takes over every compressed layer."""
+        return sum((self.page_tokens // self.cfg.compress_ratio(i)) * t.shape[1] * t.element_size()
+                   for i, t in self.comp.items())
 
     @property
     def start(self) -> int | None:
@@ -70,33 +115,52 @@ class CompressedCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.win, *self.pending.values(), *self.comp.values()))
 
-    # ------------------------------------------------------------------ slots
+    # ------------------------------------------------------------------ slots and pages
     def view(self, start: int, stop: int) -> "CompressedCache":
         return self.subset(range(start, stop))
 
     def subset(self, slots) -> "CompressedCache":
-        """A cache whose forwards address these slots, in this order (same storage)."""
+        """A cache whose forwards address these slots, in this order (same storage and pages)."""
         part = copy.copy(self)
         part.slots = [self.slots[s] for s in slots]
         return part
 
-    def _tensors(self):
-        yield self.win.transpose(0, 1)  # [slots, layers, ...]
-        yield from self.pending.values()
-        yield from self.comp.values()
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        for t in self._tensors():
-            t[dst] = t[src]
-
-    def fork(self, src: int, dst: int, length: int) -> None:
-        self.move(src, dst, length)
-
     def reserve(self, slot: int, length: int, write_from: int = 0) -> bool:
-        return length <= self.max_len
+        """Pages for positions < length; False, changing nothing, when the pool is short."""
+        if length > self.max_len:
+            return False
+        table = self.tables[slot]
+        missing = max(-(-length // self.page_tokens) - len(table), 0)
+        if missing > len(self.free_pages):
+            return False
+        table.extend(heapq.heappop(self.free_pages) for _ in range(missing))
+        return True
 
     def release(self, slot: int) -> None:
-        pass
+        for page in self.tables[slot]:
+            heapq.heappush(self.free_pages, page)
+        self.tables[slot] = []
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Slot src's sequence moves to slot dst (its pages go with it; its rings are copied)."""
+        self.release(dst)
+        self.tables[dst], self.tables[src] = self.tables[src], []
+        self.win[:, dst] = self.win[:, src]
+        for ring in self.pending.values():
+            ring[dst] = ring[src]
+
+    def fork(self, src: int, dst: int, length: int) -> None:
+        """Slot dst starts as a copy of src's first `length` positions (its own pages)."""
+        if not self.reserve(dst, length):
+            raise ValueError(f"no free pages to copy a {length}-token sequence")
+        P = self.page_tokens
+        for i, pool in self.comp.items():
+            per = P // self.cfg.compress_ratio(i)
+            for a, b in zip(self.tables[src], self.tables[dst]):
+                pool[b * per:(b + 1) * per] = pool[a * per:(a + 1) * per]
+        self.win[:, dst] = self.win[:, src]
+        for ring in self.pending.values():
+            ring[dst] = ring[src]
 
     def snapshot(self, slot: int, index: int, block: int):
         raise ValueError("prefix caching is not available with DeepSeek-V4's compressed cache")
@@ -118,6 +182,7 @@ class CompressedCache:
         if self.attend_len > self.max_len:
             raise ValueError(f"position {self.attend_len - 1} is beyond the cache's {self.max_len} positions")
         self._start = self.starts[0] if len(set(self.starts)) == 1 else None
+        self._rows = {}
 
     def _ring_write(self, ring: torch.Tensor, data: torch.Tensor) -> None:
         """ring [slots, R, c] (a layer's): data [B, T, c] at each row's positions start.. (the last R of them)."""
@@ -126,6 +191,18 @@ class CompressedCache:
         dev = ring.device
         pos = torch.tensor(self.starts, device=dev)[:, None] + torch.arange(T - keep, T, device=dev)
         ring[torch.tensor(self.slots, device=dev)[:, None], pos % R] = data[:, T - keep:]
+
+    def _entry_rows(self, m: int, n: int) -> torch.Tensor:
+        """[B, n]: where entries 0..n-1 of each row sit in a rate-m pool (the scratch page where a row has none)."""
+        if m not in self._rows:
+            per = self.page_tokens // m
+            w = torch.arange(n)
+            pages = torch.full((len(self.slots), -(-n // per) if n else 0), self.num_pages, dtype=torch.long)
+            for b, slot in enumerate(self.slots):
+                t = self.tables[slot][:pages.shape[1]]
+                pages[b, :len(t)] = torch.tensor(t, dtype=torch.long)
+            self._rows[m] = (pages[:, w // per] * per + w % per).to(self.win.device)
+        return self._rows[m]
 
     def window(self, layer_id: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """kv [B, T, dh] of this forward -> (keys [B, W-1+T, dh], their positions [B, W-1+T], -1 for none):
@@ -144,8 +221,10 @@ class CompressedCache:
         is here (``make_entries(raw run [1, L, ·], its first position) -> [1, L // m, width]`` over the
         pending projections and these), stores the new entries and the projections, and returns every
         row's entries so far [B, N, width] (N: the most any row has; a row's later ones are stale)."""
-        ring, comp = self.pending[layer_id], self.comp[layer_id]
+        ring, pool = self.pending[layer_id], self.comp[layer_id]
         R, back = ring.shape[1], m if m == 4 else 0  # CSA also reads the window before (overlap)
+        n = max((s + self.T) // m for s in self.starts)
+        rows = self._entry_rows(m, n)
         for b, (slot, s) in enumerate(zip(self.slots, self.starts)):
             first, last = s // m, (s + self.T) // m
             if last <= first:
@@ -153,11 +232,9 @@ class CompressedCache:
             seg = max(0, first * m - back)
             held = torch.arange(seg, s, device=ring.device) % R
             run = torch.cat((ring[slot, held], raw[b]), dim=0)[None]
-            new = make_entries(run, seg)[0, first - seg // m:last - seg // m]
-            comp[slot, first:last] = new
+            pool[rows[b, first:last]] = make_entries(run, seg)[0, first - seg // m:last - seg // m]
         self._ring_write(ring, raw)
-        n = max((s + self.T) // m for s in self.starts)
-        return comp[torch.tensor(self.slots, device=comp.device), :n]
+        return pool[rows]
 
 
 def entry_widths(cfg, m: int) -> tuple[int, int, int]:

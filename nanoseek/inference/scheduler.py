@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .cache import PagedLatentCache, PrefixCache
+from .compressed import CompressedCache
 from .batch import Batch
 from .engine import Engine
 from .sequence import SamplingParams, Sequence, check_prompt, new_generator
@@ -82,9 +83,13 @@ class Scheduler:
         cfg = engine.config
         context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
         layers = cfg.num_hidden_layers + (speculative == "mtp")
-        cache = None if kv_cache_bytes is None else PagedLatentCache.for_budget(
-            kv_cache_bytes, layers, block, cfg.cache_width, engine.dtype, device=engine.device,
-            slots=max_batch, max_len=context)
+        if kv_cache_bytes is None:
+            cache = None
+        elif cfg.attention == "v4":  # windows per slot + pages of compressed entries
+            cache = CompressedCache.for_budget(kv_cache_bytes, cfg, max_batch, context, engine.dtype, engine.device)
+        else:
+            cache = PagedLatentCache.for_budget(kv_cache_bytes, layers, block, cfg.cache_width, engine.dtype,
+                                                device=engine.device, slots=max_batch, max_len=context)
         self.batch = Batch(engine, max_batch, context, speculative, PrefixCache(prefix_cache_bytes, block), cache,
                            max_batched_tokens, chunk_cost)
         self.pending: collections.deque[Request] = collections.deque()  # preempted: admitted again first

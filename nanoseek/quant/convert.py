@@ -32,8 +32,9 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..hf.fsutil import atomic_directory
 from ..hf.io import (CheckpointError, by_file, checkpoint_files, dequantized, is_stored_quantized, open_safetensors,
-                     read_tensor, stored_format, write_index)
+                     read_tensor, stored_format, stored_key, v4_files, write_index)
 from ..hf.keys import companion_keys, has_mtp_layers, mtp_prefixes, natural_key, quantized_keys
+from ..v4 import keeps_fp32
 from .formats import FORMATS, error_stats
 
 TARGETS = (*FORMATS, "bf16")
@@ -65,6 +66,8 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, to: str, 
     cfg = ModelConfig.from_hf(src)
     src_fmt = stored_format(cfg, src)
     files = checkpoint_files(src)
+    if cfg.attention == "v4":  # read and written in DeepSeek's spelling, matched under module names
+        files = v4_files(cfg, files)
     keep = (list(fmt.default_keep) if fmt else []) if keep is None else list(keep)
     targets = quantized_keys(cfg, keep) if fmt else set()
     companions = {c for key in files for c in companion_keys(key, src_fmt.companions) if c in files} \
@@ -85,7 +88,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, to: str, 
             shard: dict[str, torch.Tensor] = {}
             with open_safetensors(file) as f:
                 for key in sorted(keys, key=natural_key):
-                    t = read_tensor(f, file, key)
+                    t, name = read_tensor(f, file, stored_key(files, key)), stored_key(files, key)
                     was_quantized = src_fmt is not None and is_stored_quantized(t)
                     if was_quantized:
                         t = dequantized(files, file, key, t, src_fmt)
@@ -93,16 +96,19 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, to: str, 
                         if t.dim() != 2:
                             raise CheckpointError(f"{file}: {key} has shape {tuple(t.shape)}; expected a matrix")
                         parts = fmt.quantize(t, group_size, what=key)
-                        shard.update({key + suffix: p.contiguous() for suffix, p in parts.items()})
-                        report[key] = error_stats(t, fmt.dequantize(parts))
+                        shard.update({name + suffix: p.contiguous() for suffix, p in parts.items()})
+                        report[name] = error_stats(t, fmt.dequantize(parts))
                     elif t.dtype.is_floating_point and not key.endswith("e_score_correction_bias"):
                         # bf16 and fp8 outputs keep high precision in bf16, as DeepSeek ships
                         held = fmt is not None and fmt.in_memory
-                        shard[key] = t.to(keep_dtype if held else torch.bfloat16).contiguous()
+                        dtype = keep_dtype if held else torch.bfloat16
+                        if cfg.attention == "v4" and keeps_fp32(key):  # mHC, sinks, position biases
+                            dtype = torch.float32
+                        shard[name] = t.to(dtype).contiguous()
                         if was_quantized:
-                            report[key] = error_stats(t, shard[key])
+                            report[name] = error_stats(t, shard[name])
                     else:
-                        shard[key] = t.contiguous()
+                        shard[name] = t.contiguous()
                     bar.update()
             save_file(shard, str(tmp / file.name), metadata={"format": "pt"})
             weight_map.update({key: file.name for key in shard})
