@@ -37,6 +37,7 @@ from .config import ModelConfig
 from .layers import Linear, RMSNorm, rope_frequencies
 from .model import SCORING, MoE
 
+QUERY_BLOCK = 256  # queries attended at once: bounds a long prefill's score matrix
 CSA_RATIO = 4  # DeepSeek's reference: rate 4 means overlapping windows and a lightning indexer
 FP32_PARTS = {"attn_hc", "ffn_hc", "hc_head", "sinks", "position_bias"}  # held in fp32 whatever the model's dtype
 
@@ -151,18 +152,17 @@ class LightningIndexer(nn.Module):
         self.weights_proj = Linear(cfg.hidden_size, cfg.index_n_heads, bias=False)
 
     def select(self, x: torch.Tensor, q_res: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """-> bool [B, T, N]: the entries each query attends (visible [B, T, N]: those it may)."""
+               keys: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries x [B, T, D] over entry keys [B, N, d^I] -> (indices [B, T, k], valid [B, T, k]): each
+        query's top min(index_topk, N) entries among those it may see (visible [B, T, N]); a pick
+        past what it may see (fewer than k visible) is not valid."""
         B, T, _ = x.shape
         q = rotate_tail(self.q_b_proj(q_res).view(B, T, self.n_heads, self.head_dim), cos, sin)
         scores = F.relu(torch.einsum("bthd,bnd->bthn", q.float(), keys.float())) * self.head_dim ** -0.5
         w = self.weights_proj(x).float() * self.n_heads ** -0.5
         scores = (scores * w.unsqueeze(-1)).sum(2).masked_fill(~visible, float("-inf"))  # [B, T, N]
-        k = min(self.topk, scores.shape[-1])
-        chosen = torch.zeros_like(visible)
-        if k:
-            chosen.scatter_(-1, scores.topk(k, dim=-1).indices, True)
-        return chosen & visible
+        idx = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
+        return idx, visible.gather(-1, idx)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -211,42 +211,59 @@ class Attention(nn.Module):
         self.rotary = Rotary(cfg, compressed=bool(self.m))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
-        """x [B, T, D] at positions [B, T] (each row contiguous) -> [B, T, D]. cache: see
-        ``inference.compressed.CompressedCache``; without one, x is a whole sequence from position 0."""
+        """x [B, T, D] at positions [B, T] -> [B, T, D]. cache: see ``inference.compressed.CompressedCache``
+        (each row's positions contiguous); without one, each row is a whole sequence from position 0,
+        or several packed ones (positions restarting at 0), which never see each other."""
         B, T, _ = x.shape
         cos, sin = self.rotary(positions)
         q_res = self.q_a_norm(self.q_a_proj(x))  # c^Q [B, T, d'_c]
         q = rotate_tail(unit_rms(self.q_b_proj(q_res).view(B, T, self.n_heads, self.head_dim), self.eps), cos, sin)
         kv = rotate_tail(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, T, dh]
-        if cache is None:
-            keys, key_pos = kv, positions
-        else:
-            keys, key_pos = cache.window(self.layer_id, kv)
-        qp = positions.unsqueeze(-1)
-        allowed = (key_pos.unsqueeze(1) <= qp) & (key_pos.unsqueeze(1) > qp - self.window) & (key_pos.unsqueeze(1) >= 0)
-        docs = None if cache is not None else (positions == 0).cumsum(-1)  # packed rows: document ids
-        if docs is not None and bool((docs > 1).any()):
-            allowed &= docs.unsqueeze(-1) == docs.unsqueeze(1)
-        if self.compressor is not None:
-            entries, allowed_c = self._compressed(x, q_res, positions, cos, sin, cache, docs)
-            keys, allowed = torch.cat((keys, entries), dim=1), torch.cat((allowed, allowed_c), dim=-1)
-        o = self._attend(q, keys, allowed)  # [B, T, H, dh]
+        keys, key_pos = (kv, positions) if cache is None else cache.window(self.layer_id, kv)
+        docs = None  # packed rows: document ids
+        if cache is None and T > 1 and bool((positions[:, 1:] == 0).any()):
+            docs = (positions == 0).cumsum(-1)
+        comp = self._compressed(x, positions, cache, docs) if self.compressor is not None else None
+        o = torch.cat([self._attend_block(q, x, q_res, cos, sin, positions, keys, key_pos, docs, comp, a,
+                                          min(a + QUERY_BLOCK, T)) for a in range(0, T, QUERY_BLOCK)], dim=1)
         o = rotate_tail(o, cos, -sin).reshape(B, T, self.groups, -1)
         return self.o_b_proj(self.o_a_proj(o).flatten(2))
 
-    def _compressed(self, x, q_res, positions, cos, sin, cache, docs):
-        """-> (entries [B, N, dh], bool [B, T, N]: what each query attends among them)."""
+    def _compressed(self, x, positions, cache, docs):
+        """-> (entries [B, N, dh], their indexer keys [B, N, d^I] (CSA) or None, visible [B, T, N]:
+        the closed ones each query may attend)."""
         comp = self.compressor
         raw = comp.raw(x) if self.indexer is None else torch.cat((comp.raw(x), self.indexer.compressor.raw(x)), -1)
-        if docs is not None and bool((docs > 1).any()):
+        if docs is not None:
             out, visible = self._packed_entries(raw, positions, docs)
         else:
             out = self._entries(raw, 0) if cache is None else cache.entries(self.layer_id, raw, self.m, self._entries)
             visible = torch.arange(out.shape[1], device=x.device) < ((positions + 1) // self.m).unsqueeze(-1)
-        entries = out[..., :self.head_dim]
-        if self.indexer is None:
-            return entries, visible
-        return entries, self.indexer.select(x, q_res, cos, sin, out[..., self.head_dim:], visible)
+        return out[..., :self.head_dim], (out[..., self.head_dim:] if self.indexer is not None else None), visible
+
+    def _attend_block(self, q, x, q_res, cos, sin, positions, keys, key_pos, docs, comp, a, b):
+        """Queries a..b-1 (a long prefill goes block by block): the window keys they may see, sliced
+        to the span that holds them, and the compressed entries; CSA decoding gathers the k chosen
+        entries instead of masking all of them."""
+        qp, kp = positions[:, a:b, None], key_pos[:, None, :]
+        allowed = (kp <= qp) & (kp > qp - self.window) & (kp >= 0)
+        if docs is not None:
+            allowed &= docs[:, a:b, None] == docs[:, None, :]
+        cols = allowed.any(1).any(0).nonzero().flatten()
+        lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 0)
+        k, allowed, qb = keys[:, lo:hi], allowed[..., lo:hi], q[:, a:b]
+        if comp is None:
+            return self._attend(qb, k, allowed)
+        entries, index_keys, visible = comp
+        visible = visible[:, a:b]
+        if index_keys is None:  # HCA: every closed entry
+            return self._attend(qb, torch.cat((k, entries), 1), torch.cat((allowed, visible), -1))
+        idx, valid = self.indexer.select(x[:, a:b], q_res[:, a:b], cos[:, a:b], sin[:, a:b], index_keys, visible)
+        if (b - a) * idx.shape[-1] * 4 <= entries.shape[1]:  # few queries: read just the chosen entries
+            chosen = entries[torch.arange(entries.shape[0], device=x.device)[:, None, None], idx]  # [B, t, k, dh]
+            return self._attend(qb, k, allowed, chosen, valid)
+        picked = torch.zeros_like(visible).scatter_(-1, idx, valid)
+        return self._attend(qb, torch.cat((k, entries), 1), torch.cat((allowed, picked), -1))
 
     def _packed_entries(self, raw, positions, docs):
         """Packed rows: each document's windows compressed on their own (a window never pools two
@@ -276,13 +293,23 @@ class Attention(nn.Module):
         return torch.cat((self.compressor.entries(main, first, self.rotary),
                           self.indexer.compressor.entries(index, first, self.rotary)), dim=-1)
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """q [B, T, H, dh], keys = values [B, S, dh], allowed [B, T, S] -> [B, T, H, dh]."""
-        scores = torch.einsum("bthd,bsd->bhts", q, keys).float() * self.head_dim ** -0.5
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor,
+                chosen: torch.Tensor | None = None, chosen_ok: torch.Tensor | None = None) -> torch.Tensor:
+        """q [B, T, H, dh] over keys = values [B, S, dh] (allowed [B, T, S]) and, per query, chosen
+        [B, T, k, dh] (chosen_ok [B, T, k]) -> [B, T, H, dh], with the sink in the softmax."""
+        scale = self.head_dim ** -0.5
+        scores = torch.einsum("bthd,bsd->bhts", q, keys).float() * scale
         scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        S = scores.shape[-1]
+        if chosen is not None:
+            extra = torch.einsum("bthd,btkd->bhtk", q, chosen).float() * scale
+            scores = torch.cat((scores, extra.masked_fill(~chosen_ok.unsqueeze(1), float("-inf"))), dim=-1)
         sink = self.sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        p = torch.cat((scores, sink), dim=-1).softmax(-1)[..., :-1].to(keys.dtype)
-        return torch.einsum("bhts,bsd->bthd", p, keys)
+        p = torch.cat((scores, sink), dim=-1).softmax(-1).to(keys.dtype)
+        out = torch.einsum("bhts,bsd->bthd", p[..., :S], keys)
+        if chosen is not None:
+            out = out + torch.einsum("bhtk,btkd->bthd", p[..., S:-1], chosen)
+        return out
 
 
 # ----------------------------------------------------------------------------- mHC

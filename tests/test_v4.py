@@ -69,9 +69,10 @@ def test_tiny_config_has_every_mechanism(model):
     assert model.model.layers[1].self_attn.indexer is not None and model.model.layers[2].self_attn.indexer is None
 
 
-@pytest.mark.parametrize("length", [7, 70])
+@pytest.mark.parametrize("length", [7, 70, 300])
 def test_logits_match_transformers(model, length, one_thread):
-    """70 tokens: past the window of 8, 17 CSA entries (the indexer keeps 4) and 4 HCA entries of 16."""
+    """70 tokens: past the window of 8, 17 CSA entries (the indexer keeps 4) and 4 HCA entries of 16;
+    300: queries in two blocks (QUERY_BLOCK), 75 CSA entries."""
     ids = torch.randint(0, model.config.vocab_size, (2, length))
     with torch.no_grad():
         ours, ref = model(ids), reference_model(model)(ids).logits
@@ -112,9 +113,10 @@ def test_bad_compress_ratios_are_refused():
 
 
 def test_engine_decoding_equals_the_full_forward(model, one_thread):
-    """Rows at different positions, each closing CSA and HCA windows while it decodes."""
+    """Rows at different positions, each closing CSA and HCA windows while it decodes; the longest
+    has enough CSA entries that decoding gathers the indexer's picks instead of masking."""
     engine = Engine(model)
-    prompts = [torch.randint(2, 1000, (n,)).tolist() for n in (37, 5, 21)]
+    prompts = [torch.randint(2, 1000, (n,)).tolist() for n in (90, 5, 21)]
     outs = tokens(engine.generate(prompts, 30, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
         ids, want = list(prompt), []
