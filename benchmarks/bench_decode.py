@@ -5,10 +5,16 @@
     .venv/bin/python benchmarks/bench_decode.py --dtype bfloat16      # both libraries in bf16
     .venv/bin/python benchmarks/bench_decode.py --mtp-model runs/pretrain   # MTP acceptance and speed-up
     .venv/bin/python benchmarks/bench_decode.py --llama-cpp runs/llama_cpp --contexts 32 2048 --threads 2
+    .venv/bin/python benchmarks/bench_decode.py --family v4 --batch 1 --contexts 512 4096 16384   # DeepSeek-V4
 
 Config (the inference issue's): hidden 1024, 8 layers (the first dense), 16 heads, q_lora_rank 384,
 kv_lora_rank 256, qk_nope 64, qk_rope 32, v_head 64, 32 routed experts top-4 + 1 shared; the issue
 leaves the vocabulary and FFN widths open, they are VOCAB / DENSE_FFN / EXPERT_FFN below.
+--family v4: a DeepSeek-V4-shaped model (V4_CONFIG: V4-Flash's head size 512, rope 64, window 128,
+CSA every 4 / HCA every 128 tokens after two window-only layers, index top-k 512, 4 mHC streams, hash
+routing in the first layers), narrowed to 8 layers of hidden 1024; both sides prefill long prompts in
+chunks (transformers: generate's prefill_chunk_size), and the cache read per step is V4's
+(``estimate.v4_decode_cost``: window, HCA entries, CSA indexer keys and k chosen entries).
 
 What is timed: greedy generation of --new-tokens tokens after a prompt of `context` random tokens.
 Each library reports a timestamp after every forward (nanoseek: each item `Engine.stream` yields;
@@ -37,7 +43,9 @@ import warnings
 import torch
 
 from nanoseek import ModelConfig, Transformer, save_pretrained
+from nanoseek.estimate import v4_decode_cost
 from nanoseek.inference import Engine
+from nanoseek.models import build_model
 
 VOCAB, DENSE_FFN, EXPERT_FFN = 8192, 2816, 512
 CONFIG = dict(model_type="deepseek_v3", vocab_size=VOCAB, hidden_size=1024, intermediate_size=DENSE_FFN,
@@ -46,6 +54,15 @@ CONFIG = dict(model_type="deepseek_v3", vocab_size=VOCAB, hidden_size=1024, inte
               moe_intermediate_size=EXPERT_FFN, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1,
               n_group=1, topk_group=1, num_nextn_predict_layers=0, max_position_embeddings=4096,
               bos_token_id=0, eos_token_id=None)
+V4_CONFIG = dict(model_type="deepseek_v4", vocab_size=VOCAB, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                 num_key_value_heads=1, head_dim=512, qk_rope_head_dim=64, q_lora_rank=384, o_groups=4, o_lora_rank=256,
+                 moe_intermediate_size=EXPERT_FFN, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1,
+                 n_group=1, topk_group=1, scoring_func="sqrtsoftplus", topk_method="noaux_tc", norm_topk_prob=True,
+                 routed_scaling_factor=1.5, swiglu_limit=10.0, window_size=128, compress_rope_theta=160000.0,
+                 rope_type="yarn", rope_factor=16.0, original_max_position_embeddings=4096, beta_fast=32.0,
+                 beta_slow=1.0, hc_mult=4, hc_sinkhorn_iters=20, num_hash_layers=2, index_n_heads=16,
+                 index_head_dim=128, index_topk=512, compress_ratios=[0, 0, 4, 128, 4, 128, 4, 128],
+                 num_nextn_predict_layers=0, max_position_embeddings=65536, bos_token_id=0, eos_token_id=None)
 
 
 def memory_bandwidth(mbytes: int = 512, iters: int = 9, device: str = "cpu") -> tuple[float, float]:
@@ -80,6 +97,8 @@ def decode_bytes_per_token(model: Transformer, context: int) -> int:
     size = model.model.embed_tokens.weight.element_size()
     weights = model.num_params(active=True, include_mtp=False) - model.model.embed_tokens.weight.numel() \
         + cfg.hidden_size
+    if cfg.attention == "v4":
+        return weights * size + int(v4_decode_cost(cfg, context, size)[0])
     cache = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * context
     return (weights + cache) * size
 
@@ -94,7 +113,8 @@ def nanoseek_steps(engine: Engine, prompts: list[list[int]], n: int) -> tuple[li
     return [b - a for a, b in zip(stamps, stamps[1:])], outs
 
 
-def transformers_steps(model, prompts: torch.Tensor, n: int) -> tuple[list[float], list[list[int]], object]:
+def transformers_steps(model, prompts: torch.Tensor, n: int, chunk: int | None = None
+                       ) -> tuple[list[float], list[list[int]], object]:
     stamps = []
 
     def stamp(input_ids, scores):  # called once per forward, before the token is picked
@@ -106,7 +126,7 @@ def transformers_steps(model, prompts: torch.Tensor, n: int) -> tuple[list[float
     with torch.inference_mode():
         out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n + 1,
                              min_new_tokens=n + 1, do_sample=False, logits_processor=[stamp], pad_token_id=0,
-                             return_dict_in_generate=True)
+                             return_dict_in_generate=True, **({"prefill_chunk_size": chunk} if chunk else {}))
     new = out.sequences[:, prompts.shape[1]:].tolist()
     return [b - a for a, b in zip(stamps, stamps[1:])], new, out.past_key_values
 
@@ -115,8 +135,10 @@ def cache_bytes(cache) -> int:
     """Bytes of every tensor a transformers Cache object holds."""
     seen, total = set(), 0
     for layer in getattr(cache, "layers", []):
-        for t in vars(layer).values():
-            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+        values = list(vars(layer).values())
+        values += [v for d in values if isinstance(d, dict) for v in d.values()]  # V4: per-compressor states
+        for t in values:
+            if isinstance(t, torch.Tensor) and t.numel() and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
     return total
@@ -209,6 +231,9 @@ def main(argv=None) -> int:
     p.add_argument("--llama-cpp", default=None, metavar="WORKDIR",
                    help="batch-1 decode beside llama.cpp (fp32/f32, int8/Q8_0, int4/Q4_0) on the same weights; "
                         "checkpoint and GGUF files are kept in WORKDIR")
+    p.add_argument("--family", default="v3", choices=["v3", "v4"], help="the model shape: CONFIG or V4_CONFIG")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="transformers' prefill_chunk_size (default: 1024 for v4, none for v3)")
     p.add_argument("--mtp-model", default=None,
                    help="a trained checkpoint with an MTP module: report speculative decoding on it and exit")
     args = p.parse_args(argv)
@@ -224,7 +249,8 @@ def main(argv=None) -> int:
     import transformers
 
     torch.manual_seed(0)
-    ours = Transformer(ModelConfig(**CONFIG)).eval()
+    ours = build_model(ModelConfig(**(V4_CONFIG if args.family == "v4" else CONFIG))).eval()
+    chunk = args.prefill_chunk or (1024 if args.family == "v4" else None)
     ref = None
     if not args.no_transformers:
         with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
@@ -250,7 +276,7 @@ def main(argv=None) -> int:
                 steps, ours_out = nanoseek_steps(engine, prompts.tolist(), args.new_tokens)
                 ours_t += steps
                 if ref is not None:
-                    steps, ref_out, cache = transformers_steps(ref, prompts, args.new_tokens)
+                    steps, ref_out, cache = transformers_steps(ref, prompts, args.new_tokens, chunk)
                     ref_t += steps
                     held = cache.get_seq_length() * batch
                     theirs_bytes = cache_bytes(cache) // held
