@@ -247,3 +247,54 @@ def test_the_server_core_pages_the_compressed_cache_and_preempts(model, tmp_path
     for name in ("attn_hc.fn", "self_attn.sinks", "self_attn.compressor.position_bias"):  # kept in fp32, exactly
         kept = quantized.model.layers[1].get_parameter(name)
         assert kept.dtype == torch.float32 and torch.equal(kept, model.model.layers[1].get_parameter(name))
+
+
+def published_fp8_checkpoint(model, path):
+    """`model` saved as DeepSeek ships V4: attention and shared-expert weights in FP8 (e4m3, a
+    power-of-two ue8m0 scale per 128x128 block under ``<name>.scale``), routed experts in FP4 (e2m1,
+    two per byte, a ue8m0 scale per 32 inputs), compressors, router, embeddings and head in high precision."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from nanoseek.quant.formats import FORMATS, FP4
+    save_pretrained(model, path / "plain")
+    out = {}
+    for key, t in load_file(path / "plain" / "model.safetensors").items():
+        base = key.removesuffix(".weight")
+        if key.endswith(".weight") and ".ffn.experts." in key:
+            parts = FP4.quantize(t)
+        elif key.endswith(".weight") and "compressor" not in key and any(
+                f".{n}." in key for n in ("wq_a", "wq_b", "wkv", "wo_a", "wo_b", "shared_experts")):
+            parts = FORMATS["fp8"].quantize(t)
+            parts["_scale_inv"] = parts["_scale_inv"].log2().ceil().exp2().to(torch.float8_e8m0fnu)
+        else:
+            out[key] = t
+            continue
+        out[key], out[base + ".scale"] = parts[""], parts["_scale_inv"]
+    (path / "fp8").mkdir()
+    save_file(out, path / "fp8" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "plain" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "expert_dtype": "fp4",
+                                     "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (path / "fp8" / "config.json").write_text(json.dumps(config))
+    return path / "fp8"
+
+
+def test_the_published_fp8_checkpoint_loads_as_transformers_reads_it(model, tmp_path, one_thread):
+    """FP8 attention, FP4 routed experts, ue8m0 scales under ``.scale``: nanoseek's dequantized load
+    equals transformers' (FineGrainedFP8Config(dequantize=True)); `nanoseek quantize --to bf16` too."""
+    from nanoseek.quant.convert import convert_checkpoint
+    fp8 = published_fp8_checkpoint(model, tmp_path)
+    ours = load_pretrained(fp8, dtype=torch.float32)
+    assert ours.model.layers[1].mlp.experts.gate_proj.dtype == torch.float32
+    hf = transformers.DeepseekV4ForCausalLM.from_pretrained(
+        fp8, quantization_config=transformers.FineGrainedFP8Config(dequantize=True), dtype=torch.float32).eval()
+    ids = torch.randint(0, 1000, (1, 40))
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert (ours(ids) - want).abs().max() < 1e-4
+        assert (ours(ids) - model(ids)).abs().max() > 1e-3  # it did read the quantized weights
+        convert_checkpoint(fp8, tmp_path / "bf16", "bf16", progress=False)
+        bf16 = load_pretrained(tmp_path / "bf16", dtype=torch.float32)
+        assert (bf16(ids) - want).abs().max() < 0.1 * want.abs().max()

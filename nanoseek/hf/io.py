@@ -31,7 +31,7 @@ from ..layers import RotaryEmbedding, rope_frequencies
 from ..model import Gate, Transformer
 from ..models import build_model
 from ..v4 import Rotary, keeps_fp32
-from ..quant.formats import FORMATS, WeightFormat, swap_modules, weight_format
+from ..quant.formats import FORMATS, FP4, WeightFormat, swap_modules, weight_format
 from ..quant.modules import QuantExperts, QuantLinear
 from ..tokenizer import Tokenizer
 from .fsutil import atomic_directory
@@ -122,6 +122,16 @@ def read_parts(files: dict[str, Path], file: Path, key: str, t: torch.Tensor, fm
 def is_stored_quantized(t: torch.Tensor) -> bool:
     """Integer codes or FP8: a tensor that means nothing without its companions."""
     return not t.dtype.is_floating_point or t.dtype == FP8.stored_dtype
+
+
+def packed_format(cfg: ModelConfig, t: torch.Tensor) -> WeightFormat | None:
+    """The format of a stored tensor that loads dequantized: FP8 (e4m3), or DeepSeek-V4's FP4 routed
+    experts (int8 in a checkpoint whose quantization_config says expert_dtype fp4); None otherwise."""
+    if t.dtype == FP8.stored_dtype:
+        return FP8
+    if t.dtype == FP4.stored_dtype and (cfg.quantization_config or {}).get("expert_dtype") == "fp4":
+        return FP4
+    return None
 
 
 def dequantized(files: dict[str, Path], file: Path, key: str, t: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
@@ -257,6 +267,8 @@ def v4_files(cfg: ModelConfig, files: dict[str, Path]) -> RenamedFiles:
     renamed, stored = {}, {}
     for key, file in files.items():
         name = aliases.get(key)
+        if name is None and key.endswith(".scale") and key[:-len("scale")] + "weight" in aliases:
+            name = aliases[key[:-len("scale")] + "weight"] + "_scale_inv"  # DeepSeek's FP8/FP4 block scales
         if name is None:
             base = next((key[:-len(s)] for s in suffixes if key.endswith(s) and key[:-len(s)] in aliases), None)
             name = aliases[base] + key[len(base):] if base is not None else key
@@ -360,8 +372,9 @@ class _Loader:
                     if not self.on_load and self._stored_quantized(key):
                         self.seen.update(self._load_quantized(key, t, file))
                         continue
-                    if t.dtype == FP8.stored_dtype:
-                        t = dequantized(files, file, key, t, FP8)
+                    packed = packed_format(self.cfg, t)
+                    if packed is not None:
+                        t = dequantized(files, file, key, t, packed)
                     if self.on_load and key in self.targets:
                         self._check_float(key, t, file)
                         parts = fmt.quantize(t.float(), self.group_size, key)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..hf.fsutil import atomic_directory
 from ..hf.io import (CheckpointError, by_file, checkpoint_files, dequantized, is_stored_quantized, open_safetensors,
-                     read_tensor, stored_format, stored_key, v4_files, write_index)
+                     packed_format, read_tensor, stored_format, stored_key, v4_files, write_index)
 from ..hf.keys import companion_keys, has_mtp_layers, mtp_prefixes, natural_key, quantized_keys
 from ..v4 import keeps_fp32
 from .formats import FORMATS, error_stats
@@ -89,9 +89,10 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, to: str, 
             with open_safetensors(file) as f:
                 for key in sorted(keys, key=natural_key):
                     t, name = read_tensor(f, file, stored_key(files, key)), stored_key(files, key)
-                    was_quantized = src_fmt is not None and is_stored_quantized(t)
+                    stored = packed_format(cfg, t) or src_fmt  # V4's FP8 checkpoints hold FP4 experts too
+                    was_quantized = stored is not None and is_stored_quantized(t) and key + stored.companions[0] in files
                     if was_quantized:
-                        t = dequantized(files, file, key, t, src_fmt)
+                        t = dequantized(files, file, key, t, stored)
                     if key in targets:
                         if t.dim() != 2:
                             raise CheckpointError(f"{file}: {key} has shape {tuple(t.shape)}; expected a matrix")

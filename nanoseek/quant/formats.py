@@ -103,10 +103,21 @@ def fp8_block_quantize(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[to
 
 def fp8_block_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK,
                          dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """W = W_fp8 * s for each block x block tile; scale_inv [ceil(M/b), ceil(N/b)] (DeepSeek's layout)."""
+    """W = W_fp8 * s for each block x block tile; scale_inv [ceil(M/b), ceil(N/b)] (DeepSeek's layout),
+    fp32 (V3) or power-of-two ue8m0 (V4)."""
     M, N = weight.shape
-    s = scale_inv.float().repeat_interleave(block, 0)[:M].repeat_interleave(block, 1)[:, :N]
+    s = scale_float(scale_inv).repeat_interleave(block, 0)[:M].repeat_interleave(block, 1)[:, :N]
     return (weight.float() * s).to(dtype)
+
+
+def scale_float(scale: torch.Tensor) -> torch.Tensor:
+    """A stored scale as fp32: float8_e8m0fnu converts itself; ue8m0 exponents stored as uint8 are 2^(e - 127)."""
+    return (scale.float() - 127).exp2() if scale.dtype == torch.uint8 else scale.float()
+
+
+# e2m1 codes 0..15: magnitude by the low 3 bits, sign by the high one
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP4_GROUP = 32
 
 
 # ----------------------------------------------------------------------------- the formats
@@ -247,7 +258,41 @@ class Fp8Format(WeightFormat):
                 "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
 
 
+class Fp4Format(WeightFormat):
+    """DeepSeek-V4's routed experts in its FP8 checkpoints (``expert_dtype: fp4``): e2m1 values, two per
+    byte (the first in the low nibble) in int8 [N, K/2], times a power-of-two (ue8m0) scale per
+    FP4_GROUP inputs of a row [N, K/32]. Read (dequantized) inside the FP8 format, not a target itself."""
+
+    name, stored_dtype, companions = "fp4", torch.int8, ("_scale_inv",)
+    default_keep = ()
+
+    def quantize(self, w, group_size=FP4_GROUP, what="weight"):
+        N, K = w.shape
+        if K % FP4_GROUP:
+            raise ValueError(f"{what}: {K} inputs do not split into FP4 groups of {FP4_GROUP}")
+        g = w.float().view(N, K // FP4_GROUP, FP4_GROUP)
+        scale = (g.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 6).log2().ceil().exp2()  # |w / scale| <= 6
+        v = (g / scale).flatten(1)
+        mags = torch.tensor(FP4_VALUES[:8])
+        codes = (v.abs().unsqueeze(-1) - mags).abs().argmin(-1) + 8 * (v < 0)
+        packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+        return {"": packed, "_scale_inv": scale.squeeze(-1).to(torch.float8_e8m0fnu)}
+
+    def dequantize(self, parts, dtype=torch.float32):
+        u8 = parts[""].view(torch.uint8).long()
+        lut = torch.tensor(FP4_VALUES, device=u8.device)
+        v = torch.stack((lut[u8 & 15], lut[u8 >> 4]), dim=-1).flatten(-2)  # [N, K]
+        s = scale_float(parts["_scale_inv"])
+        s = s.repeat_interleave(v.shape[0] // s.shape[0], 0).repeat_interleave(v.shape[1] // s.shape[1], 1)
+        return (v * s).to(dtype)
+
+    def stored_shapes(self, shape, group_size=FP4_GROUP, what="weight"):
+        N, K = shape
+        return {"": (N, K // 2), "_scale_inv": (N, K // FP4_GROUP)}
+
+
 FORMATS: dict[str, WeightFormat] = {"int8": Int8Format(), "int4": Int4Format(), "fp8": Fp8Format()}
+FP4 = Fp4Format()  # only inside V4's FP8 checkpoints (their routed experts)
 
 
 def weight_format(name: str) -> WeightFormat:
