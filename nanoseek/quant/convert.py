@@ -90,7 +90,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, to: str, 
                 for key in sorted(keys, key=natural_key):
                     t, name = read_tensor(f, file, stored_key(files, key)), stored_key(files, key)
                     stored = packed_format(cfg, t) or src_fmt  # V4's FP8 checkpoints hold FP4 experts too
-                    was_quantized = stored is not None and is_stored_quantized(t) and key + stored.companions[0] in files
+                    was_quantized = stored is not None and is_stored_quantized(t) and not key.endswith("tid2eid")
                     if was_quantized:
                         t = dequantized(files, file, key, t, stored)
                     if key in targets:
