@@ -298,3 +298,22 @@ def test_the_published_fp8_checkpoint_loads_as_transformers_reads_it(model, tmp_
         convert_checkpoint(fp8, tmp_path / "bf16", "bf16", progress=False)
         bf16 = load_pretrained(tmp_path / "bf16", dtype=torch.float32)
         assert (bf16(ids) - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_the_training_loop_overfits_packed_documents(tmp_path, one_thread):
+    """train() (one optimizer step for every loop) on packed rows: next-token + MTP loss, balancing
+    bias updates, the checkpoint it writes loads back as V4."""
+    import json
+
+    from nanoseek.data import pack_documents
+    from nanoseek.train.loop import TrainConfig, train
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(2, 1000, (int(n),), generator=g).tolist() for n in torch.randint(6, 20, (6,), generator=g)]
+    rows = pack_documents(docs, seq_len=32, eos_id=1, pad_id=0)
+    cfg = TrainConfig(progress=False, warmup_steps=2, steps=40, batch_size=len(rows), micro_batch_size=len(rows),
+                      lr=1e-2, weight_decay=0.0)
+    torch.manual_seed(0)
+    train(build_model(ModelConfig.preset("tiny-v4")), rows, cfg, tmp_path)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
+    assert losses[0] > 5.0 and losses[-1] < 0.5 * losses[0]
+    assert isinstance(load_pretrained(tmp_path), V4Transformer)
