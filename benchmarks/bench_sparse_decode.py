@@ -14,8 +14,10 @@ cache is filled with random values of the scale the model writes (unit-RMS laten
 keys) instead of prefilling: prefilling 128k tokens takes hours on a laptop CPU, and a decode step's
 work depends on how many entries it reads, not on their values. ms/token is the median of --steps.
 
-transformers' DeepseekV32ForCausalLM is left out: its cache has to be built by its own prefill, and
-its attention (a dense mask over every key, built per step) would grow like dense MLA's anyway.
+--transformers-contexts: transformers' DeepseekV32ForCausalLM on the same weights (saved by nanoseek,
+loaded by transformers) at those contexts: its cache has to be built by its own prefill (a random
+prompt, generate's prefill_chunk_size=1024), then its decode steps are timed between forwards (a logits
+processor stamps each one), beside nanoseek's sparse step at the same context.
 """
 
 from __future__ import annotations
@@ -60,11 +62,42 @@ def time_decode(model: Transformer, context: int, steps: int) -> float:
     return statistics.median(times[1:]) * 1e3  # the first step warms up
 
 
+def transformers_decode(model: Transformer, contexts: list[int], steps: int) -> dict[int, float]:
+    """Median ms of transformers' decode step at each context, after its own chunked prefill."""
+    import tempfile
+    import warnings
+
+    import transformers
+
+    from nanoseek import save_pretrained
+    out = {}
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_pretrained(model, d)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        for ctx in contexts:
+            stamps = []
+
+            def stamp(input_ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+
+            prompt = torch.randint(1, SHAPE["vocab_size"], (1, ctx), generator=torch.Generator().manual_seed(ctx))
+            with torch.inference_mode():
+                ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps + 2,
+                             min_new_tokens=steps + 2, do_sample=False, logits_processor=[stamp], pad_token_id=0,
+                             prefill_chunk_size=1024)
+            out[ctx] = statistics.median([b - a for a, b in zip(stamps[1:], stamps[2:])]) * 1e3
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     p.add_argument("--steps", type=int, default=6, help="timed decode steps per context")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--transformers-contexts", type=int, nargs="*", default=[],
+                   help="also time transformers' V3.2 decode at these contexts (after its own prefill)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     runs = models()
@@ -73,6 +106,13 @@ def main() -> None:
     for ctx in args.contexts:
         ms = [time_decode(m, ctx, args.steps) for m in runs.values()]
         print(f"{ctx:>8} " + " ".join(f"{x:>14.1f}" for x in ms) + f"   {ms[1] / ms[0]:>11.2f}x", flush=True)
+    if args.transformers_contexts:
+        sparse = runs["sparse (DSA)"]
+        theirs = transformers_decode(sparse, args.transformers_contexts, args.steps)
+        print(f"{'context':>8} {'nanoseek DSA':>14} {'transformers V3.2':>18}   transformers/nanoseek")
+        for ctx, t in theirs.items():
+            ours = time_decode(sparse, ctx, args.steps)
+            print(f"{ctx:>8} {ours:>14.1f} {t:>18.1f}   {t / ours:>11.2f}x", flush=True)
 
 
 if __name__ == "__main__":
