@@ -451,10 +451,8 @@ class Backbone(nn.Module):
 class V4Transformer(nn.Module):
     """The DeepSeek-V4 causal LM, with ``model.Transformer``'s interface (forward, forward_hidden,
     forward_train, moe_layers, num_params), so the engine, trainers and checkpoint code drive it alike.
-    ``forward_hidden`` returns the collapsed streams before the final norm; the engine's MTP drafting
-    is not wired to V4's stream-level MTP (``drafts_with_mtp``)."""
-
-    drafts_with_mtp = False
+    ``forward_hidden`` returns the collapsed streams before the final norm; ``forward_streams`` the
+    streams themselves, which the MTP module reads (the engine keeps them for drafting)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -541,12 +539,6 @@ class V4Transformer(nn.Module):
             out = layer(streams, self.model.embed_tokens(nxt), nxt, positions)
             mtp_logits.append(self.lm_head(out))
         return hidden, mtp_logits
-
-    def mtp_logits(self, streams: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None):
-        """MTP module 1's logits from the main streams [B, T, n, D] and tokens i+1 [B, T]."""
-        layer = self.mtp_layers[0]
-        out = layer(streams, self.model.embed_tokens(next_ids), next_ids, self._positions(next_ids, positions))
-        return self.lm_head(out)
 
     def num_params(self, active: bool = False, include_mtp: bool = True) -> int:
         cfg = self.config

@@ -198,13 +198,31 @@ def test_hash_layers_route_by_token_whatever_the_scores():
     assert torch.allclose(weights.sum(-1), torch.full((3,), cfg.routed_scaling_factor))
 
 
+@pytest.mark.parametrize("agree", [False, True])
+def test_mtp_speculative_decoding_keeps_the_greedy_tokens(model, agree, one_thread):
+    """The MTP module drafts from the main model's residual streams and its own window cache; the
+    tokens are greedy decoding's whether drafts are rejected (random module) or all accepted (both
+    heads made to always pick token 0: zero output norms)."""
+    import copy
+    m = copy.deepcopy(model)
+    if agree:
+        with torch.no_grad():
+            m.model.norm.weight.zero_()
+            m.mtp_layers[0].norm.weight.zero_()
+    engine = Engine(m)
+    prompts = [torch.randint(2, 1000, (n,)).tolist() for n in (21, 6)]
+    want = tokens(engine.generate(prompts, 24, ignore_eos=True))
+    assert tokens(engine.generate(prompts, 24, ignore_eos=True, speculative="mtp")) == want
+    assert engine.stats["drafted"] > 0
+    assert (engine.stats["acceptance_rate"] == 1.0) if agree else engine.stats["acceptance_rate"] < 1.0
+
+
 def test_what_the_engine_does_not_offer_is_refused(model):
-    engine = Engine(model)
-    with pytest.raises(ValueError, match="MTP"):
-        engine.generate([[1, 2, 3]], 4, speculative="mtp")
     with pytest.raises(ValueError, match="prefix caching"):
         CompressedCache(model.config, 1, 64, torch.float32).snapshot(0, 0, 16)
     assert isinstance(build_model(model.config), V4Transformer)
+    with pytest.raises(ValueError, match="compiled"):
+        Engine(model, compile=True)
 
 
 def test_the_server_core_pages_the_compressed_cache_and_preempts(model, tmp_path, capsys, one_thread):

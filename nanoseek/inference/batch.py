@@ -77,9 +77,6 @@ class Batch:
             raise ValueError(f"speculative={speculative!r}: expected None or 'mtp'")
         if speculative == "mtp" and not engine.model.mtp_layers:
             raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers >= 1)")
-        if speculative == "mtp" and not getattr(engine.model, "drafts_with_mtp", True):
-            raise ValueError(f"speculative='mtp' is not available for {engine.config.model_type}: its MTP module "
-                             "is loaded and trained, but the engine does not draft with it")
         if max_batched_tokens is not None and max_batched_tokens < 1:
             raise ValueError(f"max_batched_tokens={max_batched_tokens}: must be >= 1")
         self.engine, self.mtp, self.slots = engine, speculative == "mtp", slots

@@ -50,10 +50,11 @@ class CompressedCache:
     prefix_cache = False  # a prefix's state includes the rings, not only whole blocks
 
     def __init__(self, cfg, slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 num_pages: int | None = None, page_tokens: int | None = None):
+                 num_pages: int | None = None, page_tokens: int | None = None, mtp_layers: int = 0):
+        """mtp_layers: window rings for that many MTP modules too (layer ids num_hidden_layers..; window only)."""
         self.cfg, self.max_len = cfg, max_len
-        layers, W, dh = cfg.num_hidden_layers, cfg.window_size, cfg.head_dim
-        rates = sorted({m for m in map(cfg.compress_ratio, range(layers)) if m})
+        layers, W, dh = cfg.num_hidden_layers + mtp_layers, cfg.window_size, cfg.head_dim
+        rates = sorted({m for m in map(cfg.compress_ratio, range(cfg.num_hidden_layers)) if m})
         self.page_tokens = P = page_tokens or math.lcm(*rates, 1)
         if any(P % m for m in rates):
             raise ValueError(f"page_tokens={P} must be a multiple of every compression rate {rates}")
@@ -64,7 +65,7 @@ class CompressedCache:
         self.win = torch.zeros(layers, slots, self.window_len, dh, dtype=dtype, device=device)
         self.pending: dict[int, torch.Tensor] = {}
         self.comp: dict[int, torch.Tensor] = {}  # layer -> pool [(num_pages + 1) * P / m, width]; last page: scratch
-        for i in range(layers):
+        for i in range(cfg.num_hidden_layers):
             m = cfg.compress_ratio(i)
             if m:
                 width, raw, history = entry_widths(cfg, m)
@@ -81,15 +82,17 @@ class CompressedCache:
 
     @classmethod
     def for_budget(cls, budget_bytes: int, cfg, slots: int, max_len: int, dtype: torch.dtype,
-                   device: torch.device | str = "cpu", page_tokens: int | None = None) -> "CompressedCache":
+                   device: torch.device | str = "cpu", page_tokens: int | None = None,
+                   mtp_layers: int = 0) -> "CompressedCache":
         """As many pages as `budget_bytes` holds after every slot's fixed part."""
-        probe = cls(cfg, 1, 1, dtype, "meta", num_pages=1, page_tokens=page_tokens)
-        fixed = slots * fixed_bytes(cfg, dtype.itemsize) + probe.page_bytes  # + the scratch page
+        probe = cls(cfg, 1, 1, dtype, "meta", num_pages=1, page_tokens=page_tokens, mtp_layers=mtp_layers)
+        ring = mtp_layers * probe.win.shape[2] * probe.win.shape[3] * dtype.itemsize
+        fixed = slots * (fixed_bytes(cfg, dtype.itemsize) + ring) + probe.page_bytes  # + the scratch page
         pages = (budget_bytes - fixed) // probe.page_bytes
         if pages < 1:
             raise ValueError(f"a KV-cache budget of {budget_bytes} bytes holds {slots} sequences' windows "
                              f"({fixed} bytes) but no page of {probe.page_bytes} bytes")
-        return cls(cfg, slots, max_len, dtype, device, num_pages=pages, page_tokens=page_tokens)
+        return cls(cfg, slots, max_len, dtype, device, num_pages=pages, page_tokens=page_tokens, mtp_layers=mtp_layers)
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -45,9 +45,12 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
+        if compile and self.config.attention == "v4":
+            raise ValueError("compile=True: DeepSeek-V4's cache has no whole-cache compiled decode step")
         self.prefix = PrefixCache(prefix_cache_bytes)
         self.stats: dict = {}
         self._compiled_decode = torch.compile(self._decode_whole, dynamic=True) if compile else None
+        self._streams: torch.Tensor | None = None  # DeepSeek-V4: the last forward's residual streams
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -90,7 +93,7 @@ class Engine:
     def new_cache(self, batch_size: int, max_len: int, mtp_layers: int = 0) -> LatentCache | CompressedCache:
         cfg = self.config
         if cfg.attention == "v4":  # a window and compressed entries (no per-token latent)
-            return CompressedCache(cfg, batch_size, max_len, self.dtype, self.device)
+            return CompressedCache(cfg, batch_size, max_len, self.dtype, self.device, mtp_layers=mtp_layers)
         return LatentCache(cfg.num_hidden_layers + mtp_layers, batch_size, max_len, cfg.cache_width,
                            self.dtype, self.device)
 
@@ -100,6 +103,9 @@ class Engine:
         """Main model over ids [B, T] at positions [B, T] -> normed final hidden [B, T, D]
         (inputs_embeds [B, T, D]: ``embed_images``' instead of the ids' embeddings)."""
         cache.prepare(positions)
+        if self.config.attention == "v4":  # its MTP module reads the residual streams: kept for mtp_forward
+            self._streams = self.model.forward_streams(ids, positions, cache, inputs_embeds)
+            return self.model.model.norm(self.model.model.hc_head(self._streams))
         h = self.model.forward_hidden(ids, positions, _mask(positions, cache), cache, absorb, inputs_embeds)
         return self.model.model.norm(h)
 
@@ -145,9 +151,14 @@ class Engine:
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                     cache: LatentCache, absorb: bool) -> torch.Tensor:
-        """MTP module 1: (main hidden at i, token i+1) -> its normed output [B, T, D] predicting i+2."""
+        """MTP module 1: (main hidden at i, token i+1) -> its normed output [B, T, D] predicting i+2.
+        DeepSeek-V4's module reads the main model's residual streams instead of the hidden: those of
+        the last ``forward``, whose first T positions `hidden` is."""
         layer = self.model.mtp_layers[0]
         cache.prepare(positions)
+        if self.config.attention == "v4":
+            streams = self._streams[:, :hidden.shape[1]]
+            return layer(streams, self.model.model.embed_tokens(next_ids), next_ids, positions, cache)
         emb = self.model.model.embed_tokens(next_ids)
         cos, sin = self.model.model.rotary_emb(positions, emb.dtype)
         return layer.shared_head.norm(layer(hidden, emb, cos, sin, _mask(positions, cache), cache, absorb))

@@ -86,7 +86,8 @@ class Scheduler:
         if kv_cache_bytes is None:
             cache = None
         elif cfg.attention == "v4":  # windows per slot + pages of compressed entries
-            cache = CompressedCache.for_budget(kv_cache_bytes, cfg, max_batch, context, engine.dtype, engine.device)
+            cache = CompressedCache.for_budget(kv_cache_bytes, cfg, max_batch, context, engine.dtype, engine.device,
+                                               mtp_layers=int(speculative == "mtp"))
         else:
             cache = PagedLatentCache.for_budget(kv_cache_bytes, layers, block, cfg.cache_width, engine.dtype,
                                                 device=engine.device, slots=max_batch, max_len=context)
