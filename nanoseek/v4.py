@@ -438,6 +438,8 @@ class MTPBlock(Block):
 
 
 class Backbone(nn.Module):
+    """``model.*``: embeddings, the main blocks then the MTP blocks, the streams' final collapse, the norm."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         n = cfg.num_hidden_layers
@@ -529,7 +531,8 @@ class V4Transformer(nn.Module):
 
     def forward_train(self, input_ids, positions=None, mask=None):
         """(final normed hidden [B, T, D], [MTP logits [B, T, V] per depth]), as ``Transformer.forward_train``.
-        Packed documents are told apart by their positions, as in forward_hidden."""
+        Packed documents are told apart by their positions, as in forward_hidden. Each MTP module
+        reads the main model's streams (V4 ships one; depth k reads tokens i+k)."""
         streams = self.forward_streams(input_ids, positions)
         hidden = self.model.norm(self.model.hc_head(streams))
         positions = self._positions(input_ids, positions)
