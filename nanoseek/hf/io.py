@@ -328,7 +328,7 @@ class _Loader:
         self.group_size = int(qc.get("group_size", 128))
         self.targets = quantized_keys(cfg, self.keep) if fmt else set()  # keys stored quantized
         self.seen: set[str] = set()
-        self.experts: dict[tuple[str, int], dict[str, tuple]] = {}  # a quantized expert waits for its 3 matrices
+        self.experts: dict[tuple[str, int], dict[str, tuple]] = {}  # an expert's matrices until all 3 are read
 
     def build(self, dtype: torch.dtype, device) -> None:
         """The model on the meta device, its quantized modules swapped in, then allocated on `device`
@@ -382,9 +382,6 @@ class _Loader:
                         continue
                     self.seen.update(self._assign(key, t, file))
             release_freed_memory()
-        for (name, e), projs in self.experts.items():
-            if len(projs) == 3:
-                self.model.get_submodule(name).set_expert(e, projs["gate_proj"], projs["up_proj"], projs["down_proj"])
         missing = sorted(self.expected - self.seen, key=natural_key)
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -484,8 +481,12 @@ class _Loader:
             if tuple(got.shape) != want:
                 raise CheckpointError(f"{file}: {key + suffix} has shape {tuple(got.shape)}, the config implies "
                                       f"{want}{fmt.layout_hint(self.group_size)}")
-        if m:
-            self.experts.setdefault((m[1], e), {})[proj] = fmt.ordered(parts)
+        if m:  # an expert's three matrices go in together; installed at once so no copy waits in memory
+            projs = self.experts.setdefault((m[1], e), {})
+            projs[proj] = fmt.ordered(parts)
+            if len(projs) == 3:
+                module.set_expert(e, projs["gate_proj"], projs["up_proj"], projs["down_proj"])
+                del self.experts[(m[1], e)]
         else:
             module.set_quantized(*fmt.ordered(parts))
         return [key]
