@@ -37,6 +37,14 @@ class Rollout:
     new_tokens: int
 
 
+def row_seeds(seed: int, first_index: int, num_prompts: int, per_prompt: int) -> list[int]:
+    """One sampling seed per (prompt, sample) row, from the prompt's index in the whole batch
+    (first_index: this call's first prompt): each row is drawn from a generator of its own, so the
+    samples do not depend on how prompts are split across processes or generate calls. GRPO
+    (--seed-per-prompt) and distillation's rejection sampling both draw with these."""
+    return [(seed * 7919 + first_index + i) * per_prompt + j for i in range(num_prompts) for j in range(per_prompt)]
+
+
 def sample_groups(engine: Engine, tokenizer: Tokenizer, examples: list, group_size: int, max_new_tokens: int,
                   temperature: float, top_p: float | None, seed: int, layout: str = "chat",
                   row_seeds: list[int] | None = None) -> Rollout:
