@@ -30,7 +30,9 @@ from nanoseek.train.loop import TrainConfig
 # mu = 2 (an old-policy forward through the sharded model) and activation checkpointing. Experts'
 # gradients are summed in another order there (all-to-all, then index_add) and AdamW's division by
 # sqrt(v) amplifies that rounding in the weights (the losses and gradient norms agree within 1e-4).
-LAYOUTS = {"fsdp": ([], [], 1e-5), "fsdp_ep2": (["--ep", "2", "--gradient-checkpointing"], ["--mu", "2"], 1e-4)}
+# LoRA under FSDP2: adapters trained sharded, merged into the rollout copy's whole weights at the end.
+LAYOUTS = {"fsdp": ([], [], 1e-5), "fsdp_ep2": (["--ep", "2", "--gradient-checkpointing"], ["--mu", "2"], 1e-4),
+           "fsdp_lora": ([], ["--lora-rank", "4"], 1e-5)}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -60,7 +62,8 @@ def test_two_process_grpo_equals_one(tmp_path, layout):
                          text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "over 2 process(es)" in two.stdout
-    assert json.loads((tmp_path / "two" / "train_state" / "state.json").read_text())["sharded"]  # FSDP2's DCP
+    sharded = json.loads((tmp_path / "two" / "train_state" / "state.json").read_text()).get("sharded", False)
+    assert sharded == (layout != "fsdp_lora")  # FSDP2's DCP checkpoint; a LoRA run saves its merged model
     rows = [[json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("one", "two")]
     assert all(r["grad_norm"] > 0 for r in rows[0][1:])  # a real update, not a no-signal step

@@ -435,6 +435,7 @@ def _prepare(cfg: GRPOConfig, env: DistEnv):
     model.to(env.device)
     ref_model = _reference(cfg, model)
     if cfg.lora_rank:
+        torch.manual_seed(cfg.seed)  # the adapters' initialisation: a function of the seed, whatever ran before
         model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     rollout = copy.deepcopy(model) if env.distributed else model  # before parallelize changes `model` in place
     forward, meshes = parallelize(ModelForward(model), layout_of(cfg, env), env.device.type,
