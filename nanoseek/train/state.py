@@ -311,6 +311,10 @@ def load_sharded_train_state(out_dir, model, optimizer, expert_mesh=None) -> dic
     if not state.get("sharded"):
         raise ValueError(f"{state_dir}: saved by a one-process run, not a sharded one")
     _init_optimizer_state(optimizer)
-    dcp.load(sharded_state(model, optimizer, expert_mesh), checkpoint_id=str(state_dir / DCP_DIR))
+    saved = dcp.FileSystemReader(str(state_dir / DCP_DIR)).read_metadata().state_dict_metadata
+    # A parameter that never had a gradient (GRPO leaves the MTP module alone) saved no AdamW state.
+    wanted = {k: v for k, v in sharded_state(model, optimizer, expert_mesh).items()
+              if k in saved or not k.startswith("optim/")}
+    dcp.load(wanted, checkpoint_id=str(state_dir / DCP_DIR))
     set_rng_state(load_file(str(state_dir / "rng.safetensors")), state["rng"])
     return state
