@@ -68,7 +68,8 @@ def test_two_process_grpo_equals_one(tmp_path, layout):
             for run in ("one", "two")]
     assert all(r["grad_norm"] > 0 for r in rows[0][1:])  # a real update, not a no-signal step
     for a, b in zip(rows[0][1:], rows[1][1:]):
-        for key in ("reward_mean", "reward_std", "response_length", "loss", "kl", "grad_norm"):
+        for key in ("reward_mean", "reward_std", "reward/dist_rewards:varied", "unparseable_rate", "response_length",
+                    "loss", "kl", "grad_norm"):
             assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
     m1, m2 = load_pretrained(tmp_path / "one"), load_pretrained(tmp_path / "two")
     for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):

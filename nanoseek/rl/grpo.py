@@ -72,8 +72,8 @@ from ..inference import Engine
 from ..plots import read_metrics, save_png
 from ..tokenizer import Tokenizer
 from ..train.batches import RowSampler
-from ..train.distributed import (DistEnv, all_gather_cat, all_reduce_sum, barrier, init_distributed, share,
-                                  shutdown)
+from ..train.distributed import (DistEnv, all_gather_cat, all_gather_objects, all_reduce_sum, barrier,
+                                  init_distributed, share, shutdown)
 from ..train.evaluate import evaluate_accuracy
 from ..train.export import copy_full_weights
 from ..train.loop import Parallelism, layout_of, opt
@@ -246,6 +246,19 @@ def _global_sum(value: float, env: DistEnv) -> float:
         else float(value)
 
 
+def global_means(means: dict, counts: dict, env: DistEnv) -> dict:
+    """Means every process computed over its own completions, combined over all of them (a mean over
+    no completion is None)."""
+    if not env.distributed:
+        return means
+    parts = all_gather_objects((means, counts), env)
+    out = {}
+    for key in means:
+        n = sum(c[key] for _, c in parts)
+        out[key] = sum(m[key] * c[key] for m, c in parts if c[key]) / n if n else None
+    return out
+
+
 def policy_update(model: nn.Module, optimizer, batch: tuple, advantages: torch.Tensor, old_logp: torch.Tensor | None,
                   ref_logp: torch.Tensor | None, cfg: GRPOConfig, lr: float, algo: Algorithm,
                   env: DistEnv = DistEnv(), num_sequences: int | None = None, forward: nn.Module | None = None,
@@ -318,7 +331,8 @@ def grpo_step(model: nn.Module, ref_model: nn.Module | None, engine: Engine, opt
     mine = share(len(examples), env)
     model.eval()
     rollout = _rollout(engine, tokenizer, examples[mine], cfg, step, mine.start)
-    local_reward, reward_means = score_rollout(rollout, rewards, G, cfg.max_new_tokens)
+    local_reward, reward_means, counts = score_rollout(rollout, rewards, G, cfg.max_new_tokens)
+    reward_means = global_means(reward_means, counts, env)
     reward = all_gather_cat(local_reward, env)  # group statistics (and the batch std) over every prompt of the step
     advantages = algo.advantages(reward)[mine].flatten()
 
