@@ -26,7 +26,8 @@ from nanoseek.train.distributed import DistEnv
 from nanoseek.train.loop import TrainConfig
 
 
-# (flags of the 2-process run only, flags of both runs, weight tolerance): FSDP2; FSDP2 + EP with
+# (flags of the 2-process run only, flags of both runs, weight tolerance): FSDP2, stopped after step 1
+# and resumed from its sharded checkpoint (AdamW holds no state for the MTP module RL leaves alone); FSDP2 + EP with
 # mu = 2 (an old-policy forward through the sharded model) and activation checkpointing. Experts'
 # gradients are summed in another order there (all-to-all, then index_add) and AdamW's division by
 # sqrt(v) amplifies that rounding in the weights (the losses and gradient norms agree within 1e-4).
@@ -57,10 +58,19 @@ def test_two_process_grpo_equals_one(tmp_path, layout):
     one = subprocess.run([sys.executable, "-m", "nanoseek", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "nanoseek", *args, *two_only, "--out", str(tmp_path / "two")], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+
+    def torchrun(*extra):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "nanoseek", *args, *two_only, "--out", str(tmp_path / "two"), *extra], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run
+    if layout == "fsdp":
+        torchrun("--steps", "1")
+        two = torchrun("--resume")
+        assert "steps 1->2" in two.stdout
+    else:
+        two = torchrun()
     assert "over 2 process(es)" in two.stdout
     sharded = json.loads((tmp_path / "two" / "train_state" / "state.json").read_text()).get("sharded", False)
     assert sharded == (layout != "fsdp_lora")  # FSDP2's DCP checkpoint; a LoRA run saves its merged model
