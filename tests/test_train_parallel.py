@@ -187,3 +187,48 @@ def test_fp8_linears_train_in_emulation():
     assert abs(float(value) - ref) / ref < 0.02
     fp8 = [m for layer in model.main_layers for m in layer.modules() if type(m).__name__ == "Float8Linear"]
     assert fp8 and all(m.weight.grad is not None and m.weight.grad.isfinite().all() for m in fp8)
+
+
+def four_experts():
+    from nanoseek.model import Experts
+    torch.manual_seed(0)
+    experts = Experts(4, 8, 16)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.1)
+    return experts
+
+
+def _idle_expert_worker(rank: int, world: int, port: int, out: str) -> None:
+    import datetime
+
+    from nanoseek.train.expert_parallel import ExpertParallel
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        experts = four_experts()
+        x = torch.randn(world, 3, 8, generator=torch.Generator().manual_seed(1))[rank].requires_grad_()
+        indices = torch.tensor([[0, 1]] * 3)  # every token of every rank to rank 0's experts: rank 1's get none
+        weights = torch.full((3, 2), 0.5, requires_grad=True)
+        ep = ExpertParallel(experts, dist.group.WORLD)
+        ep(x, weights, indices).sum().backward()  # rank 1 must still join both all-to-alls of backward
+        torch.save({"x": x.grad, "up": ep.up_proj.grad}, os.path.join(out, f"grad{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_backward_when_a_rank_gets_no_tokens(tmp_path):
+    """A rank whose experts receive no rows still runs backward's collectives (it used to skip them and
+    hang its peers); gradients equal the one-process module's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_idle_expert_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    experts = four_experts()
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    experts(x.view(6, 8), torch.full((6, 2), 0.5), torch.tensor([[0, 1]] * 6)).sum().backward()
+    grads = [torch.load(tmp_path / f"grad{r}.pt") for r in range(2)]
+    for r in range(2):
+        torch.testing.assert_close(grads[r]["x"], x.grad[r])
+    torch.testing.assert_close(grads[0]["up"], experts.up_proj.grad[:2])
+    assert grads[1]["up"].abs().sum() == 0  # its experts saw no token

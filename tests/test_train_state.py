@@ -119,3 +119,32 @@ def test_a_fresh_run_refuses_a_folder_holding_one_and_clears_stale_logs(tmp_path
         refuse_existing_run(tmp_path)
     with pytest.raises(ValueError, match="already holds a training run; choose another --out"):
         refuse_existing_run(tmp_path, resumable=False)
+
+
+def test_sharded_state_resumes_when_some_parameters_never_had_a_gradient(tmp_path):
+    """GRPO never trains the MTP module, so AdamW saves no state for it: loading the DCP checkpoint
+    (here in one process, as DCP allows) restores the rest and leaves those parameters alone."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    from nanoseek.train.optim import build_adamw
+    from nanoseek.train.state import DCP_DIR, load_sharded_train_state, rng_state, sharded_state
+    model = micro_model()
+    opt = build_adamw(model, 1e-2, 0.0)
+    model(torch.randint(0, VOCAB, (2, 8))).sum().backward()  # the main model only: MTP gets no gradient
+    assert any(p.grad is None for layer in model.mtp_layers for p in layer.parameters())
+    opt.step()
+    state_dir = tmp_path / TRAIN_STATE
+    dcp.save(sharded_state(model, opt), checkpoint_id=str(state_dir / DCP_DIR))
+    tensors, extra = rng_state()
+    save_file(tensors, str(state_dir / "rng.safetensors"))
+    (state_dir / "state.json").write_text(json.dumps({"format": state_mod.FORMAT_VERSION, "step": 1, "sharded": True,
+                                                      "rng": extra}))
+    fresh = micro_model(seed=1)
+    fresh_opt = build_adamw(fresh, 1e-2, 0.0)
+    assert load_sharded_train_state(tmp_path, fresh, fresh_opt)["step"] == 1
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
+        saved = opt.state.get(p)
+        if saved:
+            assert torch.equal(fresh_opt.state[q]["exp_avg"], saved["exp_avg"]), name

@@ -3,6 +3,7 @@
     nanoseek distill --teacher runs/grpo --student tiny --dataset arithmetic --out runs/distill
     nanoseek distill --teacher runs/grpo --student tiny --dense --student-layers 2 --out runs/dense
     nanoseek distill --teacher runs/grpo --student runs/small --kl forward --kl-weight 1.0 --out runs/kd
+    torchrun --nproc_per_node 2 -m nanoseek distill --teacher runs/grpo --out runs/distill-2p   # prompts split, FSDP2
 
 Flags: DistillConfig's and TrainConfig's fields. The work: nanoseek.rl.distill.distill.
 """

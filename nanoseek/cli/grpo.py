@@ -6,6 +6,7 @@
     nanoseek grpo --model runs/sft --dataset math.parquet --prompt-column problem --answer-column solution \
         --reward math format=0.1 --importance-sampling sequence --lora-rank 16 --bf16 --out runs/gspo
     torchrun --nproc_per_node 2 -m nanoseek grpo --model runs/sft --dataset arithmetic --out runs/grpo-2p
+    torchrun --nproc_per_node 8 -m nanoseek grpo --model runs/sft --dataset arithmetic --ep 8 --out runs/grpo-ep  # FSDP2 + EP
     nanoseek grpo --model runs/sft --dataset arithmetic --out runs/grpo --reward accuracy format=0.1 my.mod:fn=0.5
 
 Flags: GRPOConfig's fields. The work: nanoseek.rl.grpo.grpo.

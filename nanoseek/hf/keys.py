@@ -90,29 +90,32 @@ def is_mtp_shared_copy(cfg: ModelConfig, key: str) -> bool:
 
 # ----------------------------------------------------------------------------- model -> checkpoint
 
-def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's tensors under DeepSeek checkpoint keys (experts split, MTP shared copies added)."""
-    cfg = model.config
-    if cfg.attention == "v4":
-        return {v4_checkpoint_key(k, cfg.num_hidden_layers): v for k, v in _split_experts(model).items()}
-    out = _split_experts(model)
-    for prefix in mtp_prefixes(cfg):
-        out[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
-        out[prefix + "shared_head.head.weight"] = model.lm_head.weight.detach().clone()
+MTP_COPIES = {"model.embed_tokens.weight": "embed_tokens.weight", "lm_head.weight": "shared_head.head.weight"}
+
+
+def hf_tensors(cfg: ModelConfig, name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One tensor of the model's state dict under its checkpoint keys: a stacked expert tensor split
+    per expert, the tied head dropped, the embedding and head copied into every MTP layer. One name
+    at a time, so a sharded run can export parameter by parameter (train/export.py)."""
+    m = STACKED_EXPERTS.match(name)
+    if m:
+        out = {f"{m[1]}.{e}.{m[2]}.weight": t[e] for e in range(t.shape[0])}
+    else:
+        out = {} if name == "lm_head.weight" and cfg.tie_word_embeddings else {name: t}
+    if cfg.attention == "v4":  # DeepSeek's published spelling; its MTP module stores no embedding or head
+        return {v4_checkpoint_key(k, cfg.num_hidden_layers): v for k, v in out.items()}
+    if m:
+        return out
+    if name in MTP_COPIES:
+        out.update({prefix + MTP_COPIES[name]: t.detach().clone() for prefix in mtp_prefixes(cfg)})
     return out
 
 
-def _split_experts(model) -> dict[str, torch.Tensor]:
-    """state_dict with stacked experts split per expert and a tied head left out."""
-    cfg = model.config
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's tensors under DeepSeek checkpoint keys (experts split, MTP shared copies added)."""
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        m = STACKED_EXPERTS.match(name)
-        if m:
-            for e in range(t.shape[0]):
-                out[f"{m[1]}.{e}.{m[2]}.weight"] = t[e]
-        elif not (name == "lm_head.weight" and cfg.tie_word_embeddings):
-            out[name] = t
+        out.update(hf_tensors(model.config, name, t))
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 

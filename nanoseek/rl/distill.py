@@ -16,11 +16,20 @@ needs the teacher and student to share a tokenizer (the student is built on the 
 The student is a preset (default `tiny`, resized with --student-hidden-size/--student-layers,
 --dense for a dense model) or a checkpoint folder. Held-out pass@1 of the student (R1's temperature 0.6, top-p 0.95) is
 measured before and after and written to distill.json.
+
+Several processes (torchrun): every process holds the whole teacher (it is not trained) and
+samples a contiguous share of the prompts (distributed.share, as GRPO splits its rollouts); every
+sample has a seed of its own from its prompt's index (rollouts.row_seeds), so the traces do not
+depend on the split, and they are gathered in rank order: every process then holds the list one
+process would have made. The student trains parallelized like any run (FSDP2 by default, --ep,
+--no-fsdp): through the training loop, or logit distillation's own loop over the same layout.
+Process 0 evaluates, reading the student back from its checkpoint, and writes the files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -40,18 +49,20 @@ from ..models import build_model
 from ..tokenizer import Tokenizer
 from ..device import resolve_device
 from ..train.batches import RowSampler, attention_mask, document_positions
-from ..train.distributed import DistEnv
-from ..train.loop import TrainConfig, opt, train
+from ..train.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, init_distributed, share, shutdown
+from ..train.loop import TrainConfig, layout_of, opt, train
 from ..train.evaluate import evaluate_accuracy
 from ..train.losses import IGNORE, cross_entropy
 from ..train.optim import build_adamw
 from ..train.sft import pack_conversations
-from ..train.state import refuse_existing_run, save_checkpoint, start_fresh
+from ..train.parallelize import ModelForward, clip_grad_norm, parallelize
+from ..train.state import refuse_existing_run, save_run_checkpoint, start_fresh
 from ..train.step import MetricsLog, optimizer_step
 from .losses import forward_kl, reverse_kl
 from ..data.answers import is_correct
 from ..data.records import is_builtin, train_and_held_out
 from .rewards import is_well_formatted
+from .rollouts import row_seeds
 
 KL = {"forward": forward_kl, "reverse": reverse_kl}
 
@@ -116,10 +127,18 @@ def _preset_names() -> list[str]:
 
 # ----------------------------------------------------------------------------- (a) traces
 
+def is_accepted(text: str, finish_reason: str, example, prompt_text: str) -> bool:
+    """Rejection sampling's rule: a finished trace with the right answer in the right format."""
+    return finish_reason == "stop" and is_correct(text, example) and is_well_formatted(prompt_text, text)
+
+
 def rejection_sample(engine: Engine, tokenizer: Tokenizer, examples: list, samples_per_prompt: int,
                      traces_per_prompt: int, max_new_tokens: int, temperature: float, top_p: float,
-                     batch_size: int = 64, seed: int = 0, progress: bool = True) -> tuple[list, dict]:
-    """The teacher's correct, well-formatted traces as conversations, and the counts behind them."""
+                     batch_size: int = 64, seed: int = 0, progress: bool = True,
+                     first_index: int = 0) -> tuple[list, dict]:
+    """The teacher's correct, well-formatted traces as conversations, and the counts behind them.
+    Sample j of prompt i is drawn with seed row_seeds(seed, first_index + i, ...): the same trace
+    whatever the batching and whichever process (first_index: the index of examples[0] in the run)."""
     traces, stats = [], {"prompts": len(examples), "samples": 0, "correct": 0, "kept": 0, "prompts_covered": 0}
     per_call = max(1, batch_size // samples_per_prompt)
     bar = tqdm(total=len(examples), disable=not progress, unit="prompt", desc="teacher traces", dynamic_ncols=True)
@@ -127,15 +146,15 @@ def rejection_sample(engine: Engine, tokenizer: Tokenizer, examples: list, sampl
         chunk = examples[a:a + per_call]
         rendered = [render_prompt(tokenizer, ex) for ex in chunk]  # chat layout: the student learns chats
         outs = engine.generate([ids for _, ids in rendered for _ in range(samples_per_prompt)], max_new_tokens,
-                               temperature=temperature, top_p=top_p, seed=seed + a)
+                               temperature=temperature, top_p=top_p,
+                               seeds=row_seeds(seed, first_index + a, len(chunk), samples_per_prompt))
         for j, (ex, (prompt_text, _)) in enumerate(zip(chunk, rendered)):
             kept = set()
             for i in range(j * samples_per_prompt, (j + 1) * samples_per_prompt):
                 text = tokenizer.decode(outs[i].tokens)
                 stats["samples"] += 1
-                ok = outs[i].finish_reason == "stop" and is_correct(text, ex)
-                stats["correct"] += ok
-                if ok and is_well_formatted(prompt_text, text) and len(kept) < traces_per_prompt \
+                stats["correct"] += outs[i].finish_reason == "stop" and is_correct(text, ex)
+                if is_accepted(text, outs[i].finish_reason, ex, prompt_text) and len(kept) < traces_per_prompt \
                         and text not in kept:
                     kept.add(text)
                     reasoning, content = tokenizer.split_reasoning(text)
@@ -180,90 +199,128 @@ def build_student(cfg: DistillConfig, tokenizer: Tokenizer) -> Transformer:
 # ----------------------------------------------------------------------------- (b) logits
 
 def logit_distill(student: Transformer, teacher: Transformer, rows, cfg: TrainConfig, kl_fn, kl_weight: float,
-                  out_dir: Path, tokenizer: Tokenizer, meta: dict) -> Path:
+                  out_dir: Path, tokenizer: Tokenizer, meta: dict, env: DistEnv = DistEnv()) -> Path:
     """CE on the traces + kl_weight * kl_fn(student, teacher) at every assistant token; AdamW with
-    the loop's schedule and clipping; metrics.jsonl and a checkpoint at the end."""
-    device = teacher.model.embed_tokens.weight.device
+    the loop's schedule and clipping; metrics.jsonl and a checkpoint at the end. Several processes:
+    the student parallelized as cfg says, each process taking its share of every step's rows."""
+    if cfg.batch_size % (cfg.micro_batch_size * env.world_size):
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size × processes "
+                         f"= {cfg.micro_batch_size} × {env.world_size}")
+    device = env.device
     student.to(device).train()
-    teacher.eval().requires_grad_(False)
+    teacher.to(device).eval().requires_grad_(False)
+    forward, meshes = parallelize(ModelForward(student), layout_of(cfg, env), device.type)
+    clip = None if meshes is None else functools.partial(clip_grad_norm, meshes=meshes)
     optimizer = build_adamw(student, cfg.lr, cfg.weight_decay)
     sampler = RowSampler(len(rows), cfg.batch_size, cfg.seed)
-    bar = tqdm(total=cfg.steps, disable=not cfg.progress, unit="step", desc="distill (KL)", dynamic_ncols=True)
-    log, t0 = MetricsLog(out_dir / "metrics.jsonl"), time.perf_counter()
+    bar = tqdm(total=cfg.steps, disable=not (cfg.progress and env.is_main), unit="step", desc="distill (KL)",
+               dynamic_ncols=True)
+    log, t0 = MetricsLog(out_dir / "metrics.jsonl", enabled=env.is_main), time.perf_counter()
     for step in range(cfg.steps):
-        idx = sampler.rows(step)
+        idx = sampler.rows(step).view(env.world_size, -1)[env.rank]
         ids, docs, targets = (getattr(rows, n)[idx].to(device) for n in ("input_ids", "doc_ids", "targets"))
-        n_tok = int((targets != IGNORE).sum())
+        n_tok = int(all_reduce_sum((targets != IGNORE).sum(), env))  # over the whole batch of every process
         sums = torch.zeros(2, device=device)
         for a in range(0, len(idx), cfg.micro_batch_size):
             sl = slice(a, a + cfg.micro_batch_size)
             pos, mask = document_positions(docs[sl]), attention_mask(docs[sl])
             with torch.no_grad():
                 teacher_logits = teacher(ids[sl], pos, mask)
-            logits = student(ids[sl], pos, mask)
+            logits = forward(ids[sl], pos, mask)
             ce = cross_entropy(logits, targets[sl], n_tok)
             kl = kl_fn(logits, teacher_logits, targets[sl] != IGNORE, num_tokens=n_tok)
-            (ce + kl_weight * kl).backward()
+            ((ce + kl_weight * kl) * env.world_size).backward()  # FSDP averages gradients over processes
             sums += torch.stack([ce.detach(), kl.detach()])
+        sums = all_reduce_sum(sums, env)
         lr = cfg.lr_at(step)
-        grad_norm = optimizer_step(student, optimizer, lr, cfg.grad_clip, where=f"distill step {step + 1}")
+        grad_norm = optimizer_step(student, optimizer, lr, cfg.grad_clip, where=f"distill step {step + 1}",
+                                   clip=clip)
         row = {"step": step + 1, "loss": float(sums[0]), "kl": float(sums[1]), "lr": lr, "grad_norm": grad_norm,
                "elapsed_s": time.perf_counter() - t0}
         log.append(row)
         bar.update(1)
         bar.set_postfix(ce=f"{row['loss']:.3f}", kl=f"{row['kl']:.3f}")
     bar.close()
-    save_checkpoint(out_dir, student, optimizer, cfg.steps, tokenizer, meta)
+    save_run_checkpoint(out_dir, student, optimizer, cfg.steps, env, meshes, tokenizer, meta)
     return out_dir
 
 
 # ----------------------------------------------------------------------------- the run
 
-def distill(cfg: DistillConfig) -> dict:
+def distill(cfg: DistillConfig, env: DistEnv | None = None) -> dict:
     """Teacher traces -> student fine-tuned on them (and optionally on the teacher's logits).
-    Returns the summary written to out/distill.json."""
+    Returns the summary written to out/distill.json. Under torchrun every process joins (see the
+    module's docstring)."""
+    own_env = env is None
+    env = env or init_distributed(resolve_device(cfg.device))
+    try:
+        return _run(cfg, env)
+    finally:
+        if own_env:
+            shutdown(env)
+
+
+def teacher_traces(teacher: Transformer, tokenizer: Tokenizer, prompts: list, cfg: DistillConfig,
+                   env: DistEnv) -> tuple[list, dict]:
+    """Rejection-sampled traces of all `prompts`, each process sampling its share, gathered in order."""
+    mine = share(len(prompts), env)
+    t0, c0 = time.perf_counter(), time.process_time()
+    traces, stats = rejection_sample(Engine(teacher, tokenizer), tokenizer, prompts[mine], cfg.samples_per_prompt,
+                                     cfg.traces_per_prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                     cfg.batch_size_generate, seed=cfg.train.seed,
+                                     progress=cfg.train.progress and env.is_main, first_index=mine.start)
+    cpu = time.process_time() - c0
+    parts = all_gather_objects((traces, stats, cpu), env)
+    traces = [t for part, _, _ in parts for t in part]
+    stats = {k: sum(p[1][k] for p in parts) for k in stats}
+    stats["seconds"], stats["cpu_seconds"] = time.perf_counter() - t0, sum(p[2] for p in parts)
+    return traces, stats
+
+
+def _run(cfg: DistillConfig, env: DistEnv) -> dict:
     out = Path(cfg.out)
     refuse_existing_run(out, resumable=False)
-    start_fresh(out)
-    device = resolve_device(cfg.device)
-    teacher, tokenizer = load_with_tokenizer(cfg.teacher, dtype=torch.float32, device=device)
+    barrier(env)  # every process has looked before process 0 makes the folder
+    if env.is_main:
+        start_fresh(out)
+    teacher, tokenizer = load_with_tokenizer(cfg.teacher, dtype=torch.float32, device=env.device)
     prompts, held_out = train_and_held_out(cfg.dataset, cfg.split, cfg.eval_dataset, "test", cfg.eval_size,
                                            cfg.prompt_column, cfg.answer_column, n=cfg.num_prompts, seed=cfg.train.seed)
-    t0, c0 = time.perf_counter(), time.process_time()
-    traces, stats = rejection_sample(Engine(teacher, tokenizer), tokenizer, prompts,
-                                     cfg.samples_per_prompt, cfg.traces_per_prompt, cfg.max_new_tokens,
-                                     cfg.temperature, cfg.top_p, cfg.batch_size_generate, seed=cfg.train.seed,
-                                     progress=cfg.train.progress)
-    stats["seconds"], stats["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
-    atomic_write_text(out / "traces.jsonl", "".join(json.dumps({"messages": m}) + "\n" for m in traces))
-    print(f"distill: teacher kept {stats['kept']} traces from {stats['samples']} samples "
-          f"({stats['correct']} correct) covering {stats['prompts_covered']}/{stats['prompts']} prompts")
+    traces, stats = teacher_traces(teacher, tokenizer, prompts, cfg, env)
+    if env.is_main:
+        atomic_write_text(out / "traces.jsonl", "".join(json.dumps({"messages": m}) + "\n" for m in traces))
+        print(f"distill: teacher kept {stats['kept']} traces from {stats['samples']} samples "
+              f"({stats['correct']} correct) covering {stats['prompts_covered']}/{stats['prompts']} prompts")
     if not traces:
         raise ValueError(f"{cfg.teacher}: the teacher solved none of {cfg.num_prompts} prompts; nothing to distill")
 
     student = build_student(cfg, tokenizer)
-    def evaluate() -> dict:
-        return evaluate_accuracy(student, tokenizer, None, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_samples,
+    n_params = student.num_params()
+
+    def evaluate(model) -> dict:
+        return evaluate_accuracy(model, tokenizer, None, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_samples,
                                  temperature=0.6, top_p=0.95, seed=cfg.train.seed, examples=held_out,
                                  progress=cfg.train.progress, desc="student eval")
 
-    before = evaluate()
+    before = evaluate(student) if env.is_main else None
     rows = pack_conversations(traces, tokenizer, cfg.seq_len)  # SFT's packing: assistant tokens are the targets
     meta = {"stage": "distill", "source": {"teacher": cfg.teacher, "student": cfg.student, "dataset": cfg.dataset,
                                            "kl": cfg.kl, "traces": stats}}
     t1, c1 = time.perf_counter(), time.process_time()
     if cfg.kl is None:
-        train(student, rows, cfg.train, out, tokenizer, stage="distill", meta=meta, env=DistEnv(device=device))
+        train(student, rows, cfg.train, out, tokenizer, stage="distill", meta=meta, env=env)
     else:
-        logit_distill(student, teacher, rows, cfg.train, KL[cfg.kl], cfg.kl_weight, out, tokenizer, meta)
-    after = evaluate()
-    summary = {"teacher": cfg.teacher, "student": cfg.student, "student_params": student.num_params(),
-               "teacher_params": teacher.num_params(), "traces": stats, "train_seconds": time.perf_counter() - t1,
-               "train_cpu_seconds": time.process_time() - c1,
-               "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
-               "eval": {k: v for k, v in after.items() if k != "samples"},
-               "config": dataclasses.asdict(cfg)}
-    atomic_write_text(out / "distill.json", json.dumps(summary, indent=1))
-    print(f"distill: student ({summary['student_params']:,} parameters) held-out pass@1 "
-          f"{before['pass@1']:.1%} -> {after['pass@1']:.1%}; checkpoint in {out}")
-    return summary
+        logit_distill(student, teacher, rows, cfg.train, KL[cfg.kl], cfg.kl_weight, out, tokenizer, meta, env)
+    summary = None
+    if env.is_main:  # a sharded student is read back whole from its checkpoint
+        after = evaluate(load_pretrained(out, dtype=torch.float32, device=env.device) if env.distributed else student)
+        summary = {"teacher": cfg.teacher, "student": cfg.student, "student_params": n_params,
+                   "teacher_params": teacher.num_params(), "traces": stats, "processes": env.world_size,
+                   "train_seconds": time.perf_counter() - t1, "train_cpu_seconds": time.process_time() - c1,
+                   "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
+                   "eval": {k: v for k, v in after.items() if k != "samples"},
+                   "config": dataclasses.asdict(cfg)}
+        atomic_write_text(out / "distill.json", json.dumps(summary, indent=1))
+        print(f"distill: student ({n_params:,} parameters) held-out pass@1 "
+              f"{before['pass@1']:.1%} -> {after['pass@1']:.1%}; checkpoint in {out}")
+    return all_gather_objects(summary, env)[0]

@@ -27,11 +27,18 @@ One step, readable top to bottom in `grpo_step`:
      every `eval_every` steps, sample completions every `sample_every` steps, atomic checkpoints,
      grpo.png at the end.
 
-Several processes (torchrun, gloo on CPU): each rolls out a contiguous share of the step's prompts,
-the [P, G] rewards are all-gathered so group (and batch) statistics equal the one-process run's,
-the losses are normalised by whole-batch counts and the gradients summed, so one optimizer step
-is the one-process step (tests/test_rl_distributed.py; exact when --seed-per-prompt makes the
-samples independent of the split).
+Several processes (torchrun, gloo on CPU): the policy is parallelized like pretraining's
+(train/parallelize.py: FSDP2 by default, --ep for expert parallelism, --no-fsdp to replicate). Each
+process rolls out a contiguous share of the step's prompts (distributed.share); the [P, G] rewards
+are all-gathered so group (and batch) statistics equal the one-process run's, the losses are
+normalised by whole-batch counts and the gradients reduced, so one optimizer step is the
+one-process step (tests/test_rl_distributed.py; exact when --seed-per-prompt makes the samples
+independent of the split). Rollouts need whole weights and no collectives (each process decodes
+its own prompts for its own number of steps), so each process samples from a plain full copy of
+the policy that is refreshed after every optimizer step, gathered one parameter at a time
+(export.copy_full_weights). That is the simplest correct choice, and its cost is stated: the
+weights are held once more, whole, on every process (the frozen KL reference is whole too), while
+gradients and AdamW state, three times the weights, stay sharded.
 
 Simplifications, stated plainly: every prompt of a step has the same G; no dynamic sampling
 (DAPO drops no-signal groups; here they are counted and contribute zero advantage); MoE balancing
@@ -53,8 +60,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from ..data.prompts import LAYOUTS, checkpoint_layout, task_from_spec
@@ -65,19 +72,22 @@ from ..inference import Engine
 from ..plots import read_metrics, save_png
 from ..tokenizer import Tokenizer
 from ..train.batches import RowSampler
-from ..train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from ..train.distributed import (DistEnv, all_gather_cat, all_gather_objects, all_reduce_sum, barrier,
+                                  init_distributed, share, shutdown)
 from ..train.evaluate import evaluate_accuracy
-from ..train.loop import opt
+from ..train.export import copy_full_weights
+from ..train.loop import Parallelism, layout_of, opt
 from ..train.optim import build_adamw
-from ..train.parallelize import apply_activation_checkpointing
-from ..train.state import load_train_state, refuse_existing_run, save_checkpoint, start_fresh, truncate_metrics
+from ..train.parallelize import Meshes, ModelForward, clip_grad_norm, parallelize
+from ..train.state import (load_run_state, refuse_existing_run, save_checkpoint, save_run_checkpoint, start_fresh,
+                           truncate_metrics)
 from ..train.step import MetricsLog, append_jsonl, optimizer_step
 from .lora import add_lora, merge_and_unload, merged
 from .losses import (IMPORTANCE_SAMPLING, LOSS_TYPES, SCALE_REWARDS, bnpo_loss, dapo_loss, dr_grpo_loss, grpo_loss,
                      mask_truncated, token_entropy, token_logprobs)
 from .rewards import parse_rewards
-from .rollouts import (Rollout, engine_logprobs, logprob_mismatch, policy_logprobs, sample_groups, score_rollout,
-                       sequence_batch)
+from .rollouts import (Rollout, engine_logprobs, logprob_mismatch, policy_logprobs, row_seeds, sample_groups,
+                       score_rollout, sequence_batch)
 
 # A signal above its threshold gets a warning: the run is probably learning nothing.
 WARN_AT = {"no_signal_groups": 0.8, "truncation_rate": 0.3, "unparseable_rate": 0.5}
@@ -92,8 +102,8 @@ class GRPOSignalWarning(UserWarning):
 
 
 @dataclass
-class GRPOConfig:
-    """A GRPO run; every field is also a CLI flag."""
+class GRPOConfig(Parallelism):
+    """A GRPO run; every field is also a CLI flag (the parallel layout's, Parallelism, first)."""
 
     model: str = opt(None, "checkpoint folder to start from (with its tokenizer)", required=True)
     device: str = opt(None, "cpu, cuda or cuda:N for training and rollouts (default: cuda when there is one)")
@@ -236,21 +246,29 @@ def _global_sum(value: float, env: DistEnv) -> float:
         else float(value)
 
 
-def _all_reduce_grads(model: nn.Module, env: DistEnv) -> None:
-    """Sum gradients over processes: each process's loss is already normalised by global counts."""
-    if env.distributed:
-        for p in model.parameters():
-            if p.requires_grad:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+def global_means(means: dict, counts: dict, env: DistEnv) -> dict:
+    """Means every process computed over its own completions, combined over all of them (a mean over
+    no completion is None)."""
+    if not env.distributed:
+        return means
+    parts = all_gather_objects((means, counts), env)
+    out = {}
+    for key in means:
+        n = sum(c[key] for _, c in parts)
+        out[key] = sum(m[key] * c[key] for m, c in parts if c[key]) / n if n else None
+    return out
 
 
 def policy_update(model: nn.Module, optimizer, batch: tuple, advantages: torch.Tensor, old_logp: torch.Tensor | None,
                   ref_logp: torch.Tensor | None, cfg: GRPOConfig, lr: float, algo: Algorithm,
-                  env: DistEnv = DistEnv(), num_sequences: int | None = None) -> dict:
+                  env: DistEnv = DistEnv(), num_sequences: int | None = None, forward: nn.Module | None = None,
+                  meshes: Meshes | None = None) -> dict:
     """cfg.mu AdamW steps on one sampled batch (this process's share); returns the logged statistics.
-    old_logp None (mu = 1): pi_old = sg(pi) inside the loss, no extra forward."""
+    old_logp None (mu = 1): pi_old = sg(pi) inside the loss, no extra forward. forward: the policy as
+    parallelize() wrapped it (several processes: its meshes too); default the model itself."""
+    if env.distributed and meshes is None:
+        raise ValueError("several processes need the parallelized policy (forward and meshes from parallelize)")
+    forward = forward or model
     input_ids, targets, mask = batch
     n_micro = -(-len(input_ids) // cfg.micro_batch_size)
     total_tokens = _global_sum(mask.sum(), env)
@@ -259,16 +277,21 @@ def policy_update(model: nn.Module, optimizer, batch: tuple, advantages: torch.T
     kw = dict(beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high, ratio_fn=algo.ratio, **counts)
     model.train()
     sums = collections.defaultdict(float)
+    clip = None if meshes is None else functools.partial(clip_grad_norm, meshes=meshes)
+    starts = range(0, len(input_ids), cfg.micro_batch_size)
     for _ in range(cfg.mu):
-        for a in range(0, len(input_ids), cfg.micro_batch_size):
+        for a in starts:
             sl = slice(a, a + cfg.micro_batch_size)
+            if isinstance(forward, FSDPModule):  # reduce gradients after the last micro-batch only
+                forward.set_requires_gradient_sync(a == starts[-1])
             with algo.precision():
-                logits = model(input_ids[sl])
+                logits = forward(input_ids[sl])
             logp = token_logprobs(logits, targets[sl], cfg.temperature)
             ref = ref_logp[sl] if ref_logp is not None else None
             old = old_logp[sl] if old_logp is not None else None
             loss, stats = algo.loss(logp, old, advantages[sl], mask[sl], ref, **kw)
-            loss.backward()
+            # Each process's loss is its share of the global one; FSDP averages gradients over processes.
+            (loss * env.world_size).backward()
             share = float(mask[sl].sum()) / max(total_tokens, 1.0) / cfg.mu  # token-weighted means
             sums["loss"] += float(loss.detach()) / cfg.mu
             for k, v in stats.items():
@@ -276,8 +299,7 @@ def policy_update(model: nn.Module, optimizer, batch: tuple, advantages: torch.T
             with torch.no_grad():
                 sums["entropy"] += float((token_entropy(logits, cfg.temperature) * mask[sl]).sum()) \
                     / max(total_tokens, 1.0) / cfg.mu
-        _all_reduce_grads(model, env)
-        sums["grad_norm"] += optimizer_step(model, optimizer, lr, cfg.grad_clip, where="GRPO") / cfg.mu
+        sums["grad_norm"] += optimizer_step(model, optimizer, lr, cfg.grad_clip, where="GRPO", clip=clip) / cfg.mu
     for moe in model.moe_layers():  # routing kept for balancing holds the last graph alive; RL does not use it
         moe.scores = moe.indices = None
     model.eval()
@@ -290,56 +312,52 @@ def _rollout(engine, tokenizer, examples, cfg: GRPOConfig, step: int, first_inde
     not depend on how prompts are split across processes, and they still decode as one batch."""
     seed = cfg.seed * 1_000_003 + step
     G = cfg.group_size
-    row_seeds = [(seed * 7919 + first_index + i) * G + j for i in range(len(examples)) for j in range(G)] \
-        if cfg.seed_per_prompt else None
+    seeds = row_seeds(seed, first_index, len(examples), G) if cfg.seed_per_prompt else None
     with merged(engine.model):
         return sample_groups(engine, tokenizer, examples, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                             seed=seed, layout=cfg.layout, row_seeds=row_seeds)
-
-
-def _gather(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Concatenate every process's [P_r, G] rewards in rank order (all processes hold equal shares)."""
-    if not env.distributed:
-        return t
-    parts = [torch.empty_like(t) for _ in range(env.world_size)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+                             seed=seed, layout=cfg.layout, row_seeds=seeds)
 
 
 def grpo_step(model: nn.Module, ref_model: nn.Module | None, engine: Engine, optimizer, tokenizer: Tokenizer,
               examples: list, rewards: list, cfg: GRPOConfig, step: int, env: DistEnv = DistEnv(),
-              algo: Algorithm | None = None) -> tuple[dict, Rollout]:
+              algo: Algorithm | None = None, forward: nn.Module | None = None,
+              meshes: Meshes | None = None) -> tuple[dict, Rollout]:
     """Sample, score, update: one GRPO step (0-based `step`) over `examples`, the step's prompts of
-    every process; this process rolls out its contiguous share. Returns (metrics row, its rollout)."""
+    every process; this process rolls out its contiguous share. Returns (metrics row, its rollout).
+    Several processes: `forward`/`meshes` from parallelize, and an engine over a full copy of the
+    policy, refreshed here after the update."""
     G, algo = cfg.group_size, algo or Algorithm.from_config(cfg)
-    share = len(examples) // env.world_size
-    mine = examples[env.rank * share:(env.rank + 1) * share]
+    forward = forward or model
+    mine = share(len(examples), env)
     model.eval()
-    rollout = _rollout(engine, tokenizer, mine, cfg, step, env.rank * share)
-    local_reward, reward_means = score_rollout(rollout, rewards, G, cfg.max_new_tokens)
-    reward = _gather(local_reward, env)  # group statistics (and the batch std) over every prompt of the step
-    advantages = algo.advantages(reward)[env.rank * share:(env.rank + 1) * share].flatten()
+    rollout = _rollout(engine, tokenizer, examples[mine], cfg, step, mine.start)
+    local_reward, reward_means, counts = score_rollout(rollout, rewards, G, cfg.max_new_tokens)
+    reward_means = global_means(reward_means, counts, env)
+    reward = all_gather_cat(local_reward, env)  # group statistics (and the batch std) over every prompt of the step
+    advantages = algo.advantages(reward)[mine].flatten()
 
     t0 = time.perf_counter()
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     input_ids, targets, mask = sequence_batch(rollout.prompts, rollout.completions, G, pad)
     if cfg.mask_truncated_completions:
         mask = mask_truncated(mask, rollout.finish_reasons)
-    old_logp = None if cfg.mu == 1 else policy_logprobs(model, input_ids, targets, cfg.temperature,
+    old_logp = None if cfg.mu == 1 else policy_logprobs(forward, input_ids, targets, cfg.temperature,
                                                         cfg.micro_batch_size, algo.precision)
     ref_logp = None if ref_model is None else \
         policy_logprobs(ref_model, input_ids, targets, cfg.temperature, cfg.micro_batch_size, algo.precision)
     mismatch = {}
     if cfg.logprob_check_every and step % cfg.logprob_check_every == 0:
         trainer_logp = old_logp if old_logp is not None else policy_logprobs(
-            model, input_ids, targets, cfg.temperature, cfg.micro_batch_size, algo.precision)
-        with merged(model):
+            forward, input_ids, targets, cfg.temperature, cfg.micro_batch_size, algo.precision)
+        with merged(engine.model):
             mismatch = logprob_mismatch(trainer_logp, mask, engine_logprobs(
                 engine, [rollout.prompts[i // G] for i in range(len(rollout.completions))], rollout.completions,
                 cfg.temperature))
     lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
     stats = policy_update(model, optimizer, (input_ids, targets, mask), advantages, old_logp, ref_logp, cfg, lr,
-                          algo, env, num_sequences=reward.numel())
+                          algo, env, num_sequences=reward.numel(), forward=forward, meshes=meshes)
+    if engine.model is not model:  # the rollout copy: the next rollouts and evaluations see this update
+        copy_full_weights(model, engine.model, meshes.experts if meshes else None)
     update_s = time.perf_counter() - t0
 
     n = reward.numel()
@@ -367,10 +385,12 @@ def _load(cfg: GRPOConfig) -> tuple[nn.Module, Tokenizer]:
     return load_with_tokenizer(path, dtype=torch.float32)
 
 
-def _start_step(cfg: GRPOConfig, model, optimizer, env: DistEnv) -> int:
+def _start_step(cfg: GRPOConfig, policy: "Policy", optimizer, env: DistEnv) -> int:
     out = Path(cfg.out)
     if cfg.resume:
-        state = load_train_state(out, model, optimizer)
+        state = load_run_state(out, policy.model, optimizer, policy.meshes)
+        if policy.rollout is not policy.model:
+            copy_full_weights(policy.model, policy.rollout, policy.meshes.experts)
         if env.is_main:
             truncate_metrics(out / "metrics.jsonl", state["step"])
         return int(state["step"])
@@ -410,16 +430,32 @@ class HeldOut:
                 if k.startswith(("pass@", "maj@", "cons@")) or k in ("truncated", "stderr")}
 
 
+@dataclass
+class Policy:
+    """The model GRPO trains and how it runs: `forward` is it as parallelize() wrapped it (FSDP2 / EP
+    under several processes, with their `meshes`; None for one process), `rollout` the module the
+    engine samples from and held-out evaluation reads: the model itself in one process, a full copy
+    refreshed after every optimizer step under several."""
+    model: nn.Module
+    forward: nn.Module
+    meshes: Meshes | None
+    rollout: nn.Module
+
+
 def _prepare(cfg: GRPOConfig, env: DistEnv):
-    """The policy (LoRA-wrapped and checkpointed as asked), its reference, tokenizer and optimizer."""
+    """The policy (LoRA-wrapped, parallelized and checkpointed as asked), its reference, tokenizer and
+    optimizer."""
     model, tokenizer = _load(cfg)
     model.to(env.device)
     ref_model = _reference(cfg, model)
     if cfg.lora_rank:
+        torch.manual_seed(cfg.seed)  # the adapters' initialisation: a function of the seed, whatever ran before
         model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-    if cfg.gradient_checkpointing:
-        apply_activation_checkpointing(model)
-    return model, ref_model, tokenizer, build_adamw(model, cfg.lr, cfg.weight_decay)
+    rollout = copy.deepcopy(model) if env.distributed else model  # before parallelize changes `model` in place
+    forward, meshes = parallelize(ModelForward(model), layout_of(cfg, env), env.device.type,
+                                  activation_checkpointing=cfg.gradient_checkpointing)
+    policy = Policy(model, forward, meshes, rollout.eval())
+    return policy, ref_model, tokenizer, build_adamw(model, cfg.lr, cfg.weight_decay)
 
 
 def grpo(cfg: GRPOConfig, env: DistEnv | None = None) -> Path:
@@ -440,14 +476,15 @@ def _run(cfg: GRPOConfig, env: DistEnv) -> Path:
     if cfg.prompts_per_step % env.world_size:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide among {env.world_size} processes")
     out = Path(cfg.out)
-    model, ref_model, tokenizer, optimizer = _prepare(cfg, env)
-    engine = Engine(model, tokenizer)  # the same module object: rollouts always see the live weights
-    start = _start_step(cfg, model, optimizer, env)
+    policy, ref_model, tokenizer, optimizer = _prepare(cfg, env)
+    model = policy.model
+    engine = Engine(policy.rollout, tokenizer)  # the live weights (one process: the very module object)
+    start = _start_step(cfg, policy, optimizer, env)
     rewards, algo = parse_rewards(cfg.reward, cfg.verifier_command), Algorithm.from_config(cfg, env.device.type)
     train_set, held_examples = train_and_held_out(cfg.dataset, cfg.split, cfg.eval_dataset, cfg.eval_split,
                                                   cfg.eval_size, cfg.prompt_column, cfg.answer_column,
                                                   n=cfg.num_train, seed=cfg.seed)
-    held_out = HeldOut(model, tokenizer, held_examples, cfg)
+    held_out = HeldOut(policy.rollout, tokenizer, held_examples, cfg)
     order = RowSampler(len(train_set), cfg.prompts_per_step, cfg.seed)
     meta = {"stage": "grpo", "source": {"model": cfg.model, "dataset": cfg.dataset},
             "grpo_config": dataclasses.asdict(cfg)}
@@ -468,7 +505,7 @@ def _run(cfg: GRPOConfig, env: DistEnv) -> Path:
     for step in range(start, cfg.steps):
         examples = [train_set[int(i)] for i in order.rows(step)]
         row, rollout = grpo_step(model, ref_model, engine, optimizer, tokenizer, examples, rewards, cfg, step, env,
-                                 algo)
+                                 algo, policy.forward, policy.meshes)
         row["elapsed_s"] = time.perf_counter() - t_start - held_out.seconds  # training time: evaluation not counted
         row["cpu_s"] = time.process_time() - cpu_start - held_out.cpu_seconds
         out_of_time = (cfg.max_minutes is not None and row["elapsed_s"] > 60 * cfg.max_minutes) or \
@@ -484,20 +521,21 @@ def _run(cfg: GRPOConfig, env: DistEnv) -> Path:
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.2f}", len=f"{row['response_length']:.0f}",
                         tok_s=f"{row['rollout_tokens_per_s']:.0f}")
-        if env.is_main and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last \
-                and not cfg.lora_rank:
-            save_checkpoint(out, model, optimizer, step + 1, tokenizer, meta)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last and not cfg.lora_rank:
+            save_run_checkpoint(out, model, optimizer, step + 1, env, policy.meshes, tokenizer, meta)
         barrier(env)
         if out_of_time:
             print(f"grpo: stopping after {row['elapsed_s'] / 60:.1f} min wall, {row['cpu_s'] / 60:.1f} min CPU "
                   f"(budget: --max-minutes {cfg.max_minutes}, --max-cpu-minutes {cfg.max_cpu_minutes})")
             break
     bar.close()
+    if start < cfg.steps and cfg.lora_rank and env.is_main:
+        # The adapters merged into the whole weights of the rollout module: a plain checkpoint any loader reads.
+        plain = merge_and_unload(policy.rollout)
+        save_checkpoint(out, plain, build_adamw(plain, cfg.lr, cfg.weight_decay), step + 1, tokenizer, meta)
+    elif start < cfg.steps and not cfg.lora_rank:
+        save_run_checkpoint(out, model, optimizer, step + 1, env, policy.meshes, tokenizer, meta)
     if start < cfg.steps and env.is_main:
-        if cfg.lora_rank:  # the adapters merged into their weights: a plain checkpoint any loader reads
-            model = merge_and_unload(model)
-            optimizer = build_adamw(model, cfg.lr, cfg.weight_decay)
-        save_checkpoint(out, model, optimizer, step + 1, tokenizer, meta)
         plot_grpo(read_metrics(out / "metrics.jsonl"), out / "grpo.png")
     barrier(env)
     if env.is_main:

@@ -2,7 +2,7 @@
 inference engine, score them with the reward functions, and lay them out for the trainer.
 
     rollout = sample_groups(engine, tokenizer, examples, G, max_new_tokens, temperature, top_p, seed)
-    total, values = score_rollout(rollout, rewards, G, max_new_tokens)   # total [P, G]
+    total, means, counts = score_rollout(rollout, rewards, G, max_new_tokens)   # total [P, G]
     input_ids, targets, mask = sequence_batch(rollout.prompts, rollout.completions, G, pad_id)
     logp = policy_logprobs(model, input_ids, targets, temperature, micro_batch_size)
 """
@@ -37,6 +37,14 @@ class Rollout:
     new_tokens: int
 
 
+def row_seeds(seed: int, first_index: int, num_prompts: int, per_prompt: int) -> list[int]:
+    """One sampling seed per (prompt, sample) row, from the prompt's index in the whole batch
+    (first_index: this call's first prompt): each row is drawn from a generator of its own, so the
+    samples do not depend on how prompts are split across processes or generate calls. GRPO
+    (--seed-per-prompt) and distillation's rejection sampling both draw with these."""
+    return [(seed * 7919 + first_index + i) * per_prompt + j for i in range(num_prompts) for j in range(per_prompt)]
+
+
 def sample_groups(engine: Engine, tokenizer: Tokenizer, examples: list, group_size: int, max_new_tokens: int,
                   temperature: float, top_p: float | None, seed: int, layout: str = "chat",
                   row_seeds: list[int] | None = None) -> Rollout:
@@ -56,9 +64,11 @@ def sample_groups(engine: Engine, tokenizer: Tokenizer, examples: list, group_si
                    sum(len(o.tokens) for o in outs))
 
 
-def score_rollout(rollout: Rollout, rewards: list, group_size: int, max_new_tokens: int) -> tuple[torch.Tensor, dict]:
+def score_rollout(rollout: Rollout, rewards: list, group_size: int, max_new_tokens: int
+                  ) -> tuple[torch.Tensor, dict, dict]:
     """(total rewards [P, G], logged means: reward/<name> over the completions it applied to,
-    accuracy, unparseable_rate). Every reward sees the batch at once with the dataset's columns."""
+    accuracy, unparseable_rate, and how many completions each mean is over, so that processes can
+    combine theirs). Every reward sees the batch at once with the dataset's columns."""
     n = len(rollout.texts)
     group = [i // group_size for i in range(n)]
     columns = {k: [v[g] for g in group] for k, v in reward_columns(rollout.examples).items()}
@@ -66,10 +76,11 @@ def score_rollout(rollout: Rollout, rewards: list, group_size: int, max_new_toke
                    max_new_tokens=max_new_tokens)
     prompts = [rollout.prompt_texts[g] for g in group]
     total, values = score_batch(rewards, prompts, rollout.texts, columns)
-    means = {}
+    means, counts = {}, {}
     for name, vals in values.items():
         applied = [v for v in vals if v is not None]
         means[f"reward/{name}"] = sum(applied) / len(applied) if applied else None
+        counts[f"reward/{name}"] = len(applied)
     if "accuracy" in values:
         correct = values["accuracy"]
     else:
@@ -79,7 +90,8 @@ def score_rollout(rollout: Rollout, rewards: list, group_size: int, max_new_toke
             correct = None
     means["accuracy"] = sum(correct) / n if correct is not None else None
     means["unparseable_rate"] = sum(extract_answer(t) is None for t in rollout.texts) / n
-    return total.view(-1, group_size), means
+    counts.update(accuracy=n if correct is not None else 0, unparseable_rate=n)
+    return total.view(-1, group_size), means, counts
 
 
 # ----------------------------------------------------------------------------- log-probabilities

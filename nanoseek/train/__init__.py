@@ -8,7 +8,9 @@
     flops.py        training FLOPs per token, the machine's matmul peak, MFU
     state.py        checkpoints with optimizer/RNG/data state; exact resume; a run's folder
     loop.py         TrainConfig and the loop (accumulation, bf16, balancing, logs, plots)
-    distributed.py  torchrun data parallelism, applied from outside the model
+    distributed.py  the process group torchrun describes: rank, world, device, sums, shares, gathers
+    parallelize.py  FSDP2, expert parallelism (expert_parallel.py), checkpointing, compile, FP8 from outside
+    export.py       whole weights out of a sharded run one parameter at a time; its HF export, rank by rank
     pretrain.py     pretraining      sft.py  supervised fine-tuning      evaluate.py  held-out loss, pass@k
 """
 

@@ -67,3 +67,27 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+def share(n: int, env: DistEnv) -> slice:
+    """This process's contiguous share of n items, in rank order (shares differ by at most one):
+    how GRPO and distillation split a batch of prompts for their rollouts."""
+    return slice(env.rank * n // env.world_size, (env.rank + 1) * n // env.world_size)
+
+
+def all_gather_cat(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Concatenate every process's tensor along dim 0 in rank order (equal shapes on every process)."""
+    if not env.distributed:
+        return t
+    parts = [torch.empty_like(t) for _ in range(env.world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def all_gather_objects(obj, env: DistEnv) -> list:
+    """Every process's picklable `obj`, in rank order ([obj] for one process)."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out

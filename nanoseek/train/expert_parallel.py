@@ -85,6 +85,8 @@ class ExpertParallel(nn.Module):
         rows = recv[by_expert]
         weights = [ScaleGrad.apply(w, self.grad_scale) for w in (self.gate_proj, self.up_proj, self.down_proj)]
         out = expert_products(rows[:, :-1], rows[:, -1:], got.sum(0).tolist(), *weights)
+        if not out.shape[0]:  # no rows for my experts: stay in the graph so that backward still runs both
+            out = out + 0 * (rows.sum() + sum(w.sum() for w in weights))  # collectives, as the peers' does
         back = torch.empty_like(out).index_copy(0, by_expert, out)  # [M, D], by source again
         y = all_to_all_single_autograd(back, send_splits, recv_splits, self.group)  # [N*K, D], in `order`
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))

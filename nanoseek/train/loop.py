@@ -44,8 +44,7 @@ from .flops import matmul_peak_flops, mfu, training_flops_per_token
 from .losses import IGNORE, linear_cross_entropy, mtp_loss, mtp_targets, sequence_balance_loss
 from .optim import build_adamw, warmup_cosine, warmup_stable_decay
 from .parallelize import Layout, Meshes, clip_grad_norm, parallelize
-from .state import (load_sharded_train_state, load_train_state, read_state, refuse_existing_run, save_checkpoint,
-                    save_sharded_checkpoint, start_fresh, truncate_metrics)
+from .state import load_run_state, refuse_existing_run, save_run_checkpoint, start_fresh, truncate_metrics
 from .step import MetricsLog, optimizer_step
 
 
@@ -56,8 +55,21 @@ def opt(default, help: str, **kw):
 
 
 @dataclass
-class TrainConfig:
-    """What the loop does; every field is also a CLI flag (--batch-size, --no-bf16, ...)."""
+class Parallelism:
+    """How several processes (torchrun) split a training run (parallelize.py): every loop's config
+    (TrainConfig, GRPOConfig) inherits these flags, so they are documented once."""
+
+    fsdp: bool = opt(True, "several processes: shard weights, gradients and AdamW state (FSDP2); "
+                     "--no-fsdp replicates them (dp_replicate = world)")
+    dp_shard: int = opt(-1, "processes each weight is sharded over (-1: world / dp_replicate)")
+    dp_replicate: int = opt(1, "replica groups (HSDP when > 1 and dp_shard > 1)")
+    ep: int = opt(1, "expert parallelism: split each layer's routed experts over this many processes")
+
+
+@dataclass
+class TrainConfig(Parallelism):
+    """What the loop does; every field is also a CLI flag (--batch-size, --no-bf16, ...), the
+    parallel layout's (Parallelism) included."""
 
     steps: int = opt(1000, "optimizer steps: the schedule's length")
     batch_size: int = opt(32, "rows (sequences) per optimizer step, over all processes")
@@ -86,12 +98,6 @@ class TrainConfig:
                                 "lightning indexers choosing this many tokens (V3.2 itself: 2048)")
     index_n_heads: int = opt(64, "those indexers' heads")
     index_head_dim: int = opt(128, "those indexers' query/key size")
-    # parallelism (under torchrun; see parallelize.py)
-    fsdp: bool = opt(True, "several processes: shard weights, gradients and AdamW state (FSDP2); "
-                     "--no-fsdp replicates them (dp_replicate = world)")
-    dp_shard: int = opt(-1, "processes each weight is sharded over (-1: world / dp_replicate)")
-    dp_replicate: int = opt(1, "replica groups (HSDP when > 1 and dp_shard > 1)")
-    ep: int = opt(1, "expert parallelism: split each layer's routed experts over this many processes")
     compile: bool = opt(False, "torch.compile each transformer block")
     fp8: bool = opt(False, "FP8 linear layers in the blocks (torchao float8, rowwise scaling; CUDA sm89+)")
 
@@ -284,7 +290,7 @@ def train_step(forward: nn.Module, model: nn.Module, optimizer, rows, row_ids: t
     return out, loads
 
 
-def layout_of(cfg: TrainConfig, env: DistEnv) -> Layout:
+def layout_of(cfg: Parallelism, env: DistEnv) -> Layout:
     """The parallel layout the flags ask for at this world size (--no-fsdp: replicate everything)."""
     if not cfg.fsdp:
         return Layout.resolve(env.world_size, dp_shard=1, dp_replicate=env.world_size, ep=cfg.ep)
@@ -302,13 +308,7 @@ def _start_step(out_dir: Path, model, optimizer, cfg: TrainConfig, resume: bool,
                 meshes: Meshes | None = None) -> int:
     """0 for a fresh run; the checkpointed step (optimizer and RNG restored) when resuming."""
     if resume:
-        if read_state(out_dir).get("sharded"):  # DCP: any layout, one process included
-            state = load_sharded_train_state(out_dir, model, optimizer, meshes.experts if meshes else None)
-        elif meshes is None:
-            state = load_train_state(out_dir, model, optimizer)
-        else:
-            raise ValueError(f"{out_dir}: a one-process checkpoint; resume it in one process, or start the "
-                             "sharded run from it with --model")
+        state = load_run_state(out_dir, model, optimizer, meshes)  # DCP: any layout, one process included
         saved = state.get("train_config", {})
         for name in ("batch_size", "seed"):
             if saved.get(name) != getattr(cfg, name):
@@ -327,12 +327,7 @@ def _start_step(out_dir: Path, model, optimizer, cfg: TrainConfig, resume: bool,
 
 def _checkpoint(out_dir, model, optimizer, tokenizer, step, meta, cfg, env, meshes=None) -> None:
     meta = {**meta, "data": {"rows_seen": step * cfg.batch_size}}
-    if meshes is not None:
-        save_sharded_checkpoint(out_dir, model, optimizer, step, env.rank, tokenizer, meta, meshes.experts)
-        return
-    if env.is_main:
-        save_checkpoint(out_dir, model, optimizer, step, tokenizer, meta)
-    barrier(env)
+    save_run_checkpoint(out_dir, model, optimizer, step, env, meshes, tokenizer, meta)
 
 
 def _finish(out_dir: Path, stage: str, row: dict | None, recent_loads, layer_ids: list[int],

@@ -76,6 +76,18 @@ class Meshes:
     layout: Layout
 
 
+class ModelForward(nn.Module):
+    """The Transformer's own forward (ids -> logits) under a root module holding it as `.model`, the
+    shape parallelize() takes: what GRPO and logit distillation train through."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
 def build_meshes(layout: Layout, device_type: str) -> Meshes:
     dense = init_device_mesh(device_type, (layout.dp_replicate, layout.dp_shard),
                              mesh_dim_names=("dp_replicate", "dp_shard"))

@@ -33,6 +33,7 @@ from ..hf import save_pretrained
 from ..hf.fsutil import atomic_directory, atomic_write_text
 
 TRAIN_STATE = "train_state"
+WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json")  # a save replaces all of these
 FORMAT_VERSION = 1
 
 
@@ -114,7 +115,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model, optimizer, step: int, tok
                     meta: dict | None = None) -> Path:
     """Write model + tokenizer + train_state into out_dir, atomically (logs already there are kept)."""
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, drop=WEIGHT_FILES) as tmp:  # an earlier save's shards would shadow the new weights
         save_pretrained(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -240,41 +241,27 @@ def sharded_state(model, optimizer, expert_mesh=None) -> dict:
     return state
 
 
-def gather_full_state(model, expert_mesh=None, keep: bool = True) -> dict:
-    """The model's full state dict on this rank when `keep` (rank 0), gathered one parameter at a
-    time (each DTensor all-gathered, then the EP slices); other ranks join the collectives only."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-    out = {}
-    for name, t in model.state_dict().items():
-        full = t.full_tensor() if isinstance(t, DTensor) else t
-        if expert_mesh is not None and ".experts." in name and full.dim() == 3:
-            parts = [torch.empty_like(full) for _ in range(expert_mesh.shape[0])]
-            dist.all_gather(parts, full.contiguous(), group=expert_mesh.get_group("ep"))
-            full = torch.cat(parts)
-        if keep:
-            out[name] = full.detach().to("cpu", copy=True)
-    return out
-
-
 def save_sharded_checkpoint(out_dir, model, optimizer, step: int, rank: int, tokenizer=None, meta=None,
                             expert_mesh=None) -> Path:
-    """Every rank: DCP-save model + AdamW beside out_dir; rank 0 then writes the HF checkpoint (gathered
-    parameter by parameter), tokenizer, RNG and state.json and swaps the folder in atomically."""
+    """Every rank: DCP-save model + AdamW beside out_dir and write its share of the HF checkpoint
+    (export.save_hf_sharded: no rank gathers the whole model); rank 0 then adds the tokenizer, RNG and
+    state.json and swaps the folder in atomically."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from ..models import build_model
+    from .export import save_hf_sharded
     out_dir = Path(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.dcp-{step}"
     dcp.save(sharded_state(model, optimizer, expert_mesh), checkpoint_id=str(staging))
-    full = gather_full_state(model, expert_mesh, keep=rank == 0)
+    hf_dir = out_dir.parent / f".{out_dir.name}.hf-{step}"
     if rank == 0:
-        with torch.device("meta"):
-            plain = build_model(model.config)
-        plain.load_state_dict(full, assign=True)
-        plain.tie_weights()
-        with atomic_directory(out_dir) as tmp:
-            save_pretrained(plain, tmp)
+        hf_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    save_hf_sharded(model, hf_dir, expert_mesh)
+    if rank == 0:
+        with atomic_directory(out_dir, drop=WEIGHT_FILES) as tmp:
+            for f in hf_dir.iterdir():
+                os.rename(f, tmp / f.name)
+            hf_dir.rmdir()
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             state_dir = tmp / TRAIN_STATE
@@ -291,6 +278,30 @@ def save_sharded_checkpoint(out_dir, model, optimizer, step: int, rank: int, tok
     return out_dir
 
 
+def save_run_checkpoint(out_dir, model, optimizer, step: int, env, meshes=None, tokenizer=None,
+                        meta: dict | None = None) -> Path:
+    """A loop's checkpoint at any layout: sharded (every rank) when the run has meshes, else the
+    one-process format written by rank 0."""
+    from .distributed import barrier
+    if meshes is not None:
+        return save_sharded_checkpoint(out_dir, model, optimizer, step, env.rank, tokenizer, meta, meshes.experts)
+    if env.is_main:
+        save_checkpoint(out_dir, model, optimizer, step, tokenizer, meta)
+    barrier(env)
+    return Path(out_dir)
+
+
+def load_run_state(out_dir, model, optimizer, meshes=None) -> dict:
+    """Resume a loop at this run's layout: a sharded (DCP) checkpoint at any layout or in one process,
+    a one-process checkpoint in one process only."""
+    if read_state(out_dir).get("sharded"):
+        return load_sharded_train_state(out_dir, model, optimizer, meshes.experts if meshes else None)
+    if meshes is not None:
+        raise ValueError(f"{out_dir}: a one-process checkpoint; resume it in one process, or start the "
+                         "sharded run from it with --model")
+    return load_train_state(out_dir, model, optimizer)
+
+
 def load_sharded_train_state(out_dir, model, optimizer, expert_mesh=None) -> dict:
     """Restore model + AdamW from DIR/train_state/dcp at this run's layout (any world size, one process
     without a process group included: DCP then reads whole tensors), and RNG."""
@@ -300,6 +311,10 @@ def load_sharded_train_state(out_dir, model, optimizer, expert_mesh=None) -> dic
     if not state.get("sharded"):
         raise ValueError(f"{state_dir}: saved by a one-process run, not a sharded one")
     _init_optimizer_state(optimizer)
-    dcp.load(sharded_state(model, optimizer, expert_mesh), checkpoint_id=str(state_dir / DCP_DIR))
+    saved = dcp.FileSystemReader(str(state_dir / DCP_DIR)).read_metadata().state_dict_metadata
+    # A parameter that never had a gradient (GRPO leaves the MTP module alone) saved no AdamW state.
+    wanted = {k: v for k, v in sharded_state(model, optimizer, expert_mesh).items()
+              if k in saved or not k.startswith("optim/")}
+    dcp.load(wanted, checkpoint_id=str(state_dir / DCP_DIR))
     set_rng_state(load_file(str(state_dir / "rng.safetensors")), state["rng"])
     return state
