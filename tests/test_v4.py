@@ -335,3 +335,12 @@ def test_the_training_loop_overfits_packed_documents(tmp_path, one_thread):
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
     assert losses[0] > 5.0 and losses[-1] < 0.5 * losses[0]
     assert isinstance(load_pretrained(tmp_path), V4Transformer)
+
+
+def test_lora_adapts_v4_attention_and_shared_experts():
+    from nanoseek.rl.lora import add_lora, merge_and_unload
+    m = add_lora(build_model(ModelConfig.preset("tiny-v4")), rank=4, alpha=8)
+    adapted = {n.split(".lora_")[0].split(".", 3)[-1] for n, p in m.named_parameters() if p.requires_grad}
+    assert adapted == {"self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_proj", "self_attn.o_b_proj",
+                       "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"}
+    assert isinstance(merge_and_unload(m), V4Transformer)

@@ -6,8 +6,9 @@
     plain = merge_and_unload(model)                        # a plain Transformer: save_pretrained -> HF
 
 Targets (LORA_TARGETS): every attention projection of MLA (q_proj or q_a_proj/q_b_proj,
-kv_a_proj_with_mqa, kv_b_proj, o_proj) or of grouped-query attention (q/k/v/o_proj: Llama, Qwen2,
-DeepSeek-LLM/MoE-16B) and the dense and shared-expert MLPs (gate/up/down_proj).
+kv_a_proj_with_mqa, kv_b_proj, o_proj), of grouped-query attention (q/k/v/o_proj: Llama, Qwen2,
+DeepSeek-LLM/MoE-16B) or of DeepSeek-V4 (q_a_proj/q_b_proj, kv_proj, o_b_proj; its grouped o_a_proj
+is not an nn.Linear) and the dense and shared-expert MLPs (gate/up/down_proj).
 The routed experts stay frozen: they are stacked 3-D tensors (model.Experts), not nn.Linear, and
 adapting each of them would multiply the adapter count by n_routed_experts; the router, norms and
 embeddings stay frozen too. The engine's absorbed attention reads kv_b_proj.weight directly, so
@@ -22,7 +23,8 @@ import re
 
 from torch import nn
 
-LORA_TARGETS = r".*\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|k_proj|v_proj|o_proj)|" \
+LORA_TARGETS = r".*\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|k_proj|v_proj|o_proj|kv_proj|" \
+               r"o_b_proj)|" \
                r"mlp\.(gate_proj|up_proj|down_proj)|mlp\.shared_experts\.(gate_proj|up_proj|down_proj))$"
 
 
