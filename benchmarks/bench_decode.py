@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/bench_decode.py --mtp-model runs/pretrain   # MTP acceptance and speed-up
     .venv/bin/python benchmarks/bench_decode.py --llama-cpp runs/llama_cpp --contexts 32 2048 --threads 2
     .venv/bin/python benchmarks/bench_decode.py --family v4 --batch 1 --contexts 512 4096 16384   # DeepSeek-V4
+    .venv/bin/python benchmarks/bench_decode.py --family v4 --v4-filled 65536 262144 1048576       # up to 1M
 
 Config (the inference issue's): hidden 1024, 8 layers (the first dense), 16 heads, q_lora_rank 384,
 kv_lora_rank 256, qk_nope 64, qk_rope 32, v_head 64, 32 routed experts top-4 + 1 shared; the issue
@@ -15,6 +16,9 @@ CSA every 4 / HCA every 128 tokens after two window-only layers, index top-k 512
 routing in the first layers), narrowed to 8 layers of hidden 1024; both sides prefill long prompts in
 chunks (transformers: generate's prefill_chunk_size), and the cache read per step is V4's
 (``estimate.v4_decode_cost``: window, HCA entries, CSA indexer keys and k chosen entries).
+--v4-filled: nanoseek's V4 decode step with the cache already holding `context` tokens of random
+unit-RMS entries (windows, open windows and compressed entries; a step's work depends on how many
+entries it reads, not their values), so contexts up to 1M run without a prefill that would take days.
 
 What is timed: greedy generation of --new-tokens tokens after a prompt of `context` random tokens.
 Each library reports a timestamp after every forward (nanoseek: each item `Engine.stream` yields;
@@ -185,6 +189,35 @@ def llama_cpp_report(contexts: list[int], new_tokens: int, repeats: int, threads
                   flush=True)
 
 
+def v4_filled_report(contexts: list[int], steps: int, dtype: torch.dtype) -> None:
+    """V4 decode ms/token at long contexts over a pre-filled compressed cache, beside the estimate's bytes."""
+    from nanoseek.inference.compressed import CompressedCache
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**V4_CONFIG)).eval().to(dtype)
+    engine = Engine(model)
+    size = model.model.embed_tokens.weight.element_size()
+    read_bw = max(memory_bandwidth())
+    print(f"V4 decode over a filled cache, {torch.get_num_threads()} threads, {dtype}, read bandwidth "
+          f"{read_bw / 1e9:.1f} GB/s")
+    print(f"{'context':>9}{'ms/token':>10}{'cache read/step':>17}{'cache held':>12}{'BW limit':>10}")
+    for ctx in contexts:
+        cache = CompressedCache(model.config, 1, ctx + steps + 2, dtype)
+        cache.reserve(0, ctx + steps + 2)
+        for t in (cache.win, *cache.pending.values(), *cache.comp.values()):
+            t.normal_()
+        token, times = torch.tensor([[5]]), []
+        with torch.inference_mode():
+            for i in range(steps + 1):
+                t0 = time.perf_counter()
+                token = engine.logits(engine.decode(token, torch.tensor([[ctx + i]]), cache)[:, -1:]).argmax(-1)
+                times.append(time.perf_counter() - t0)
+        ms = statistics.median(times[1:]) * 1e3
+        limit = decode_bytes_per_token(model, ctx) / read_bw * 1e3
+        print(f"{ctx:>9,}{ms:>10.1f}{v4_decode_cost(model.config, ctx, size)[0] / 2**20:>14.1f} MB"
+              f"{cache.nbytes / 2**30:>10.2f} GB{limit / ms:>10.0%}", flush=True)
+        del cache
+
+
 def speculative_report(path: str, n_prompts: int, new_tokens: int, repeats: int) -> None:
     """Plain vs MTP-speculative greedy decoding on a trained checkpoint, prompts from the test split
     of the built-in task it was trained on (arithmetic), written as its pretraining documents start."""
@@ -234,6 +267,8 @@ def main(argv=None) -> int:
     p.add_argument("--family", default="v3", choices=["v3", "v4"], help="the model shape: CONFIG or V4_CONFIG")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="transformers' prefill_chunk_size (default: 1024 for v4, none for v3)")
+    p.add_argument("--v4-filled", type=int, nargs="*", default=None, metavar="CONTEXT",
+                   help="V4 decode over a cache pre-filled to these contexts (no prefill, nanoseek alone)")
     p.add_argument("--mtp-model", default=None,
                    help="a trained checkpoint with an MTP module: report speculative decoding on it and exit")
     args = p.parse_args(argv)
@@ -241,6 +276,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.llama_cpp:
         llama_cpp_report(args.contexts, args.new_tokens, args.repeats, args.threads or 2, Path(args.llama_cpp))
+        return 0
+    if args.v4_filled:
+        v4_filled_report(args.v4_filled, args.new_tokens, getattr(torch, args.dtype))
         return 0
     if args.mtp_model:
         speculative_report(args.mtp_model, n_prompts=8, new_tokens=args.new_tokens * 8, repeats=args.repeats)
