@@ -33,7 +33,7 @@ from .layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, rope_frequen
 
 # The primitives and attention classes were first defined here; callers may import them from here.
 __all__ = ["Linear", "RMSNorm", "RotaryEmbedding", "apply_rotary", "rope_frequencies", "MLA", "GQA", "MLP",
-           "Gate", "Experts", "MoE", "Block", "MTPLayer", "Transformer", "document_mask"]
+           "Gate", "Experts", "MoE", "Block", "MTPLayer", "CausalLM", "Transformer", "document_mask"]
 
 
 # ----------------------------------------------------------------------------- feed-forward
@@ -299,25 +299,60 @@ class Backbone(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg)
 
 
-class Transformer(nn.Module):
-    """The causal LM of every family (``ModelConfig.model_type``).
+class CausalLM(nn.Module):
+    """What every family's causal LM shares: the config, ``model.*`` (the family's `backbone`:
+    embeddings, main then MTP layers, final norm), the output head (tied or not), the main/MTP
+    split of the layers and parameter counts. ``Transformer`` below and ``v4.V4Transformer``."""
 
-    ``model(input_ids)`` -> logits [B, T, vocab]. ``forward_train`` returns the final hidden
-    states and the MTP logits (the inference engine runs the MTP module itself to draft).
-    """
+    backbone: type[nn.Module]
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
+        self.model = self.backbone(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None):
+        raise NotImplementedError
 
     def tie_weights(self):
         """Share embedding and output head when tie_word_embeddings (again after to_empty/meta moves)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def main_layers(self) -> list[nn.Module]:
+        return list(self.model.layers[:self.config.num_hidden_layers])
+
+    @property
+    def mtp_layers(self) -> list[nn.Module]:
+        return list(self.model.layers[self.config.num_hidden_layers:])
+
+    def num_params(self, active: bool = False, include_mtp: bool = True) -> int:
+        """Parameter count; active=True counts only the K routed experts a token uses."""
+        cfg = self.config
+        total = 0
+        for name, p in self.named_parameters():
+            layer_idx = _layer_index(name)
+            if not include_mtp and layer_idx is not None and layer_idx >= cfg.num_hidden_layers:
+                continue
+            n = p.numel()
+            if active and ".experts." in name:
+                n = n * cfg.num_experts_per_tok // cfg.n_routed_experts
+            total += n
+        return total
+
+
+class Transformer(CausalLM):
+    """The causal LM of every family but DeepSeek-V4 (``ModelConfig.model_type``).
+
+    ``model(input_ids)`` -> logits [B, T, vocab]. ``forward_train`` returns the final hidden
+    states and the MTP logits (the inference engine runs the MTP module itself to draft).
+    """
+
+    backbone = Backbone
 
     # -- construction
     @torch.no_grad()
@@ -337,14 +372,6 @@ class Transformer(nn.Module):
             if isinstance(m, Gate) and m.e_score_correction_bias is not None \
                     and m.e_score_correction_bias.device.type != "meta":
                 m.e_score_correction_bias.zero_()
-
-    @property
-    def main_layers(self) -> list[Block]:
-        return list(self.model.layers[:self.config.num_hidden_layers])
-
-    @property
-    def mtp_layers(self) -> list[MTPLayer]:
-        return list(self.model.layers[self.config.num_hidden_layers:])
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
@@ -397,21 +424,6 @@ class Transformer(nn.Module):
                 h_prev = layer(h_prev, emb, cos, sin, mask)
                 mtp_logits.append(self.lm_head(layer.shared_head.norm(h_prev)))
         return hidden, mtp_logits
-
-    # -- sizes
-    def num_params(self, active: bool = False, include_mtp: bool = True) -> int:
-        """Parameter count; active=True counts only the K routed experts a token uses."""
-        cfg = self.config
-        total = 0
-        for name, p in self.named_parameters():
-            layer_idx = _layer_index(name)
-            if not include_mtp and layer_idx is not None and layer_idx >= cfg.num_hidden_layers:
-                continue
-            n = p.numel()
-            if active and ".experts." in name:
-                n = n * cfg.num_experts_per_tok // cfg.n_routed_experts
-            total += n
-        return total
 
 
 def add_indexers(model: Transformer, index_topk: int, index_n_heads: int, index_head_dim: int,

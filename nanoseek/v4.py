@@ -35,7 +35,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import Linear, RMSNorm, rope_frequencies
-from .model import SCORING, MoE
+from .model import SCORING, CausalLM, MoE
 
 QUERY_BLOCK = 256  # queries attended at once: bounds a long prefill's score matrix
 CSA_RATIO = 4  # DeepSeek's reference: rate 4 means overlapping windows and a lightning indexer
@@ -450,24 +450,13 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class V4Transformer(nn.Module):
+class V4Transformer(CausalLM):
     """The DeepSeek-V4 causal LM, with ``model.Transformer``'s interface (forward, forward_hidden,
     forward_train, moe_layers, num_params), so the engine, trainers and checkpoint code drive it alike.
     ``forward_hidden`` returns the collapsed streams before the final norm; ``forward_streams`` the
     streams themselves, which the MTP module reads (the engine keeps them for drafting)."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = Backbone(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tie_weights()
-        self.reset_parameters()
-
-    def tie_weights(self):
-        """Share embedding and output head when tie_word_embeddings (again after to_empty/meta moves)."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+    backbone = Backbone
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None):
@@ -492,14 +481,6 @@ class V4Transformer(nn.Module):
             if isinstance(m, MoE) and m.gate.e_score_correction_bias is not None \
                     and m.gate.e_score_correction_bias.device.type != "meta":
                 m.gate.e_score_correction_bias.zero_()
-
-    @property
-    def main_layers(self) -> list[Block]:
-        return list(self.model.layers[:self.config.num_hidden_layers])
-
-    @property
-    def mtp_layers(self) -> list[MTPBlock]:
-        return list(self.model.layers[self.config.num_hidden_layers:])
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers]
@@ -542,16 +523,3 @@ class V4Transformer(nn.Module):
             out = layer(streams, self.model.embed_tokens(nxt), nxt, positions)
             mtp_logits.append(self.lm_head(out))
         return hidden, mtp_logits
-
-    def num_params(self, active: bool = False, include_mtp: bool = True) -> int:
-        cfg = self.config
-        total = 0
-        for name, p in self.named_parameters():
-            parts = name.split(".")
-            if not include_mtp and len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= cfg.num_hidden_layers:
-                continue
-            n = p.numel()
-            if active and ".experts." in name:
-                n = n * cfg.num_experts_per_tok // cfg.n_routed_experts
-            total += n
-        return total
