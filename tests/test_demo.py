@@ -14,10 +14,12 @@ from nanoseek.demo.run import STATE_FILE, run_demo
 
 SECTIONS = ["## Time per stage", "## Tokenizer and models", "## Pretraining and SFT: loss",
             "## Expert load: auxiliary-loss-free balancing",
-            "## Reasoning accuracy: pass@1 before and after GRPO (held-out)", "## Distilled vs RL-only student",
+            "## Reasoning accuracy: pass@1 before and after GRPO (held-out)",
+            "## R1-Zero: GRPO straight from the pretrained base", "## Distilled vs RL-only student",
             "## int8 quantization vs full precision", "## Inference: MLA cache and MTP speculative decoding",
             "## Sample answers with their reasoning"]
-FIGURES = ["stage_times", "loss", "balance", "expert_load", "accuracy", "grpo", "students", "quant", "inference"]
+FIGURES = ["stage_times", "loss", "balance", "expert_load", "accuracy", "grpo", "r1_zero", "students", "quant",
+           "inference"]
 
 
 class Interrupted(Exception):
@@ -127,6 +129,29 @@ def test_report_figures_come_from_the_run(demo):
     (other / "pretrain").symlink_to(out / "pretrain")
     changed = report.write_report(other, state).read_text()
     assert _table_row(changed, "## Reasoning accuracy", "sft")[1:3] == ["62.5%", f"10 / {cfg.eval_examples}"]
+
+
+def test_r1_zero_stage_writes_its_plot_and_its_numbers(demo):
+    """GRPO from the pretrained base in the text layout with accuracy + format: its numbers are its own
+    metrics' first and last steps, its plot is written beside them, and the report quotes both."""
+    import statistics
+
+    from nanoseek.plots import read_metrics
+    out, r = demo["out"], demo["after"]["stages"]["r1_zero"]["result"]
+    rows = [x for x in read_metrics(out / "r1_zero" / "metrics.jsonl") if "reward_mean" in x]
+    assert r["steps"] == len(rows) == DemoConfig.quick().r1_zero_steps
+    assert r["layout"] == "text" and r["reward"] == ["accuracy", "format=0.1"]
+    assert r["accuracy_first"] == statistics.mean(x["accuracy"] for x in rows[:5])
+    assert r["response_length_last"] == statistics.mean(x["response_length"] for x in rows[-5:])
+    assert r["sampled_pass@1_start"] is not None and r["sampled_stderr_end"] is not None
+    for png in (out / "r1_zero" / "r1_zero.png", out / "figures" / "r1_zero.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (out / "report.md").read_text()
+    assert (f"mean response length {r['response_length_first']:.1f} -> {r['response_length_last']:.1f} tokens"
+            in text)
+    assert f"greedy after: {100 * r['eval']['pass@1']:.1f}%" in text
+    g = demo["after"]["stages"]["grpo"]["result"]  # the RL stage's gain is shown with its interval
+    assert f"{100 * g['sampled_pass@1_start']:.1f}% ± {100 * g['sampled_stderr_start']:.1f} -> " in text
 
 
 def test_samples_show_reasoning_and_next_commands(demo, capsys):
