@@ -354,8 +354,14 @@ def _section_r1_zero(out: Path, state: dict, figs: Path) -> list[str]:
               f"response length {fmt(r['response_length_first'])} -> {fmt(r['response_length_last'])} tokens, "
               f"format reward {fmt(r['reward/format_first'], '{:.2f}')} -> {fmt(r['reward/format_last'], '{:.2f}')}. "
               f"Held-out pass@1 at R1's settings: {_sampled_gain(r)}; greedy after: {_pct(r['eval']['pass@1'])}.",
-              "", _img(plot_r1_zero([x for x in read_metrics(metrics) if "reward_mean" in x], figs / "r1_zero.png"),
-                       out), f"Paper: {PAPER['r1_zero']}", ""]
+              ""]
+    first, last = r["response_length_first"], r["response_length_last"]
+    if first and last and last < 1.1 * first:
+        lines += ["The response length did not grow here as it does in R1-Zero: this base was pretrained on worked "
+                  "solutions whose length is set by the problem (a fixed set of worked steps), so there is no longer "
+                  "reasoning for RL to find within the budget; R1-Zero's base had never been shown how to reason.", ""]
+    lines += [_img(plot_r1_zero([x for x in read_metrics(metrics) if "reward_mean" in x], figs / "r1_zero.png"), out),
+              f"Paper: {PAPER['r1_zero']}", ""]
     return lines
 
 
