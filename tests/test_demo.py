@@ -152,6 +152,9 @@ def test_r1_zero_stage_writes_its_plot_and_its_numbers(demo):
     assert f"greedy after: {100 * r['eval']['pass@1']:.1f}%" in text
     g = demo["after"]["stages"]["grpo"]["result"]  # the RL stage's gain is shown with its interval
     assert f"{100 * g['sampled_pass@1_start']:.1f}% ± {100 * g['sampled_stderr_start']:.1f} -> " in text
+    grpo_rows = [x for x in read_metrics(out / "grpo" / "metrics.jsonl") if "reward_mean" in x]
+    assert g["no_signal_groups"] == statistics.mean(x["no_signal_groups"] for x in grpo_rows)
+    assert f"On average {100 * g['no_signal_groups']:.1f}% of a step's groups" in text
 
 
 def test_samples_show_reasoning_and_next_commands(demo, capsys):

@@ -323,6 +323,9 @@ def _section_accuracy(out: Path, state: dict, figs: Path) -> list[str]:
         lines += [f"GRPO: {g['steps']} steps in {g['train_s']:.0f}s; mean reward {g['reward_first']:.3f} -> "
                   f"{g['reward_last']:.3f}; held-out pass@1 sampled at R1's settings (temperature 0.6, top-p "
                   f"0.95), start -> end of GRPO: {_sampled_gain(g)}.", ""]
+        if g.get("no_signal_groups") is not None:
+            lines += [f"On average {_pct(g['no_signal_groups'])} of a step's groups scored the same on every sample "
+                      "(all right or all wrong): their advantages are zero, so only the rest teach anything.", ""]
     lines += [_img(fig_accuracy(state, figs / "accuracy.png"), out),
               _img(fig_grpo(out, figs / "grpo.png"), out), f"Paper: {PAPER['grpo']}", ""]
     return lines
