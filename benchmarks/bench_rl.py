@@ -184,7 +184,8 @@ def markdown_vs_trl(r: dict) -> str:
         f"## nanoseek GRPO beside TRL's GRPOTrainer ({r['steps']} steps, built-in {r['task']})", "",
         f"Command: `{r['command']}`  ", f"Machine: {r['machine']}", f"Settings: {r['settings']}", "",
         f"Held-out pass@1 of the shared SFT checkpoint: {pct(n['pass@1_before'])} ± "
-        f"{100 * (r['stderr_before'] or 0):.1f} ({r['eval_size']} problems x k={r['eval_samples']}, T 0.6, top-p 0.95).",
+        f"{100 * (r['stderr_before'] or 0):.1f} ({r['eval_size']} problems x k={r['eval_samples']}, T 0.6, "
+        "top-p 0.95).",
         "", "| | pass@1 after ± s.e. | gain (points) | s/step | rollout s/step | rollout tokens/s | mean reward |",
         "|---|---|---|---|---|---|---|", row("nanoseek", n), row("TRL GRPOTrainer", t), "",
         f"nanoseek/TRL: {q['steps_per_s']:.2f}x the steps per second, {q['rollout_tokens_per_s']:.2f}x the rollout "

@@ -117,7 +117,7 @@ def run_trl(folder: str | Path, out: str | Path, examples: list, settings: dict,
                           processing_class=tokenizer, callbacks=[Clock()])
     torch.set_num_threads(s["threads"])
     trainer.train()
-    model.generate = type(model).generate.__get__(model)  # unwrap before saving
+    del model.generate  # the timing wrapper (an instance attribute) off again before saving
     trainer.save_model(str(out / "model"))
     for name in ("tokenizer.json", "tokenizer_config.json"):  # nanoseek's own tokenizer files, unchanged
         shutil.copy(folder / name, out / "model" / name)

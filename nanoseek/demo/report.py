@@ -235,7 +235,8 @@ def write_report(out: str | Path, state: dict) -> Path:
              "figures sit beside them in grey.", ""]
 
     for section in (_section_times, _section_models, _section_losses, _section_balance, _section_accuracy,
-                    _section_r1_zero, _section_students, _section_quant, _section_inference, _section_samples, _section_vision):
+                    _section_r1_zero, _section_students, _section_quant, _section_inference, _section_samples,
+                    _section_vision):
         lines += section(out, state, figs)
 
     path = out / "report.md"
