@@ -195,6 +195,18 @@ def test_resume_with_other_sizes_is_refused(demo):
         run_demo(demo["out"], DemoConfig.full())
 
 
+def test_a_demo_started_before_a_stage_was_added_resumes(demo):
+    """state.json from an older nanoseek lacks the new stage's sizes: the run resumes (nothing finished
+    used them), with the config completed."""
+    path = demo["out"] / STATE_FILE
+    state = json.loads(path.read_text())
+    del state["config"]["r1_zero_steps"]
+    path.write_text(json.dumps(state))
+    resumed = run_demo(demo["out"], DemoConfig.quick())
+    assert resumed["config"]["r1_zero_steps"] == DemoConfig.quick().r1_zero_steps
+    assert resumed["stages"] == state["stages"]  # every finished stage kept
+
+
 def test_corrupt_state_file_is_named(tmp_path):
     (tmp_path / STATE_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=STATE_FILE):

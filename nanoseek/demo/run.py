@@ -46,13 +46,14 @@ def write_state(out: Path, state: dict) -> None:
 
 
 def check_config(out: Path, state: dict, cfg: DemoConfig) -> None:
-    """A resumed demo must use the sizes it started with (its checkpoints depend on them)."""
+    """A resumed demo must use the sizes it started with (its checkpoints depend on them). A size the
+    saved config lacks belongs to a stage added since that run started: no finished stage used it."""
     saved = state.get("config")
     if saved is None:
         return
     now = dataclasses.asdict(cfg)
     for key, value in now.items():
-        if saved.get(key) != value:
+        if key in saved and saved[key] != value:
             raise ValueError(f"{out / STATE_FILE}: this demo was started with {key}={saved.get(key)!r}, now "
                              f"{key}={value!r} (--quick?); use another --out or delete {out}")
 
