@@ -69,7 +69,7 @@ def _prompts(folder: Path, examples: list, layout: str) -> list[str]:
 def run_trl(folder: str | Path, out: str | Path, examples: list, settings: dict, layout: str = "chat") -> dict:
     """TRL GRPO from `folder` on `examples` (len = steps x prompts_per_step, in step order).
 
-    settings: prompts_per_step, group_size, max_new_tokens, lr, beta, eps, temperature, seed.
+    settings: prompts_per_step, group_size, max_new_tokens, lr, beta, eps, temperature, seed, threads.
     Returns per-step seconds, rollout (seconds, tokens) per step and the logged rewards."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
