@@ -16,6 +16,17 @@ Stages, each in its own folder under --out and skipped when already finished (so
      its 4 layers) gets its own cold start of the same length, then either (a) `nanoseek distill` from the GRPO model's
      rejection-sampled traces or (b) GRPO alone, for the same CPU time; both held-out pass@1s.
 Writes results.json and RESULTS_rl.md (a table with the command and machine) into --out.
+
+    python benchmarks/bench_rl.py --vs-trl --out runs/bench_rl_trl --steps 50 --threads 1
+    python benchmarks/bench_rl.py --vs-trl --out runs/bench_rl_trl_smoke --quick --steps 2
+
+--vs-trl instead runs nanoseek's GRPO beside TRL's GRPOTrainer (trl_side.py; `pip install
+nanoseek[bench]`) from one cold start (without the MTP module, so transformers loads the checkpoint
+whole): the same prompts in the same order, nanoseek's accuracy reward, G, prompts per step, budget,
+lr, beta, eps, AdamW betas, temperature 1, mu = 1, the grpo loss with group-scaled advantages,
+--steps steps each, the same torch threads, one after the other in this process. Both trained models
+are evaluated by nanoseek's held-out pass@1 (R1's settings, the same examples and seeds); reports
+seconds per step, rollout tokens/s and the ratios, into VS_TRL.md and vs_trl.json.
 """
 
 from __future__ import annotations
@@ -41,7 +52,10 @@ from nanoseek.model import Transformer  # noqa: E402
 from nanoseek.rl.distill import DistillConfig, distill  # noqa: E402
 from nanoseek.data.prompts import render_prompt  # noqa: E402
 from nanoseek.rl.grpo import GRPOConfig, grpo  # noqa: E402
+from nanoseek.data.records import train_and_held_out  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
+from nanoseek.train.batches import RowSampler  # noqa: E402
+from nanoseek.train.evaluate import evaluate_accuracy  # noqa: E402
 from nanoseek.train.loop import TrainConfig, train  # noqa: E402
 from nanoseek.train.sft import pack_conversations  # noqa: E402
 from nanoseek.train.state import TRAIN_STATE  # noqa: E402
@@ -104,6 +118,80 @@ def plain_decode(path: Path, task_name: str, batch: int, group: int, max_new_tok
     return {"tokens_per_s": statistics.median(rates), "batch": batch * group}
 
 
+def versus_trl(args, out: Path, results: dict) -> dict:
+    """nanoseek's GRPO, then TRL's GRPOTrainer, from one cold start on the same prompts; both evaluated alike."""
+    from trl_side import run_trl
+
+    sft = cold_start(out / "sft", args.task, args.sft_steps, {"num_nextn_predict_layers": 0}, None, args.seed)
+    num_train, P, G = 5000, args.prompts_per_step, args.group_size
+    train_set, held = train_and_held_out(args.task, "train", None, "test", args.eval_size, n=num_train, seed=args.seed)
+    order = RowSampler(len(train_set), P, args.seed)  # nanoseek's prompt order, handed to TRL as its dataset
+    examples = [train_set[int(i)] for step in range(args.steps) for i in order.rows(step)]
+    nano = out / "nanoseek"
+    if not done(nano):
+        grpo(GRPOConfig(model=str(sft), out=str(nano), dataset=args.task, steps=args.steps, prompts_per_step=P,
+                        group_size=G, max_new_tokens=args.max_new_tokens, lr=args.grpo_lr, beta=args.beta,
+                        eps_low=0.2, temperature=1.0, reward=["accuracy"], micro_batch_size=P * G, eval_every=0,
+                        eval_size=args.eval_size, eval_samples=args.eval_samples, sample_every=0,
+                        num_train=num_train, seed=args.seed, progress=False))
+    rows, before, after, _ = grpo_log(nano)
+    trl = run_trl(sft, out / "trl", examples, dict(prompts_per_step=P, group_size=G, lr=args.grpo_lr,
+                                                  max_new_tokens=args.max_new_tokens, beta=args.beta, eps=0.2,
+                                                  temperature=1.0, seed=args.seed, threads=torch.get_num_threads()))
+    # TRL's model, evaluated exactly as nanoseek's GRPO evaluated its own (HeldOut: same examples, seed, k)
+    trl_after = evaluate_accuracy(load_pretrained(out / "trl" / "model", dtype=torch.float32),
+                                  Tokenizer.from_pretrained(out / "trl" / "model"), None,
+                                  max_new_tokens=args.max_new_tokens, layout="chat", k=args.eval_samples,
+                                  temperature=0.6, top_p=0.95, seed=args.seed, examples=held, progress=False)
+    n_steps = len(rows)
+    sides = {
+        "nanoseek": {"steps": n_steps, "s_per_step": rows[-1]["elapsed_s"] / n_steps,
+                     "s_per_step_median": statistics.median(
+                         b["elapsed_s"] - a["elapsed_s"] for a, b in zip([{"elapsed_s": 0.0}] + rows, rows)),
+                     "rollout_tokens_per_s": sum(r["rollout_tokens"] for r in rows) / sum(r["rollout_s"] for r in rows),
+                     "rollout_s_per_step": statistics.mean(r["rollout_s"] for r in rows),
+                     "reward_mean": statistics.mean(r["reward_mean"] for r in rows),
+                     "pass@1_before": before["eval/pass@1"], "pass@1_after": after["eval/pass@1"],
+                     "stderr_after": after.get("eval/stderr")},
+        "trl": {"steps": trl["steps"], "s_per_step": sum(trl["step_s"]) / trl["steps"],
+                "s_per_step_median": statistics.median(trl["step_s"]),
+                "rollout_tokens_per_s": sum(trl["rollout_tokens"]) / sum(trl["rollout_s"]),
+                "rollout_s_per_step": statistics.mean(trl["rollout_s"]),
+                "reward_mean": statistics.mean(trl["reward"]), "threads": trl["threads"],
+                "pass@1_before": before["eval/pass@1"], "pass@1_after": trl_after["pass@1"],
+                "stderr_after": trl_after["stderr"]}}
+    for side in sides.values():
+        side["gain_points"] = 100 * (side["pass@1_after"] - side["pass@1_before"])
+    n, t = sides["nanoseek"], sides["trl"]
+    results.update(sides, stderr_before=before.get("eval/stderr"), steps=args.steps,
+                   ratios={"steps_per_s": t["s_per_step"] / n["s_per_step"],
+                           "rollout_tokens_per_s": n["rollout_tokens_per_s"] / t["rollout_tokens_per_s"],
+                           "gain_points_difference": n["gain_points"] - t["gain_points"]},
+                   settings={"prompts_per_step": P, "group_size": G, "max_new_tokens": args.max_new_tokens,
+                             "lr": args.grpo_lr, "beta": args.beta, "eps": 0.2, "temperature": 1.0, "mu": 1,
+                             "loss": "grpo, group-scaled advantages", "reward": "accuracy",
+                             "sft_steps": args.sft_steps})
+    return results
+
+
+def markdown_vs_trl(r: dict) -> str:
+    n, t, q = r["nanoseek"], r["trl"], r["ratios"]
+    pct = (lambda x: f"{100 * x:.1f}%")
+    row = (lambda name, s: f"| {name} | {pct(s['pass@1_after'])} ± {100 * s['stderr_after']:.1f} | "
+           f"{s['gain_points']:+.1f} | {s['s_per_step']:.2f} (median {s['s_per_step_median']:.2f}) | "
+           f"{s['rollout_s_per_step']:.2f} | {s['rollout_tokens_per_s']:,.0f} | {s['reward_mean']:.3f} |")
+    return "\n".join([
+        f"## nanoseek GRPO beside TRL's GRPOTrainer ({r['steps']} steps, built-in {r['task']})", "",
+        f"Command: `{r['command']}`  ", f"Machine: {r['machine']}", f"Settings: {r['settings']}", "",
+        f"Held-out pass@1 of the shared SFT checkpoint: {pct(n['pass@1_before'])} ± "
+        f"{100 * (r['stderr_before'] or 0):.1f} ({r['eval_size']} problems x k={r['eval_samples']}, T 0.6, "
+        "top-p 0.95).",
+        "", "| | pass@1 after ± s.e. | gain (points) | s/step | rollout s/step | rollout tokens/s | mean reward |",
+        "|---|---|---|---|---|---|---|", row("nanoseek", n), row("TRL GRPOTrainer", t), "",
+        f"nanoseek/TRL: {q['steps_per_s']:.2f}x the steps per second, {q['rollout_tokens_per_s']:.2f}x the rollout "
+        f"tokens/s; pass@1 gain difference {q['gain_points_difference']:+.1f} points.", ""])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/bench_rl", help="folder for every stage and the results")
@@ -129,6 +217,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads; on an oversubscribed machine 1 is far faster (OpenMP threads wait for cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vs-trl", action="store_true", help="nanoseek beside TRL's GRPOTrainer (see the docstring)")
+    p.add_argument("--steps", type=int, default=50, help="--vs-trl: GRPO steps on each side")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks every stage runs, figures meaningless")
     args = p.parse_args()
     if args.quick:
@@ -143,6 +233,14 @@ def main() -> int:
                      "task": args.task,
                      "eval_size": args.eval_size, "eval_samples": args.eval_samples}
     t_all = time.perf_counter()
+    if args.vs_trl:
+        versus_trl(args, out, results)
+        results["total_minutes"] = (time.perf_counter() - t_all) / 60
+        (out / "vs_trl.json").write_text(json.dumps(results, indent=1))
+        report = markdown_vs_trl(results)
+        (out / "VS_TRL.md").write_text(report)
+        print(report)
+        return 0
 
     # 1-2. the teacher: cold start, then GRPO (its metrics hold the held-out evaluations at start and end)
     sft = cold_start(out / "sft", args.task, args.sft_steps, {}, None, args.seed)

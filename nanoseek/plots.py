@@ -1,8 +1,9 @@
-"""PNG plots of a training run: the curves and the expert-load heatmap.
+"""PNG plots of a training run: the curves, the expert-load heatmap and R1-Zero's accuracy and length.
 
     rows = read_metrics("runs/tiny/metrics.jsonl")
     plot_curves(rows, "runs/tiny/curves.png")
     plot_expert_load(loads, ["1", "2", "3 (MTP)"], "runs/tiny/expert_load.png")   # loads [L, E]
+    plot_r1_zero(read_metrics("runs/demo/r1_zero/metrics.jsonl"), "runs/demo/r1_zero/r1_zero.png")
     save_png(fig, "runs/tiny/other.png")             # any matplotlib Figure: how every PNG is written
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global
@@ -93,4 +94,28 @@ def plot_expert_load(loads, layer_labels: list, path: str | os.PathLike, title: 
     ax.set_ylabel("layer")
     ax.set_title(title or "expert load / mean load")
     fig.colorbar(im, ax=ax, label="load / mean")
+    return save_png(fig, path)
+
+
+def _moving_mean(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` points (the first points average what there is)."""
+    return [sum(values[max(0, i + 1 - window):i + 1]) / len(values[max(0, i + 1 - window):i + 1])
+            for i in range(len(values))]
+
+
+def plot_r1_zero(rows: list[dict], path: str | os.PathLike, window: int = 5) -> Path:
+    """R1-Zero's Figure 3 in miniature: training accuracy (sampled) and mean response length over the
+    GRPO steps of a run from a base model, each step thin and a `window`-step trailing mean thick."""
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, key, title in ((axes[0], "accuracy", "training accuracy (sampled, T=1)"),
+                           (axes[1], "response_length", "mean response length (tokens)")):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if pts:
+            steps, values = zip(*pts)
+            ax.plot(steps, values, lw=0.8, alpha=0.4, color="C0")
+            ax.plot(steps, _moving_mean(list(values), window), lw=2, color="C0", label=f"{window}-step mean")
+            ax.legend(fontsize="small")
+        ax.set_title(f"R1-Zero (GRPO from the base): {title}", fontsize="medium")
+        ax.set_xlabel("GRPO step")
     return save_png(fig, path)

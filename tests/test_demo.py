@@ -14,10 +14,12 @@ from nanoseek.demo.run import STATE_FILE, run_demo
 
 SECTIONS = ["## Time per stage", "## Tokenizer and models", "## Pretraining and SFT: loss",
             "## Expert load: auxiliary-loss-free balancing",
-            "## Reasoning accuracy: pass@1 before and after GRPO (held-out)", "## Distilled vs RL-only student",
+            "## Reasoning accuracy: pass@1 before and after GRPO (held-out)",
+            "## R1-Zero: GRPO straight from the pretrained base", "## Distilled vs RL-only student",
             "## int8 quantization vs full precision", "## Inference: MLA cache and MTP speculative decoding",
             "## Sample answers with their reasoning"]
-FIGURES = ["stage_times", "loss", "balance", "expert_load", "accuracy", "grpo", "students", "quant", "inference"]
+FIGURES = ["stage_times", "loss", "balance", "expert_load", "accuracy", "grpo", "r1_zero", "students", "quant",
+           "inference"]
 
 
 class Interrupted(Exception):
@@ -129,6 +131,32 @@ def test_report_figures_come_from_the_run(demo):
     assert _table_row(changed, "## Reasoning accuracy", "sft")[1:3] == ["62.5%", f"10 / {cfg.eval_examples}"]
 
 
+def test_r1_zero_stage_writes_its_plot_and_its_numbers(demo):
+    """GRPO from the pretrained base in the text layout with accuracy + format: its numbers are its own
+    metrics' first and last steps, its plot is written beside them, and the report quotes both."""
+    import statistics
+
+    from nanoseek.plots import read_metrics
+    out, r = demo["out"], demo["after"]["stages"]["r1_zero"]["result"]
+    rows = [x for x in read_metrics(out / "r1_zero" / "metrics.jsonl") if "reward_mean" in x]
+    assert r["steps"] == len(rows) == DemoConfig.quick().r1_zero_steps
+    assert r["layout"] == "text" and r["reward"] == ["accuracy", "format=0.1"]
+    assert r["accuracy_first"] == statistics.mean(x["accuracy"] for x in rows[:5])
+    assert r["response_length_last"] == statistics.mean(x["response_length"] for x in rows[-5:])
+    assert r["sampled_pass@1_start"] is not None and r["sampled_stderr_end"] is not None
+    for png in (out / "r1_zero" / "r1_zero.png", out / "figures" / "r1_zero.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (out / "report.md").read_text()
+    assert (f"mean response length {r['response_length_first']:.1f} -> {r['response_length_last']:.1f} tokens"
+            in text)
+    assert f"greedy after: {100 * r['eval']['pass@1']:.1f}%" in text
+    g = demo["after"]["stages"]["grpo"]["result"]  # the RL stage's gain is shown with its interval
+    assert f"{100 * g['sampled_pass@1_start']:.1f}% ± {100 * g['sampled_stderr_start']:.1f} -> " in text
+    grpo_rows = [x for x in read_metrics(out / "grpo" / "metrics.jsonl") if "reward_mean" in x]
+    assert g["no_signal_groups"] == statistics.mean(x["no_signal_groups"] for x in grpo_rows)
+    assert f"On average {100 * g['no_signal_groups']:.1f}% of a step's groups" in text
+
+
 def test_samples_show_reasoning_and_next_commands(demo, capsys):
     samples = demo["after"]["stages"]["samples"]["result"]["samples"]
     assert len(samples) == DemoConfig.quick().samples
@@ -165,6 +193,18 @@ def test_the_student_is_a_qwen2_checkpoint_transformers_runs_alike(demo):
 def test_resume_with_other_sizes_is_refused(demo):
     with pytest.raises(ValueError, match="was started with"):
         run_demo(demo["out"], DemoConfig.full())
+
+
+def test_a_demo_started_before_a_stage_was_added_resumes(demo):
+    """state.json from an older nanoseek lacks the new stage's sizes: the run resumes (nothing finished
+    used them), with the config completed."""
+    path = demo["out"] / STATE_FILE
+    state = json.loads(path.read_text())
+    del state["config"]["r1_zero_steps"]
+    path.write_text(json.dumps(state))
+    resumed = run_demo(demo["out"], DemoConfig.quick())
+    assert resumed["config"]["r1_zero_steps"] == DemoConfig.quick().r1_zero_steps
+    assert resumed["stages"] == state["stages"]  # every finished stage kept
 
 
 def test_corrupt_state_file_is_named(tmp_path):

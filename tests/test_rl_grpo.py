@@ -14,7 +14,8 @@ from nanoseek.hf import load_pretrained
 from nanoseek.cli import main
 from nanoseek.data.tasks import get_task
 from nanoseek.inference import Engine
-from nanoseek.rl.grpo import GRPOConfig, engine_logprobs, grpo_step, sample_groups, sequence_batch
+from nanoseek.rl.grpo import (Algorithm, GRPOConfig, engine_logprobs, grpo_step, policy_logprobs, policy_update,
+                              sample_groups, sequence_batch)
 from nanoseek.rl.sandbox import run_python
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.optim import build_adamw
@@ -95,6 +96,55 @@ def test_kl_to_reference_is_zero_at_the_start(ckpt, tmp_path):
     row, _ = grpo_step(model, reference, Engine(model, tok), optimizer, tok, examples,
                        [("varied", _varied, 1.0)], cfg, 1)
     assert row["kl"] > 0.0
+
+
+def test_the_logprob_check_and_mu_one_leave_the_update_unchanged(ckpt, tmp_path):
+    """The engine-vs-trainer check is an optional extra forward: with or without it, two steps give the
+    same weights. With mu = 1 the old policy is the current one, so skipping its forward (old_logp None)
+    gives the update that passing its log-probabilities explicitly gives."""
+    examples = get_task("arithmetic").examples("train", 2, seed=4)
+    after = {}
+    for every in (1, 0):
+        model, tok, cfg = _setup(ckpt, tmp_path, logprob_check_every=every, beta=0.04)
+        reference = copy.deepcopy(model).requires_grad_(False)
+        optimizer = build_adamw(model, cfg.lr, 0.0)
+        for step in range(2):
+            row, _ = grpo_step(model, reference, Engine(model, tok), optimizer, tok, examples,
+                               [("varied", _varied, 1.0)], cfg, step)
+            assert ("logprob_mismatch_max" in row) == bool(every) and row["grad_norm"] > 0
+        after[every] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(after[1], after[0]))
+
+    model, tok, cfg = _setup(ckpt, tmp_path, logprob_check_every=0)
+    rollout = sample_groups(Engine(model, tok), tok, examples, cfg.group_size, cfg.max_new_tokens, 1.0, None, seed=5)
+    batch = sequence_batch(rollout.prompts, rollout.completions, cfg.group_size, tok.pad_id)
+    advantages = torch.linspace(-1.0, 1.0, len(rollout.completions))
+    algo = Algorithm.from_config(cfg)
+    updated = []
+    for old in (None, policy_logprobs(model, batch[0], batch[1], 1.0, cfg.micro_batch_size)):
+        m = copy.deepcopy(model)
+        stats = policy_update(m, build_adamw(m, cfg.lr, 0.0), batch, advantages, old, None, cfg, cfg.lr, algo)
+        assert stats["grad_norm"] > 0
+        updated.append(list(m.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*updated))
+
+
+def test_mu_one_runs_no_old_policy_forward(ckpt, tmp_path, monkeypatch):
+    """Trainer-side log-prob forwards outside the update: none with mu = 1, beta = 0 and no check;
+    one more for each of the check, the reference (beta > 0) and mu > 1."""
+    import nanoseek.rl.grpo as grpo_module
+    calls = []
+    real = grpo_module.policy_logprobs
+    monkeypatch.setattr(grpo_module, "policy_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    examples = get_task("arithmetic").examples("train", 1, seed=6)
+    for kw, want in ((dict(logprob_check_every=0), 0), (dict(logprob_check_every=1), 1),
+                     (dict(logprob_check_every=0, mu=2), 1), (dict(logprob_check_every=0, beta=0.04), 1)):
+        model, tok, cfg = _setup(ckpt, tmp_path, **kw)
+        reference = copy.deepcopy(model).requires_grad_(False) if cfg.beta else None
+        calls.clear()
+        grpo_step(model, reference, Engine(model, tok), build_adamw(model, cfg.lr, 0.0), tok, examples,
+                  [("varied", _varied, 1.0)], cfg, 0)
+        assert len(calls) == want, kw
 
 
 def test_grpo_command_end_to_end_and_resume(ckpt, tmp_path, monkeypatch):

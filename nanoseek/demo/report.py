@@ -15,7 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ..hf.fsutil import atomic_write_text
-from ..plots import plot_expert_load, read_metrics, save_png
+from ..plots import plot_expert_load, plot_r1_zero, read_metrics, save_png
 
 DPI = 100  # the report's figures: smaller files than the training plots
 
@@ -32,6 +32,10 @@ PAPER = {
     "grpo": "DeepSeek-R1 (arXiv 2501.12948, §2.2.4): RL alone takes DeepSeek-R1-Zero from 15.6% to 71.0% "
             "pass@1 on AIME 2024, and the average response length grows steadily during RL. GRPO itself is "
             "from DeepSeekMath (arXiv 2402.03300, §4.1).",
+    "r1_zero": "DeepSeek-R1 (§2.2.4, Figures 2 and 3): during RL straight from the base model with "
+               "accuracy and format rewards, DeepSeek-R1-Zero's AIME 2024 accuracy rises from 15.6% to 71.0% while "
+               "the average response length on the training set grows steadily, from hundreds to thousands of "
+               "tokens: the model learns to spend more thinking on a problem.",
     "distill": "DeepSeek-R1 (§4.1, Table 6): on Qwen-32B, distillation from R1 reaches 72.6% AIME 2024 pass@1 "
                "against 47.0% for large-scale RL on the same base (DeepSeek-R1-Zero-Qwen-32B).",
     "quant": "DeepSeek-V3 (§3.3) trains in FP8 with a relative loss error below 0.25% against BF16 and ships "
@@ -231,7 +235,8 @@ def write_report(out: str | Path, state: dict) -> Path:
              "figures sit beside them in grey.", ""]
 
     for section in (_section_times, _section_models, _section_losses, _section_balance, _section_accuracy,
-                    _section_students, _section_quant, _section_inference, _section_samples, _section_vision):
+                    _section_r1_zero, _section_students, _section_quant, _section_inference, _section_samples,
+                    _section_vision):
         lines += section(out, state, figs)
 
     path = out / "report.md"
@@ -317,10 +322,50 @@ def _section_accuracy(out: Path, state: dict, figs: Path) -> list[str]:
     g = _result(state, "grpo")
     if g:
         lines += [f"GRPO: {g['steps']} steps in {g['train_s']:.0f}s; mean reward {g['reward_first']:.3f} -> "
-                  f"{g['reward_last']:.3f}; held-out pass@1 sampled at R1's settings, start -> end of GRPO: "
-                  f"{_pct(g['sampled_pass@1_start'])} -> {_pct(g['sampled_pass@1_end'])}.", ""]
+                  f"{g['reward_last']:.3f}; held-out pass@1 sampled at R1's settings (temperature 0.6, top-p "
+                  f"0.95), start -> end of GRPO: {_sampled_gain(g)}.", ""]
+        if g.get("no_signal_groups") is not None:
+            lines += [f"On average {_pct(g['no_signal_groups'])} of a step's groups scored the same on every sample "
+                      "(all right or all wrong): their advantages are zero, so only the rest teach anything.", ""]
     lines += [_img(fig_accuracy(state, figs / "accuracy.png"), out),
               _img(fig_grpo(out, figs / "grpo.png"), out), f"Paper: {PAPER['grpo']}", ""]
+    return lines
+
+
+def _sampled_gain(g: dict) -> str:
+    """"a% ± s.e. -> b% ± s.e. (gain ± s.e. points)": the difference's standard error as if the two
+    evaluations were independent (they share the problems, so this overstates it a little)."""
+    a, b = g.get("sampled_pass@1_start"), g.get("sampled_pass@1_end")
+    sa, sb = g.get("sampled_stderr_start"), g.get("sampled_stderr_end")
+    if a is None or b is None or sa is None or sb is None:
+        return f"{_pct(a)} -> {_pct(b)}"
+    se = 100 * (sa ** 2 + sb ** 2) ** 0.5
+    return (f"{_pct(a)} ± {100 * sa:.1f} -> {_pct(b)} ± {100 * sb:.1f} "
+            f"(**{100 * (b - a):+.1f} ± {se:.1f} points**, ±1 standard error)")
+
+
+def _section_r1_zero(out: Path, state: dict, figs: Path) -> list[str]:
+    """GRPO straight from the pretrained base: accuracy and response length over the steps."""
+    lines = ["## R1-Zero: GRPO straight from the pretrained base", ""]
+    r = _result(state, "r1_zero")
+    metrics = out / "r1_zero" / "metrics.jsonl"
+    if not r or not metrics.exists():
+        return lines + [_missing("r1_zero"), ""]
+    fmt = (lambda x, f="{:.1f}": "n/a" if x is None else f.format(x))
+    lines += [f"GRPO from `pretrain/` with no SFT: prompts in the pretraining layout (`{{problem}}\\n<think>\\n`), "
+              f"rewards {' + '.join(r['reward'])}, {r['steps']} steps in {r['train_s']:.0f}s. Means over the first "
+              f"-> last 5 steps: training accuracy {_pct(r['accuracy_first'])} -> {_pct(r['accuracy_last'])}, mean "
+              f"response length {fmt(r['response_length_first'])} -> {fmt(r['response_length_last'])} tokens, "
+              f"format reward {fmt(r['reward/format_first'], '{:.2f}')} -> {fmt(r['reward/format_last'], '{:.2f}')}. "
+              f"Held-out pass@1 at R1's settings: {_sampled_gain(r)}; greedy after: {_pct(r['eval']['pass@1'])}.",
+              ""]
+    first, last = r["response_length_first"], r["response_length_last"]
+    if first and last and last < 1.1 * first:
+        lines += ["The response length did not grow here as it does in R1-Zero: this base was pretrained on worked "
+                  "solutions whose length is set by the problem (a fixed set of worked steps), so there is no longer "
+                  "reasoning for RL to find within the budget; R1-Zero's base had never been shown how to reason.", ""]
+    lines += [_img(plot_r1_zero([x for x in read_metrics(metrics) if "reward_mean" in x], figs / "r1_zero.png"), out),
+              f"Paper: {PAPER['r1_zero']}", ""]
     return lines
 
 

@@ -3,8 +3,8 @@
 
     run_demo("runs/demo", DemoConfig.full())     # again after an interruption: finished stages are kept
 
-Stages (stages.py): tokenizer -> pretrain -> sft -> grpo -> evaluate -> student -> distill ->
-student_grpo -> quantize -> inference -> samples, then report.md (report.py). Each stage writes its
+Stages (stages.py): tokenizer -> pretrain -> sft -> grpo -> r1_zero -> evaluate -> student -> distill ->
+student_grpo -> quantize -> inference -> samples -> vision, then report.md (report.py). Each stage writes its
 folder under --out and returns a small JSON result; the runner stores it in DIR/state.json
 (atomically) the moment the stage ends, so an interrupted demo resumes at the first stage that did
 not finish (and the training stages inside it from their last checkpoint).
@@ -46,13 +46,14 @@ def write_state(out: Path, state: dict) -> None:
 
 
 def check_config(out: Path, state: dict, cfg: DemoConfig) -> None:
-    """A resumed demo must use the sizes it started with (its checkpoints depend on them)."""
+    """A resumed demo must use the sizes it started with (its checkpoints depend on them). A size the
+    saved config lacks belongs to a stage added since that run started: no finished stage used it."""
     saved = state.get("config")
     if saved is None:
         return
     now = dataclasses.asdict(cfg)
     for key, value in now.items():
-        if saved.get(key) != value:
+        if key in saved and saved[key] != value:
             raise ValueError(f"{out / STATE_FILE}: this demo was started with {key}={saved.get(key)!r}, now "
                              f"{key}={value!r} (--quick?); use another --out or delete {out}")
 

@@ -5,6 +5,7 @@ functions; nothing here trains, samples or quantizes by itself. Folders under th
 
     init/ student_init/   untrained teacher and student with the demo's tokenizer
     pretrain/ sft/ grpo/  the teacher after each training stage (Hugging Face checkpoints)
+    r1_zero/              GRPO straight from pretrain/ (R1-Zero), with r1_zero.png
     student/              the student's short pretraining (its base for both recipes)
     student_distill/ student_grpo/   the student distilled from the teacher / trained by GRPO alone
     int8/                 the final teacher quantized to int8 (when nanoseek.quant can save one)
@@ -173,36 +174,62 @@ def stage_sft(ctx: Context) -> dict:
     return {**training_summary(out), "eval": evaluate_dir(ctx, "sft")}
 
 
-def _grpo(ctx: Context, name: str, start: str, steps: int, max_minutes: float | None = None) -> dict:
-    """nanoseek.rl.grpo from DIR/start, resuming a run cut short.
+def _grpo(ctx: Context, name: str, start: str, steps: int, max_minutes: float | None = None,
+          reward: tuple[str, ...] = ("accuracy",), layout: str = "chat", lr: float | None = None) -> dict:
+    """nanoseek.rl.grpo from DIR/start, resuming a run cut short; the held-out pass@1 at R1's sampling
+    settings at its start and end, each with its standard error.
 
-    The accuracy reward alone: with a 0.1 format bonus, groups whose answers are all wrong differ
-    only by the bonus, and the group-std normalisation blows those differences up to full-size
+    After SFT the accuracy reward alone: with a 0.1 format bonus, groups whose answers are all wrong
+    differ only by the bonus, and the group-std normalisation blows those differences up to full-size
     advantages; at this scale that collapsed pass@1 (58% -> 4% in 40 steps at lr 3e-4; see
     BENCHMARKS.md, GRPO).
     """
     from ..rl.grpo import GRPOConfig, grpo
     cfg, out = ctx.cfg, ctx.dir(name)
     t0 = time.perf_counter()
-    grpo(GRPOConfig(model=str(ctx.dir(start)), out=str(out), dataset=cfg.task, steps=steps,
+    grpo(GRPOConfig(model=str(ctx.dir(start)), out=str(out), dataset=cfg.task, steps=steps, layout=layout,
                     prompts_per_step=cfg.grpo_prompts, group_size=cfg.grpo_group, max_new_tokens=cfg.max_new_tokens,
-                    lr=cfg.grpo_lr, reward=["accuracy"], eval_every=0, eval_size=cfg.eval_examples, sample_every=max(1, steps // 4),
+                    lr=lr or cfg.grpo_lr, reward=list(reward), eval_every=0, eval_size=cfg.eval_examples,
+                    eval_samples=cfg.grpo_eval_samples, sample_every=max(1, steps // 4),
                     checkpoint_every=max(1, steps // 4), max_minutes=max_minutes, seed=cfg.seed,
                     resume=(out / TRAIN_STATE).exists()))
     rows = read_metrics(out / "metrics.jsonl")
     trained = [r for r in rows if "reward_mean" in r]
     evals = [r for r in rows if "eval/pass@1" in r]
     return {"steps": trained[-1]["step"] if trained else 0, "train_s": time.perf_counter() - t0,
+            "reward": list(reward), "layout": layout,
             "sampled_pass@1_start": evals[0]["eval/pass@1"] if evals else None,
             "sampled_pass@1_end": evals[-1]["eval/pass@1"] if evals else None,
+            "sampled_stderr_start": evals[0].get("eval/stderr") if evals else None,
+            "sampled_stderr_end": evals[-1].get("eval/stderr") if evals else None,
             "reward_first": trained[0]["reward_mean"] if trained else None,
             "reward_last": trained[-1]["reward_mean"] if trained else None,
-            "eval": evaluate_dir(ctx, name)}
+            "no_signal_groups": statistics.mean(r["no_signal_groups"] for r in trained) if trained else None,
+            "eval": evaluate_dir(ctx, name, layout=layout)}
 
 
 def stage_grpo(ctx: Context) -> dict:
     """GRPO (DeepSeekMath, DeepSeek-R1) from the SFT model: the accuracy reward, group-normalised."""
     return _grpo(ctx, "grpo", "sft", ctx.cfg.grpo_steps)
+
+
+def _window_mean(rows: list[dict], key: str, first: bool, n: int = 5) -> float | None:
+    """The mean of `key` over the first (or last) n steps that logged it: one step's 64 samples are noisy."""
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    values = values[:n] if first else values[-n:]
+    return statistics.mean(values) if values else None
+
+
+def stage_r1_zero(ctx: Context) -> dict:
+    """DeepSeek-R1-Zero in miniature: GRPO straight from the pretrained base (no SFT), prompts in the
+    pretraining text layout, the accuracy + format reward; accuracy and mean response length over steps."""
+    from ..plots import plot_r1_zero
+    result = _grpo(ctx, "r1_zero", "pretrain", ctx.cfg.r1_zero_steps, reward=("accuracy", "format=0.1"),
+                   layout="text", lr=ctx.cfg.r1_zero_lr)
+    rows = [r for r in read_metrics(ctx.dir("r1_zero") / "metrics.jsonl") if "reward_mean" in r]
+    plot_r1_zero(rows, ctx.dir("r1_zero") / "r1_zero.png")
+    return {**result, **{f"{key}_{end}": _window_mean(rows, key, end == "first")
+                         for key in ("accuracy", "response_length", "reward/format") for end in ("first", "last")}}
 
 
 def stage_evaluate(ctx: Context) -> dict:
@@ -372,6 +399,7 @@ STAGES = [
     Stage("pretrain", "tiny DeepSeek-V3-style model: MLA + MoE + MTP, aux-loss-free balancing", stage_pretrain),
     Stage("sft", "supervised fine-tuning with <think> reasoning", stage_sft),
     Stage("grpo", "GRPO with rule-based rewards", stage_grpo),
+    Stage("r1_zero", "R1-Zero: GRPO straight from the pretrained base", stage_r1_zero),
     Stage("evaluate", "held-out pass@1 before and after GRPO", stage_evaluate),
     Stage("student", "pretrain a smaller student", stage_student),
     Stage("distill", "distill the teacher's reasoning into the student", stage_distill),

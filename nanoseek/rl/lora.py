@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 
 from torch import nn
 
@@ -47,6 +48,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
+    if "peft" not in sys.modules:  # no adapter can exist before peft is imported: skip its ~2 s import
+        return []
     from peft.tuners.lora import LoraLayer
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
