@@ -203,7 +203,7 @@ def v4_filled_report(contexts: list[int], steps: int, dtype: torch.dtype) -> Non
     for ctx in contexts:
         cache = CompressedCache(model.config, 1, ctx + steps + 2, dtype)
         cache.reserve(0, ctx + steps + 2)
-        for t in (cache.win, *cache.pending.values(), *cache.comp.values()):
+        for t in (cache.win, *cache.pending.values(), *(p for parts in cache.comp.values() for p in parts)):
             t.normal_()
         token, times = torch.tensor([[5]]), []
         with torch.inference_mode():

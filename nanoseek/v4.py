@@ -157,10 +157,13 @@ class LightningIndexer(nn.Module):
         query's top min(index_topk, N) entries among those it may see (visible [B, T, N]); a pick
         past what it may see (fewer than k visible) is not valid."""
         B, T, _ = x.shape
-        q = rotate_tail(self.q_b_proj(q_res).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        scores = F.relu(torch.einsum("bthd,bnd->bthn", q.float(), keys.float())) * self.head_dim ** -0.5
-        w = self.weights_proj(x).float() * self.n_heads ** -0.5
-        scores = (scores * w.unsqueeze(-1)).sum(2).masked_fill(~visible, float("-inf"))  # [B, T, N]
+        H = self.n_heads
+        q = rotate_tail(self.q_b_proj(q_res).view(B, T, H, self.head_dim), cos, sin)
+        # keys @ q^T, every query head at once: the long side streams through the product once
+        relu = torch.matmul(keys.float(), q.flatten(1, 2).float().transpose(1, 2)).relu_()  # [B, N, T*H]
+        w = self.weights_proj(x).float() * (H ** -0.5 * self.head_dim ** -0.5)  # both scales commute with ReLU
+        scores = torch.matmul(relu.view(B, -1, T, H).transpose(1, 2), w.unsqueeze(-1)).squeeze(-1)
+        scores = scores.masked_fill(~visible, float("-inf"))  # [B, T, N]
         idx = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
         return idx, visible.gather(-1, idx)
 
@@ -235,11 +238,11 @@ class Attention(nn.Module):
         comp = self.compressor
         raw = comp.raw(x) if self.indexer is None else torch.cat((comp.raw(x), self.indexer.compressor.raw(x)), -1)
         if docs is not None:
-            out, visible = self._packed_entries(raw, positions, docs)
+            parts, visible = self._packed_entries(raw, positions, docs)
         else:
-            out = self._entries(raw, 0) if cache is None else cache.entries(self.layer_id, raw, self.m, self._entries)
-            visible = torch.arange(out.shape[1], device=x.device) < ((positions + 1) // self.m).unsqueeze(-1)
-        return out[..., :self.head_dim], (out[..., self.head_dim:] if self.indexer is not None else None), visible
+            parts = self._entries(raw, 0) if cache is None else cache.entries(self.layer_id, raw, self.m, self._entries)
+            visible = torch.arange(parts[0].shape[1], device=x.device) < ((positions + 1) // self.m).unsqueeze(-1)
+        return parts[0], (parts[1] if self.indexer is not None else None), visible
 
     def _attend_block(self, q, x, q_res, cos, sin, positions, keys, key_pos, docs, comp, a, b):
         """Queries a..b-1 (a long prefill goes block by block): the window keys they may see, sliced
@@ -251,19 +254,18 @@ class Attention(nn.Module):
             allowed &= docs[:, a:b, None] == docs[:, None, :]
         cols = allowed.any(1).any(0).nonzero().flatten()
         lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 0)
-        k, allowed, qb = keys[:, lo:hi], allowed[..., lo:hi], q[:, a:b]
+        window, qb = (keys[:, lo:hi], allowed[..., lo:hi]), q[:, a:b]
         if comp is None:
-            return self._attend(qb, k, allowed)
+            return self._attend(qb, [window])
         entries, index_keys, visible = comp
         visible = visible[:, a:b]
         if index_keys is None:  # HCA: every closed entry
-            return self._attend(qb, torch.cat((k, entries), 1), torch.cat((allowed, visible), -1))
+            return self._attend(qb, [window, (entries, visible)])
         idx, valid = self.indexer.select(x[:, a:b], q_res[:, a:b], cos[:, a:b], sin[:, a:b], index_keys, visible)
         if (b - a) * idx.shape[-1] * 4 <= entries.shape[1]:  # few queries: read just the chosen entries
             chosen = entries[torch.arange(entries.shape[0], device=x.device)[:, None, None], idx]  # [B, t, k, dh]
-            return self._attend(qb, k, allowed, chosen, valid)
-        picked = torch.zeros_like(visible).scatter_(-1, idx, valid)
-        return self._attend(qb, torch.cat((k, entries), 1), torch.cat((allowed, picked), -1))
+            return self._attend(qb, [window], chosen, valid)
+        return self._attend(qb, [window, (entries, torch.zeros_like(visible).scatter_(-1, idx, valid))])
 
     def _packed_entries(self, raw, positions, docs):
         """Packed rows: each document's windows compressed on their own (a window never pools two
@@ -272,10 +274,11 @@ class Attention(nn.Module):
         rows, owner, index = [], [], []
         for b in range(B):
             starts = (positions[b] == 0).nonzero().flatten().tolist() + [raw.shape[1]]
-            parts = [self._entries(raw[b:b + 1, s:e], 0)[0] for s, e in zip(starts[:-1], starts[1:])]
-            rows.append(torch.cat(parts))
-            owner += [torch.cat([torch.full((len(p),), d + 1) for d, p in enumerate(parts)])]
-            index += [torch.cat([torch.arange(len(p)) for p in parts])]
+            docs_b = [torch.cat(p, -1)[0] for p in (self._entries(raw[b:b + 1, s:e], 0)
+                                                    for s, e in zip(starts[:-1], starts[1:]))]
+            rows.append(torch.cat(docs_b))
+            owner += [torch.cat([torch.full((len(p),), d + 1) for d, p in enumerate(docs_b)])]
+            index += [torch.cat([torch.arange(len(p)) for p in docs_b])]
         n = max(len(r) for r in rows)
         out = raw.new_zeros(B, n, rows[0].shape[-1])
         owner_t, index_t = torch.zeros(B, n, dtype=torch.long), torch.full((B, n), n, dtype=torch.long)
@@ -283,32 +286,34 @@ class Attention(nn.Module):
             out[b, :len(r)], owner_t[b, :len(r)], index_t[b, :len(r)] = r, o, i
         owner_t, index_t = owner_t.to(raw.device), index_t.to(raw.device)
         closed = index_t.unsqueeze(1) < ((positions + 1) // self.m).unsqueeze(-1)
-        return out, (owner_t.unsqueeze(1) == docs.unsqueeze(-1)) & closed
+        return out.split([self.head_dim, out.shape[-1] - self.head_dim], -1), \
+            (owner_t.unsqueeze(1) == docs.unsqueeze(-1)) & closed
 
-    def _entries(self, raw: torch.Tensor, first: int) -> torch.Tensor:
-        """raw projections [B, L, ·] of positions first.. -> entries [B, L // m, dh (+ d^I)]."""
+    def _entries(self, raw: torch.Tensor, first: int) -> tuple[torch.Tensor, ...]:
+        """raw projections [B, L, ·] of positions first.. -> (keys [B, L // m, dh], CSA: indexer keys [B, L // m, d^I])."""
         if self.indexer is None:
-            return self.compressor.entries(raw, first, self.rotary)
+            return (self.compressor.entries(raw, first, self.rotary),)
         main, index = raw.split([4 * self.head_dim, 4 * self.indexer.head_dim], dim=-1)
-        return torch.cat((self.compressor.entries(main, first, self.rotary),
-                          self.indexer.compressor.entries(index, first, self.rotary)), dim=-1)
+        return (self.compressor.entries(main, first, self.rotary),
+                self.indexer.compressor.entries(index, first, self.rotary))
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor,
+    def _attend(self, q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]],
                 chosen: torch.Tensor | None = None, chosen_ok: torch.Tensor | None = None) -> torch.Tensor:
-        """q [B, T, H, dh] over keys = values [B, S, dh] (allowed [B, T, S]) and, per query, chosen
-        [B, T, k, dh] (chosen_ok [B, T, k]) -> [B, T, H, dh], with the sink in the softmax."""
+        """q [B, T, H, dh] over groups of keys = values [B, S, dh] (each with its allowed [B, T, S]: the
+        window, the compressed entries) and, per query, chosen [B, T, k, dh] (chosen_ok [B, T, k]) ->
+        [B, T, H, dh]: one softmax over all of them and the sink (the keys are never concatenated)."""
         scale = self.head_dim ** -0.5
-        scores = torch.einsum("bthd,bsd->bhts", q, keys).float() * scale
-        scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-        S = scores.shape[-1]
+        scores = [torch.einsum("bthd,bsd->bhts", q, k).float().mul_(scale).masked_fill_(~ok.unsqueeze(1), float("-inf"))
+                  for k, ok in groups]
         if chosen is not None:
-            extra = torch.einsum("bthd,btkd->bhtk", q, chosen).float() * scale
-            scores = torch.cat((scores, extra.masked_fill(~chosen_ok.unsqueeze(1), float("-inf"))), dim=-1)
-        sink = self.sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        p = torch.cat((scores, sink), dim=-1).softmax(-1).to(keys.dtype)
-        out = torch.einsum("bhts,bsd->bthd", p[..., :S], keys)
+            extra = torch.einsum("bthd,btkd->bhtk", q, chosen).float().mul_(scale)
+            scores.append(extra.masked_fill_(~chosen_ok.unsqueeze(1), float("-inf")))
+        sink = self.sinks.float().view(1, -1, 1, 1).expand(*scores[0].shape[:-1], 1)
+        p = torch.cat((*scores, sink), dim=-1).softmax(-1).to(q.dtype)
+        p = p[..., :-1].split([s.shape[-1] for s in scores], dim=-1)
+        out = sum(torch.einsum("bhts,bsd->bthd", pg, k) for pg, (k, _) in zip(p, groups))
         if chosen is not None:
-            out = out + torch.einsum("bhtk,btkd->bthd", p[..., S:-1], chosen)
+            out = out + torch.einsum("bhtk,btkd->bthd", p[-1], chosen)
         return out
 
 

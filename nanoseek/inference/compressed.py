@@ -64,13 +64,15 @@ class CompressedCache:
         self.window_len = W - 1 + SLACK
         self.win = torch.zeros(layers, slots, self.window_len, dh, dtype=dtype, device=device)
         self.pending: dict[int, torch.Tensor] = {}
-        self.comp: dict[int, torch.Tensor] = {}  # layer -> pool [(num_pages + 1) * P / m, width]; last page: scratch
+        # layer -> its pools [(num_pages + 1) * P / m, width] (last page: scratch): HCA [K]; CSA [K] and [K^I]
+        self.comp: dict[int, list[torch.Tensor]] = {}
         for i in range(cfg.num_hidden_layers):
             m = cfg.compress_ratio(i)
             if m:
-                width, raw, history = entry_widths(cfg, m)
+                widths, raw, history = entry_widths(cfg, m)
                 self.pending[i] = torch.zeros(slots, history + SLACK, raw, dtype=dtype, device=device)
-                self.comp[i] = torch.zeros((self.num_pages + 1) * (P // m), width, dtype=dtype, device=device)
+                self.comp[i] = [torch.zeros((self.num_pages + 1) * (P // m), w, dtype=dtype, device=device)
+                                for w in widths]
         self.tables: list[list[int]] = [[] for _ in range(slots)]
         self.free_pages = list(range(self.num_pages))  # a heap: lowest id first
         self.slots = list(range(slots))
@@ -108,7 +110,7 @@ class CompressedCache:
     def page_bytes(self) -> int:
         """Bytes one page takes over every compressed layer."""
         return sum((self.page_tokens // self.cfg.compress_ratio(i)) * t.shape[1] * t.element_size()
-                   for i, t in self.comp.items())
+                   for i, pools in self.comp.items() for t in pools)
 
     @property
     def start(self) -> int | None:
@@ -116,7 +118,8 @@ class CompressedCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.win, *self.pending.values(), *self.comp.values()))
+        pools = [t for parts in self.comp.values() for t in parts]
+        return sum(t.numel() * t.element_size() for t in (self.win, *self.pending.values(), *pools))
 
     # ------------------------------------------------------------------ slots and pages
     def view(self, start: int, stop: int) -> "CompressedCache":
@@ -157,10 +160,11 @@ class CompressedCache:
         if not self.reserve(dst, length):
             raise ValueError(f"no free pages to copy a {length}-token sequence")
         P = self.page_tokens
-        for i, pool in self.comp.items():
+        for i, pools in self.comp.items():
             per = P // self.cfg.compress_ratio(i)
-            for a, b in zip(self.tables[src], self.tables[dst]):
-                pool[b * per:(b + 1) * per] = pool[a * per:(a + 1) * per]
+            for pool in pools:
+                for a, b in zip(self.tables[src], self.tables[dst]):
+                    pool[b * per:(b + 1) * per] = pool[a * per:(a + 1) * per]
         self.win[:, dst] = self.win[:, src]
         for ring in self.pending.values():
             ring[dst] = ring[src]
@@ -219,12 +223,13 @@ class CompressedCache:
         keys = torch.cat((hist, kv), dim=1)
         return keys, torch.cat((pos.clamp_min(-1), self.positions), dim=1)
 
-    def entries(self, layer_id: int, raw: torch.Tensor, m: int, make_entries) -> torch.Tensor:
+    def entries(self, layer_id: int, raw: torch.Tensor, m: int, make_entries) -> tuple[torch.Tensor, ...]:
         """raw [B, T, ·]: this forward's compressor projections. Closes every window whose last token
-        is here (``make_entries(raw run [1, L, ·], its first position) -> [1, L // m, width]`` over the
-        pending projections and these), stores the new entries and the projections, and returns every
-        row's entries so far [B, N, width] (N: the most any row has; a row's later ones are stale)."""
-        ring, pool = self.pending[layer_id], self.comp[layer_id]
+        is here (``make_entries(raw run [1, L, ·], its first position)`` -> each part's entries
+        [1, L // m, width], over the pending projections and these), stores the new entries and the
+        projections, and returns every row's entries so far, per part [B, N, width] (N: the most any
+        row has; a row's later ones are stale). Parts: HCA's keys; CSA's keys and indexer keys."""
+        ring, pools = self.pending[layer_id], self.comp[layer_id]
         R, back = ring.shape[1], m if m == 4 else 0  # CSA also reads the window before (overlap)
         n = max((s + self.T) // m for s in self.starts)
         rows = self._entry_rows(m, n)
@@ -235,19 +240,34 @@ class CompressedCache:
             seg = max(0, first * m - back)
             held = torch.arange(seg, s, device=ring.device) % R
             run = torch.cat((ring[slot, held], raw[b]), dim=0)[None]
-            pool[rows[b, first:last]] = make_entries(run, seg)[0, first - seg // m:last - seg // m]
+            for pool, new in zip(pools, make_entries(run, seg)):
+                pool[rows[b, first:last]] = new[0, first - seg // m:last - seg // m]
         self._ring_write(ring, raw)
-        return pool[rows]
+        start = self._consecutive(m, n)
+        if start is not None:  # a lone row on consecutive pages: a view, no copy of every entry
+            return tuple(pool[start:start + n][None] for pool in pools)
+        return tuple(pool[rows] for pool in pools)
+
+    def _consecutive(self, m: int, n: int) -> int | None:
+        """The pool row where a lone row's entries 0..n-1 start when its pages are consecutive."""
+        if len(self.slots) != 1:
+            return None
+        per = self.page_tokens // m
+        table = self.tables[self.slots[0]][:-(-n // per)] if n else []
+        if table != list(range(table[0], table[0] + len(table))) if table else True:
+            return None
+        return table[0] * per
 
 
-def entry_widths(cfg, m: int) -> tuple[int, int, int]:
-    """A compressed layer's (entry width, pending projection width, pending positions read back):
-    HCA an entry of head_dim from [C ; Z] of head_dim each, the current window; CSA [K ; K^I] from two
-    series each, the current window and the one before."""
+def entry_widths(cfg, m: int) -> tuple[tuple[int, ...], int, int]:
+    """A compressed layer's (entry widths per part, pending projection width, pending positions read
+    back): HCA a key of head_dim from [C ; Z] of head_dim each, the current window; CSA a key and an
+    indexer key (kept apart: the indexer scans its keys alone) from two series each, the current
+    window and the one before."""
     dh, di = cfg.head_dim, cfg.index_head_dim
     if m == 4:
-        return cfg.v4_entry_width(m), 4 * dh + 4 * di, 2 * m
-    return cfg.v4_entry_width(m), 2 * dh, m
+        return (dh, di), 4 * dh + 4 * di, 2 * m
+    return (dh,), 2 * dh, m
 
 
 def fixed_bytes(cfg, itemsize: int) -> int:
