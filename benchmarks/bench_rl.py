@@ -235,12 +235,7 @@ def main() -> int:
     t_all = time.perf_counter()
     if args.vs_trl:
         versus_trl(args, out, results)
-        results["total_minutes"] = (time.perf_counter() - t_all) / 60
-        (out / "vs_trl.json").write_text(json.dumps(results, indent=1))
-        report = markdown_vs_trl(results)
-        (out / "VS_TRL.md").write_text(report)
-        print(report)
-        return 0
+        return write_results(out / "vs_trl.json", out / "VS_TRL.md", results, t_all, markdown_vs_trl)
 
     # 1-2. the teacher: cold start, then GRPO (its metrics hold the held-out evaluations at start and end)
     sft = cold_start(out / "sft", args.task, args.sft_steps, {}, None, args.seed)
@@ -278,10 +273,15 @@ def main() -> int:
                           "grpo_alone": rl_after["eval/pass@1"], "grpo_alone_start": rl_before["eval/pass@1"],
                           "traces": summary["traces"]}
     results["teacher_params"] = load_pretrained(teacher).num_params()
+    return write_results(out / "results.json", out / "RESULTS_rl.md", results, t_all, markdown)
+
+
+def write_results(json_path: Path, md_path: Path, results: dict, t_all: float, render) -> int:
+    """Record the run's total time, write its JSON and its Markdown report, print the report."""
     results["total_minutes"] = (time.perf_counter() - t_all) / 60
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    report = markdown(results)
-    (out / "RESULTS_rl.md").write_text(report)
+    json_path.write_text(json.dumps(results, indent=1))
+    report = render(results)
+    md_path.write_text(report)
     print(report)
     return 0
 

@@ -353,12 +353,12 @@ class ModelConfig:
         window and pending projections are a fixed part per sequence: ``inference.compressed.fixed_bytes``)."""
         n = self.num_hidden_layers if layers is None else layers
         if self.attention == "v4":
-            return round(sum(self.v4_entry_width(m) * itemsize / m for m in map(self.compress_ratio, range(n)) if m))
+            return round(sum(sum(self.v4_entry_widths(m)) * itemsize / m for m in map(self.compress_ratio, range(n)) if m))
         return self.cache_width * n * itemsize
 
-    def v4_entry_width(self, m: int) -> int:
-        """V4: numbers in one compressed entry at rate m: CSA's key plus its indexer key, HCA's key."""
-        return self.head_dim + (self.index_head_dim if m == 4 else 0)
+    def v4_entry_widths(self, m: int) -> tuple[int, ...]:
+        """V4: the parts of one compressed entry at rate m: CSA's key and its indexer key, HCA's key."""
+        return (self.head_dim, self.index_head_dim) if m == 4 else (self.head_dim,)
 
     @property
     def softmax_scale(self) -> float:

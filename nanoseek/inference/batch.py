@@ -82,7 +82,7 @@ class Batch:
         self.engine, self.mtp, self.slots = engine, speculative == "mtp", slots
         self.cache = engine.new_cache(slots, context, mtp_layers=int(self.mtp)) if cache is None else cache
         self.prefix = engine.prefix if prefix is None else prefix
-        if self.prefix.max_bytes and not getattr(self.cache, "prefix_cache", True):
+        if self.prefix.max_bytes and not self.cache.prefix_cache:
             warnings.warn(f"{engine.config.model_type}'s cache keeps no prompt prefixes: prefix caching is off")
             self.prefix = PrefixCache(0)
         self.paged = isinstance(self.cache, PagedLatentCache)
@@ -171,7 +171,7 @@ class Batch:
         complete make their first token (a resumed row keeps the one it had) and start decoding.
         A cache that takes no padding (DeepSeek-V4's) gets one forward per row."""
         take = self._take_prefill(budget)
-        for part in ([[t] for t in take] if getattr(self.cache, "unpadded", False) else [take]):
+        for part in ([[t] for t in take] if self.cache.unpadded else [take]):
             self._prefill_rows(part)
 
     def _prefill_rows(self, take: list[tuple[int, int]]) -> None:

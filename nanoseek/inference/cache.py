@@ -42,6 +42,9 @@ class LatentCache:
     Layer ids >= num_hidden_layers are the MTP modules' (allocated only when drafting).
     """
 
+    unpadded = False  # rows may be right-padded: the engine passes the model a mask
+    prefix_cache = True  # whole blocks of a prompt can be kept and restored
+
     def __init__(self, num_layers: int, batch_size: int, max_len: int, width: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.kv = torch.zeros(num_layers, batch_size, max_len, width, dtype=dtype, device=device)
@@ -161,6 +164,9 @@ class PagedLatentCache:
     by gathering its pages (one contiguous slice when a lone row's pages are consecutive, as the
     lowest-first free list makes them for a sequence that grew alone).
     """
+
+    unpadded = False
+    prefix_cache = True
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, width: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", slots: int = 1, max_len: int = 1 << 30):

@@ -264,10 +264,10 @@ def entry_widths(cfg, m: int) -> tuple[tuple[int, ...], int, int]:
     back): HCA a key of head_dim from [C ; Z] of head_dim each, the current window; CSA a key and an
     indexer key (kept apart: the indexer scans its keys alone) from two series each, the current
     window and the one before."""
-    dh, di = cfg.head_dim, cfg.index_head_dim
-    if m == 4:
-        return (dh, di), 4 * dh + 4 * di, 2 * m
-    return (dh,), 2 * dh, m
+    widths = cfg.v4_entry_widths(m)
+    if m == 4:  # [C ; Z] of two series each
+        return widths, 4 * sum(widths), 2 * m
+    return widths, 2 * widths[0], m
 
 
 def fixed_bytes(cfg, itemsize: int) -> int:

@@ -286,7 +286,7 @@ def _mask(positions: torch.Tensor, cache: LatentCache) -> torch.Tensor | None:
     one token is decoded or the keys start at 0: plain causal attention is then exact, and the
     layers skip building and applying a mask (prefill takes SDPA's causal kernel)."""
     start = cache.start
-    if getattr(cache, "unpadded", False):  # DeepSeek-V4 masks by position itself
+    if cache.unpadded:  # DeepSeek-V4 masks by position itself
         return None
     if start is not None and (positions.shape[1] == 1 or start == 0):
         return None
