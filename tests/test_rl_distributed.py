@@ -109,6 +109,7 @@ def _distill_worker(rank: int, world: int, port: int, jobs: list) -> None:
     try:
         for teacher, out, kw in jobs:
             distill_module.distill(distill_config(teacher, out, **kw), DistEnv(rank, world))
+        dist.barrier()  # both ranks done with every collective before either tears the group down
     finally:
         dist.destroy_process_group()
 
