@@ -10,7 +10,9 @@ request's gaps are recorded; reported are the median and the longest gap during 
 their ratio to the idle median, and the long prompt's time to first token. Compared: the whole
 prompt in one forward (budget 0, as before chunked prefill: the longest gap is the whole prefill),
 chunks of a fixed token budget, and chunks sized by cost (`--prefill-chunk-cost`: a chunk takes
-about that many decode steps, measured as it runs). The target (the real-scale inference issue):
+about that many decode steps, measured as it runs). Chunks ride in the decode rows' forward (one
+ragged forward, the weights read once); `--separate` adds the same runs with the chunk in a forward
+of its own (the inference core before the ragged forward) for comparison. The target (the real-scale inference issue):
 with chunking, the gaps during a 16k-token prefill stay within 2x the idle ones. The model is a random-weight small DeepSeek-V3-style config
 (bench_serve's, with a long context) on a paged cache.
 """
@@ -26,7 +28,7 @@ import time
 import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.inference import Engine, SamplingParams
+from nanoseek.inference import Batch, Engine, SamplingParams
 from nanoseek.inference.scheduler import Scheduler
 from nanoseek.model import Transformer
 
@@ -83,6 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-costs", type=float, nargs="+", default=[1.0],
                     help="--prefill-chunk-cost values to compare (a chunk costs about this many decode steps)")
     ap.add_argument("--idle-steps", type=int, default=30, help="tokens streamed before the long prompt arrives")
+    ap.add_argument("--separate", action="store_true",
+                    help="also run each chunked setting with the chunk in its own forward (no ragged forward)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -90,13 +94,18 @@ def main(argv=None) -> int:
     engine = build_engine(4 * args.prompt_tokens + 64)  # the streaming request outlasts the prefill
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {engine.model.num_params() / 1e6:.1f}M "
           f"params, a {args.prompt_tokens:,}-token prompt joins a streaming request")
-    print(f"{'chunks':>18}{'idle gap ms':>13}{'median during':>15}{'longest during':>16}{'longest/idle':>14}"
+    print(f"{'chunks':>26}{'idle gap ms':>13}{'median during':>15}{'longest during':>16}{'longest/idle':>14}"
           f"{'prompt TTFT s':>15}")
     runs = [(f"{b} tokens" if b else "whole prompt", b or None, None) for b in args.budgets]
     runs += [(f"cost {c:g} steps", None, c) for c in args.chunk_costs]
-    for name, budget, cost in runs:
+    runs = [(name, budget, cost, True) for name, budget, cost in runs]
+    if args.separate:
+        runs += [(name + ", own fwd", budget, cost, False) for name, budget, cost, _ in runs if budget or cost]
+    rides_along = Batch._rides_along
+    for name, budget, cost, ragged in runs:
+        Batch._rides_along = rides_along if ragged else (lambda self: False)
         r = run(engine, budget, cost, args.prompt_tokens, args.idle_steps)
-        print(f"{name:>18}{r['idle'] * 1e3:>13.1f}{r['median'] * 1e3:>15.1f}{r['longest'] * 1e3:>16.1f}"
+        print(f"{name:>26}{r['idle'] * 1e3:>13.1f}{r['median'] * 1e3:>15.1f}{r['longest'] * 1e3:>16.1f}"
               f"{r['longest'] / r['idle']:>13.1f}x{r['ttft']:>15.2f}")
         sys.stdout.flush()
     return 0

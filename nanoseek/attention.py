@@ -10,6 +10,9 @@ vector of the row. For MLA that vector is [c_KV ; k^R]; for GQA it is [keys ; va
 key/value head, so one cache (slots or pages) serves both. ``ATTENTION[cfg.attention]`` is the
 class a Block builds.
 
+``Ragged`` lets one forward carry rows of different lengths (decode rows and a prefill chunk):
+the token-wise layers see all tokens at once and only attention is split by part.
+
 Shapes: B batch, T query tokens, S key tokens, D hidden, H query heads, G key/value heads,
 dh head size; MLA: R kv_lora_rank, dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim.
 """
@@ -202,3 +205,38 @@ class GQA(nn.Module):
 
 
 ATTENTION = {"mla": MLA, "gqa": GQA}
+
+
+class RaggedPart:
+    """`rows` x `tokens` of a ragged forward's tokens, attending through `cache` with `mask` (see
+    ``MLA.forward``); absorb: this part's attention path."""
+
+    def __init__(self, rows: int, tokens: int, mask: torch.Tensor | None, cache, absorb: bool):
+        self.rows, self.tokens, self.mask, self.cache, self.absorb = rows, tokens, mask, cache, absorb
+
+
+class Ragged:
+    """Parts of different shapes in one forward, passed where a cache goes.
+
+    The hidden states are [1, N, D]: part 0's rows x tokens (row-major), then part 1's, and so on.
+    Norms, projections and the MoE are token-wise, so they run once over all N tokens and read
+    their weights once; attention alone runs per part, each part reshaped to [rows, tokens, D]
+    against its own cache view and mask. The inference core uses it to decode its running rows
+    and prefill a chunk of a waiting prompt in the same forward: on a CPU a separate chunk forward
+    costs at least one more read of every weight, which is what stalls the streaming rows.
+    """
+
+    def __init__(self, parts: list[RaggedPart]):
+        self.parts = parts
+
+    def attend(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """attn over x [1, N, D] part by part (cos/sin [1, N, d/2]) -> [1, N, D]."""
+        outs, start = [], 0
+        for p in self.parts:
+            n = p.rows * p.tokens
+            part = slice(start, start + n)
+            y = attn(x[:, part].reshape(p.rows, p.tokens, -1), cos[:, part].reshape(p.rows, p.tokens, -1),
+                     sin[:, part].reshape(p.rows, p.tokens, -1), p.mask, p.cache, p.absorb)
+            outs.append(y.reshape(1, n, -1))
+            start += n
+        return torch.cat(outs, dim=1)

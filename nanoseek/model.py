@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import ATTENTION, GQA, MLA
+from .attention import ATTENTION, GQA, MLA, Ragged
 from .config import ModelConfig
 from .kernels import group_by_expert, linear, sort_by_expert, swiglu
 from .layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, rope_frequencies
@@ -254,7 +254,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h, cos, sin, mask=None, cache=None, absorb=False):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, absorb)
+        x = self.input_layernorm(h)
+        if isinstance(cache, Ragged):  # rows of different lengths in one forward: attention part by part
+            h = h + cache.attend(self.self_attn, x, cos, sin)
+        else:
+            h = h + self.self_attn(x, cos, sin, mask, cache, absorb)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

@@ -128,3 +128,22 @@ def test_a_sequence_longer_than_the_whole_pool_ends_with_an_error(engine):
     s = Sequence(PROMPTS[2], SamplingParams(max_tokens=20))
     drive(batch, [s])
     assert s.finish_reason == "error" and "cannot hold" in s.error
+
+
+def test_a_prefill_chunk_rides_in_the_decode_rows_forward(engine, monkeypatch):
+    batch = paged_batch(engine, budget=6)
+    short = Sequence(PROMPTS[0], SamplingParams(max_tokens=40))
+    batch.admit([short])
+    batch.step()
+    batch.step()  # the first plain decode step is timed: chunks are sized by it
+    long = Sequence(list(range(1, 60)), SamplingParams(max_tokens=5))
+    batch.admit([long])
+    calls = []
+    forward_hidden = engine.model.forward_hidden
+    monkeypatch.setattr(engine.model, "forward_hidden", lambda *a, **k: calls.append(1) or forward_hidden(*a, **k))
+    before = batch.stats["prefill_tokens"]
+    for _ in range(3):
+        batch.step()
+    assert len(calls) == 3 and batch.stats["prefill_tokens"] - before == 3 * 5  # one forward per step: 1 + 5 tokens
+    monkeypatch.undo()
+    assert drive(batch, [], admitted=[short, long]) == want(engine, [PROMPTS[0]], 40) + want(engine, [long.prompt], 5)

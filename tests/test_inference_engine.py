@@ -139,6 +139,32 @@ def test_batch_of_different_lengths_equals_each_alone():
     assert batch == [engine.generate([p], 8)[0].tokens for p in PROMPTS]
 
 
+def test_a_ragged_forward_equals_its_parts_run_alone():
+    """Two decode rows and a prefill chunk after a cached prefix in one forward: each part's hidden
+    states are those of its own forward (the weights are read once, attention runs per part)."""
+    engine = Engine(tiny())
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    chunk = torch.tensor([[20, 21, 22, 23, 24]])
+
+    def prefilled():
+        cache = engine.new_cache(3, 32)
+        with torch.inference_mode():
+            engine.forward(ids[:, :5], torch.arange(5).expand(2, 5), cache.view(0, 2), absorb=False)
+            engine.forward(chunk[:, :2], torch.arange(2)[None], cache.view(2, 3), absorb=False)
+        return cache
+    dec_pos, chunk_pos = torch.tensor([[5], [5]]), torch.arange(2, 5)[None]
+    cache = prefilled()
+    with torch.inference_mode():
+        dec, pre = engine.forward_ragged([(ids[:, 5:], dec_pos, cache.view(0, 2), True),
+                                          (chunk[:, 2:], chunk_pos, cache.view(2, 3), False)])
+    cache = prefilled()
+    with torch.inference_mode():
+        alone_dec = engine.forward(ids[:, 5:], dec_pos, cache.view(0, 2), absorb=True)
+        alone_pre = engine.forward(chunk[:, 2:], chunk_pos, cache.view(2, 3), absorb=False)
+    torch.testing.assert_close(dec, alone_dec, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pre, alone_pre, atol=1e-5, rtol=1e-5)
+
+
 def test_whole_cache_decode_step_equals_the_sliced_one():
     """The static-shape step compile=True traces (all max_len slots, masked) gives the same tokens;
     run eagerly here, as compiling takes a minute."""

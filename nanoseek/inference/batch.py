@@ -10,9 +10,9 @@ Rows live in cache slots in two runs: ``rows[:running]`` are decoding, ``rows[ru
 be prefilled, in admission order. ``admit`` restores cached prompt prefixes (copied latents, or
 shared pages) and, without a token budget, prefills at once: the prompts right-padded in one
 expanded-MLA forward, each row's first token sampled. With a budget (chunked prefill) ``step``
-first runs the decode forward of the running rows, then prefills waiting rows with what is left:
-whole prompts together, or a chunk of the first one alone, so a long prompt never stalls the rows
-that are streaming. Decoding is one absorbed-MLA forward for every running row, or with MTP one
+decodes the running rows and prefills waiting rows with what is left (whole prompts together, or a
+chunk of the first one alone) in one ragged forward, so a long prompt never stalls the rows that
+are streaming and the weights are read once for both. Decoding is one absorbed-MLA forward for every running row, or with MTP one
 forward that verifies each row's draft and makes the next token, followed by the MTP module's
 forward that drafts again.
 
@@ -70,9 +70,10 @@ class Batch:
         prefilled whole when admitted). chunk_cost: while rows decode, size each prefill chunk so
         its tokens add about this many decode steps (measured as the batch runs: a CPU prefills a
         token much slower than a GPU, so no fixed token count keeps streams smooth everywhere);
-        capped by max_batched_tokens. The chunk's own forward also pays about one decode step of
-        fixed cost (the weights are read again), so a streaming row's gap is ~(2 + chunk_cost)x
-        its idle one; only one forward for decode rows and chunk together would avoid that."""
+        capped by max_batched_tokens. The chunk rides in the decode rows' forward (a ragged
+        forward: the weights are read once for both), so a streaming row's gap is ~(1 +
+        chunk_cost)x its idle one; with MTP drafting or on DeepSeek-V4's cache the chunk gets a
+        forward of its own, which adds about one decode step more."""
         if speculative not in SPECULATIVE:
             raise ValueError(f"speculative={speculative!r}: expected None or 'mtp'")
         if speculative == "mtp" and not engine.model.mtp_layers:
@@ -175,10 +176,28 @@ class Batch:
             self._prefill_rows(part)
 
     def _prefill_rows(self, take: list[tuple[int, int]]) -> None:
+        part = self._prefill_part(take)
+        if part is None:
+            return
+        t0 = time.perf_counter()
+        seqs, ids, positions, cache, absorb = part["seqs"], part["ids"], part["positions"], part["cache"], part["absorb"]
+        try:
+            embeds = self.engine.embed_images(ids, seqs) if any(s.images is not None for s in seqs) else None
+            hidden = self.engine.forward(ids, positions, cache, absorb=absorb, inputs_embeds=embeds)  # [B, T, D]
+            self._prefilled(take, part, hidden)
+        except Exception as e:  # the forward itself failed: these rows (and their twins) end
+            _fail(self.rows, [i for i, _ in take], "prefill", e)
+            return
+        self.stats["prefill_s"] += time.perf_counter() - t0
+
+    def _prefill_part(self, take: list[tuple[int, int]]) -> dict | None:
+        """The forward's inputs for prefilling `take` (see _take_prefill): the rows' next tokens
+        right-padded into ids [B, T], their positions, the cache view and the attention path;
+        None when only twins are taken (nothing to compute)."""
         real = [(i, n) for i, n in take if self.rows[i].twin is None]
         if not real:
-            return
-        t0, dev = time.perf_counter(), self.engine.device
+            return None
+        dev = self.engine.device
         seqs = [self.rows[i] for i, _ in real]
         ctx = [s.context_ids() for s in seqs]
         ids = torch.zeros(len(real), max(n for _, n in real), dtype=torch.long, device=dev)
@@ -190,41 +209,41 @@ class Batch:
         slots = [i for i, _ in real]
         cache = self.cache.view(slots[0], slots[-1] + 1) if slots == list(range(slots[0], slots[-1] + 1)) \
             else self.cache.subset(slots)
-        done = [s.prefilled + n == len(c) for (_, n), s, c in zip(real, seqs, ctx)]
         # a short chunk after a cached prefix attends in latent space: the expanded path up-projects
         # every earlier key again for each chunk, which makes a prompt in small chunks cost O(length^2)
         cfg = self.engine.config
         R, dn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
         short = ids.shape[1] * (R - dn) < R * (dn + cfg.v_head_dim)  # latent scores cost less than up-projection
         absorb = short and min(s.prefilled for s in seqs) > 0
-        try:
-            embeds = self.engine.embed_images(ids, seqs) if any(s.images is not None for s in seqs) else None
-            hidden = self.engine.forward(ids, positions, cache, absorb=absorb, inputs_embeds=embeds)  # [B, T, D]
-            rows_b = torch.arange(len(real), device=dev)
-            at = torch.tensor([n - 1 for _, n in real], device=dev)
-            logits = self.engine.logits(hidden[rows_b, at])
-            firsts = self._first_tokens(take, seqs, done, logits)
-            for b, ((_, n), s) in enumerate(zip(real, seqs)):
-                if s.params.prompt_logprobs is not None and not s.out:
-                    record_prompt_logprobs(s, self.engine.logits(hidden[b, :n]), s.prefilled)
-            if self.mtp:  # MTP entry i reads (h_i, t_{i+1}); a completed row's last position pairs with its new token
-                nxt = [c[s.prefilled + 1:s.prefilled + n + 1] + ([firsts[id(s)]] if d else []) for (_, n), s, c, d
-                       in zip(real, seqs, ctx, done)]
-                next_ids = torch.zeros_like(ids)
-                for b, row in enumerate(nxt):
-                    next_ids[b, :len(row)] = torch.tensor([max(t, 0) for t in row], dtype=torch.long)
-                g = self.engine.mtp_forward(hidden, next_ids, positions, cache, absorb=absorb)
-                self._propose(seqs, self.engine.logits(g[rows_b, at]), only=done)
-        except Exception as e:  # the forward itself failed: these rows (and their twins) end
-            _fail(self.rows, [i for i, _ in take], "prefill", e)
-            return
+        return dict(real=real, seqs=seqs, ctx=ctx, ids=ids, positions=positions, cache=cache, absorb=absorb)
+
+    def _prefilled(self, take: list[tuple[int, int]], part: dict, hidden: torch.Tensor) -> None:
+        """After the prefill forward of `part` (hidden [B, T, D]): first tokens of the rows it
+        completes, prompt log-probs, MTP drafts; the rows advance and completed ones start decoding."""
+        real, seqs, ctx, positions = part["real"], part["seqs"], part["ctx"], part["positions"]
+        dev = hidden.device
+        done = [s.prefilled + n == len(c) for (_, n), s, c in zip(real, seqs, ctx)]
+        rows_b = torch.arange(len(real), device=dev)
+        at = torch.tensor([n - 1 for _, n in real], device=dev)
+        logits = self.engine.logits(hidden[rows_b, at])
+        firsts = self._first_tokens(take, seqs, done, logits)
+        for b, ((_, n), s) in enumerate(zip(real, seqs)):
+            if s.params.prompt_logprobs is not None and not s.out:
+                record_prompt_logprobs(s, self.engine.logits(hidden[b, :n]), s.prefilled)
+        if self.mtp:  # MTP entry i reads (h_i, t_{i+1}); a completed row's last position pairs with its new token
+            nxt = [c[s.prefilled + 1:s.prefilled + n + 1] + ([firsts[id(s)]] if d else []) for (_, n), s, c, d
+                   in zip(real, seqs, ctx, done)]
+            next_ids = torch.zeros_like(part["ids"])
+            for b, row in enumerate(nxt):
+                next_ids[b, :len(row)] = torch.tensor([max(t, 0) for t in row], dtype=torch.long)
+            g = self.engine.mtp_forward(hidden, next_ids, positions, part["cache"], absorb=part["absorb"])
+            self._propose(seqs, self.engine.logits(g[rows_b, at]), only=done)
         for (i, n), s in zip(real, seqs):
             s.prefilled += n
             s.length = s.prefilled
         self._complete(take, firsts)
         self.stats["prefill_tokens"] += sum(n for _, n in real)
         self.stats["row_forwards"] += len(real)
-        self.stats["prefill_s"] += time.perf_counter() - t0
 
     def _first_tokens(self, take, seqs, done, logits) -> dict[int, int]:
         """The first new token of every row this forward completes, by id(sequence): sampled from
@@ -317,6 +336,10 @@ class Batch:
                          f"sequence's {s.length + per_row} tokens")
                 i += 1
         n = self.running
+        take = self._take_prefill(self._prefill_budget(n)) if n and self._rides_along() else []
+        if take:  # a prefill chunk joins the decode rows' forward
+            self._decode_and_prefill(take, t0)
+            return
         if n:
             t1 = time.perf_counter()
             try:
@@ -324,9 +347,7 @@ class Batch:
             except Exception as e:  # nothing to blame one row for: every running row fails
                 _fail(self.rows, list(range(n)), "decode", e)
             self._average("decode_step", time.perf_counter() - t1)
-            self.stats["steps"] += 1
-            self.stats["rows_decoded"] += n
-            self.stats["row_forwards"] += n
+            self._count_decode(n)
         self.stats["decode_s"] += time.perf_counter() - t0
         if self.running < len(self.rows):
             t1, before = time.perf_counter(), self.stats["prefill_tokens"]
@@ -335,6 +356,52 @@ class Batch:
             if done:
                 fixed = self._seconds["decode_step"] or 0.0
                 self._average("prefill_token", max(time.perf_counter() - t1 - fixed, 1e-6) / done)
+
+    def _count_decode(self, n: int) -> None:
+        self.stats["steps"] += 1
+        self.stats["rows_decoded"] += n
+        self.stats["row_forwards"] += n
+
+    def _rides_along(self) -> bool:
+        """Whether this step prefills inside the decode forward (a ragged forward): in chunked mode,
+        while rows decode and others wait, except with MTP drafting, on a cache that takes no
+        padding (DeepSeek-V4), with image prompts waiting, and before one plain decode step has
+        been timed (chunks are sized by it)."""
+        return (self.running < len(self.rows) and (self.budget is not None or self.chunk_cost is not None)
+                and not self.mtp and not self.cache.unpadded and self._seconds["decode_step"] is not None
+                and all(s.images is None for s in self.rows[self.running:]))
+
+    def _decode_and_prefill(self, take: list[tuple[int, int]], t0: float) -> None:
+        """One ragged forward (``Engine.forward_ragged``): every running row's next token, and the
+        prefill of `take`. The weights are read once for both, so a streaming row's gap grows only
+        by the chunk's own compute: ~(1 + chunk_cost)x its idle gap."""
+        rows = self.rows[:self.running]
+        part = self._prefill_part(take)
+        ids, positions = self._decode_inputs(rows)
+        parts = [(ids, positions, self.cache.view(0, len(rows)), True)]
+        if part is not None:
+            parts.append((part["ids"], part["positions"], part["cache"], part["absorb"]))
+        try:
+            hidden = self.engine.forward_ragged(parts)
+        except Exception as e:  # the shared forward failed: its decode rows and prefill rows end
+            _fail(self.rows, list(range(len(rows))) + [i for i, _ in take], "forward", e)
+            self._count_decode(len(rows))
+            return
+        try:
+            self._advance(rows, hidden[0])
+        except Exception as e:
+            _fail(self.rows, list(range(len(rows))), "decode", e)
+        self._count_decode(len(rows))
+        if part is not None:
+            try:
+                self._prefilled(take, part, hidden[1])
+            except Exception as e:
+                _fail(self.rows, [i for i, _ in take], "prefill", e)
+        seconds, fixed = time.perf_counter() - t0, self._seconds["decode_step"]
+        self.stats["decode_s"] += min(seconds, fixed)
+        self.stats["prefill_s"] += max(seconds - fixed, 0.0)
+        if part is not None:
+            self._average("prefill_token", max(seconds - fixed, 1e-6) / sum(n for _, n in part["real"]))
 
     def _average(self, what: str, seconds: float) -> None:
         old = self._seconds[what]
@@ -352,10 +419,16 @@ class Batch:
 
     def _decode_step(self) -> None:
         """Feed every row its newest token at its own position; pick each row's next one."""
-        rows, dev = self.rows[:self.running], self.engine.device
-        ids = torch.tensor([[s.last] for s in rows], device=dev)
-        positions = torch.tensor([[s.length] for s in rows], device=dev)
-        hidden = self.engine.decode(ids, positions, self.cache.view(0, len(rows)))
+        rows = self.rows[:self.running]
+        ids, positions = self._decode_inputs(rows)
+        self._advance(rows, self.engine.decode(ids, positions, self.cache.view(0, len(rows))))
+
+    def _decode_inputs(self, rows: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.engine.device
+        return torch.tensor([[s.last] for s in rows], device=dev), torch.tensor([[s.length] for s in rows], device=dev)
+
+    def _advance(self, rows: list[Sequence], hidden: torch.Tensor) -> None:
+        """Each decoding row's next token from its hidden [n, 1, D]."""
         tokens = self._pick(rows, self.engine.logits(hidden[:, 0]))
         for s, t in zip(rows, tokens):
             if s.finish_reason is None:

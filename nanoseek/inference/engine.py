@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention import Ragged, RaggedPart
 from .batch import SPECULATIVE, Batch
 from .cache import LatentCache, PrefixCache, attention_mask
 from .compressed import CompressedCache
@@ -108,6 +109,21 @@ class Engine:
             return self.model.model.norm(self.model.model.hc_head(self._streams))
         h = self.model.forward_hidden(ids, positions, _mask(positions, cache), cache, absorb, inputs_embeds)
         return self.model.model.norm(h)
+
+    def forward_ragged(self, parts: list[tuple[torch.Tensor, torch.Tensor, LatentCache, bool]]) -> list[torch.Tensor]:
+        """Several forwards as one: parts of (ids [B, T], positions [B, T], cache view, absorb) ->
+        each part's normed final hidden [B, T, D]. Every weight is read once for all the parts
+        (``attention.Ragged``); attention runs per part. DeepSeek-V4 has no ragged path."""
+        if self.config.attention == "v4":
+            raise ValueError("DeepSeek-V4 forwards one row at a time: no ragged forward")
+        specs = []
+        for ids, positions, cache, absorb in parts:
+            cache.prepare(positions)
+            specs.append(RaggedPart(ids.shape[0], ids.shape[1], _mask(positions, cache), cache, absorb))
+        flat = [torch.cat([t.reshape(1, -1) for t in ts], dim=1) for ts in zip(*[p[:2] for p in parts])]
+        h = self.model.model.norm(self.model.forward_hidden(flat[0], flat[1], None, Ragged(specs)))
+        sizes = [p.rows * p.tokens for p in specs]
+        return [x.view(p.rows, p.tokens, -1) for p, x in zip(specs, h[0].split(sizes))]
 
     # ------------------------------------------------------------------ images
     def encode_images(self, images: list) -> torch.Tensor:
