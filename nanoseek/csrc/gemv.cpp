@@ -211,11 +211,18 @@ void quantize_int4_act(const float* x, int64_t K, int64_t g, Int4Act& a) {
   }
 }
 
+// 16 bf16 -> 16 fp32
+inline __m512 bf16x16(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+
 // sum_j zero[j] * gsum[j] - scale[j] * qsum8[j] over the G groups of a row (zero, scale bf16)
 inline float zero_term(const uint16_t* zr, const uint16_t* sc, const Int4Act& a, int64_t G) {
-  float t = 0.0f;
-  for (int64_t j = 0; j < G; ++j) t += bf16_to_float(zr[j]) * a.gsum[j] - bf16_to_float(sc[j]) * a.qsum8[j];
-  return t;
+  __m512 t = _mm512_setzero_ps();
+  for (int64_t j = 0; j < G; j += 16) {
+    const __mmask16 k = G - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (G - j)) - 1);
+    t = _mm512_fmadd_ps(bf16x16(_mm256_maskz_loadu_epi16(k, zr + j)), _mm512_maskz_loadu_ps(k, a.gsum.data() + j), t);
+    t = _mm512_fnmadd_ps(bf16x16(_mm256_maskz_loadu_epi16(k, sc + j)), _mm512_maskz_loadu_ps(k, a.qsum8.data() + j), t);
+  }
+  return _mm512_reduce_add_ps(t);
 }
 
 // Weight-group scale(s) of one 64-column chunk as 8 fp32 lanes: for g >= 64 one bf16 scale broadcast;
