@@ -5,21 +5,23 @@
 // CPU lacks the instructions (available() says which).
 //
 // Both products compute y [M, N] fp32 = x [M, K] fp32 @ W^T for a quantized W [N, K], and both
-// quantize the activation rows first, in blocks of the K axis, to int8 (symmetric, one fp32 scale
-// per block and row: xq = round(x / sx), sx = max|x| / 127), so that the inner products are
-// integer dot products of 4 bytes at a time (vpdpbusd: u8 x s8 summed into int32 lanes). The
-// only rounding beyond the weights' own is that of the activations (|error| <= sx / 2 per element)
-// and fp32 accumulation.
+// quantize the activation rows first, in blocks of the K axis (symmetric, one fp32 scale per block
+// and row: xq = round(x / sx), sx = max|x| / qmax), so that the inner products are integer dot
+// products (VNNI: vpdpwssd for int16 pairs, vpdpbusd for u8 x s8 quads, summed into int32 lanes).
+// The only rounding beyond the weights' own is that of the activations (|error| <= sx / 2 per
+// element) and fp32 accumulation.
 //
-// int8_gemm: W = q * scale[n], q int8 [N, K] (row-major), scale bf16 [N]. Activation blocks of
-//   64. vpdpbusd wants one unsigned operand: the codes are made unsigned as q + 128 (an xor) and
-//   the 128 * sum(xq) this adds is subtracted once per row of x (it does not depend on n).
+// int8_gemm: W = q * scale[n], q int8 [N, K] (row-major), scale bf16 [N]. Activations in int16
+//   (qmax 32767) in blocks of 64: their rounding is ~2^-16 of the block's largest value, below
+//   bf16's, so int8 weights lose nothing to it (int8 activations would add ~0.5% to each product,
+//   as much as the weights' own rounding). The codes are widened to int16 for vpdpwssd.
 // int4_gemm: W[n, k] = (c[n, k] - 8) * scale[n, k / g] + zero[n, k / g], codes c in 0..15 packed two
 //   per byte in nanoseek's on-disk layout: uint8 [N, K/2], byte j holds column 2j in its low nibble
 //   and 2j+1 in its high nibble; scale and zero bf16 [N, G], G = K / g, g in {32, 64, 128, 256}
 //   (zero = wmin + 8 * scale of the on-disk W = c * scale + wmin: centred, so bf16 rounds it less).
-//   Activation blocks of 32. The codes are already unsigned; the activation is stored per 64
-//   columns as its 32 even columns then its 32 odd ones, so the low nibbles of 32 bytes meet the
+//   Activations in int8 (qmax 127; ~0.5% per product, small beside int4's own ~8%) in blocks of
+//   32, so that vpdpbusd takes 4 codes at a time. The codes are already unsigned; the activation
+//   is stored per 64 columns as its 32 even columns then its 32 odd ones, so the low nibbles of 32 bytes meet the
 //   even columns and the high nibbles the odd ones. The kernel sums c * xq; the -8 * sum(xq) that
 //   centres it and the zero term are added per group from two sums of each row of x: its
 //   quantized sum (so the activation rounding meets the centred codes c - 8, not c, whose mean
@@ -44,7 +46,7 @@
 
 namespace {
 
-constexpr int64_t CHUNK = 64;      // columns per inner step (one 32-byte load of int4 codes, two of int8)
+constexpr int64_t CHUNK = 64;      // columns per inner step (one 32-byte load of int4 codes, four 16-byte of int8)
 constexpr int64_t M_TILE = 4;      // rows of x per pass over a block of weight rows
 constexpr int64_t ROW_BLOCK = 16;  // weight rows per block inside a thread
 
@@ -95,15 +97,13 @@ inline float quantize32(const float* x, int8_t* out, float* sum, int32_t* qsum) 
 // ---------------------------------------------------------------------------- int8
 
 struct Int8Act {  // one row of x, quantized for int8_gemm
-  std::vector<int8_t> q;   // [K]
+  std::vector<int16_t> q;  // [K]
   std::vector<float> sx;   // [K / 64]
-  float corr = 0.0f;       // 128 * sum_b sx[b] * sum(q in b)
 };
 
 void quantize_int8_act(const float* x, int64_t K, Int8Act& a) {
   a.q.resize(K);
   a.sx.resize(K / CHUNK);
-  float corr = 0.0f;
   for (int64_t c = 0; c < K / CHUNK; ++c) {
     const float* xc = x + c * CHUNK;
     __m512 v[4];
@@ -112,28 +112,31 @@ void quantize_int8_act(const float* x, int64_t K, Int8Act& a) {
       v[i] = _mm512_loadu_ps(xc + 16 * i);
       amax = std::max(amax, _mm512_reduce_max_ps(_mm512_abs_ps(v[i])));
     }
-    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    float sx = amax / 127.0f;
-    __m512i qs = _mm512_setzero_si512();
+    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
     for (int i = 0; i < 4; ++i) {
-      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inv)));
-      qs = _mm512_add_epi32(qs, q);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q.data() + c * CHUNK + 16 * i), _mm512_cvtsepi32_epi8(q));
+      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));  // round to nearest even
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q.data() + c * CHUNK + 16 * i), _mm512_cvtsepi32_epi16(q));
     }
-    a.sx[c] = sx;
-    corr += sx * static_cast<float>(_mm512_reduce_add_epi32(qs));
+    a.sx[c] = amax / 32767.0f;
   }
-  a.corr = 128.0f * corr;
 }
 
-// Rows n0..n1 of y for MT rows of x, weight rows in pairs (as int4_rows).
+// 16 int8 codes -> 16 int16
+inline __m256i widen(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// sum over one 64-column chunk of w * xq as 8 int32 lanes (vpdpwssd: pairs of int16 products)
+inline __m256i dot64(const __m256i* w, const int16_t* xq) {
+  __m256i s = _mm256_dpwssd_epi32(_mm256_setzero_si256(), w[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+  s = _mm256_dpwssd_epi32(s, w[1], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16)));
+  s = _mm256_dpwssd_epi32(s, w[2], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
+  return _mm256_dpwssd_epi32(s, w[3], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 48)));
+}
+
+// Rows n0..n1 of y for MT rows of x; weight rows go in pairs (two independent accumulation chains
+// per row of x, sharing the activation loads).
 template <int MT>
 void int8_rows(const Int8Act* act, const int8_t* q, const uint16_t* scale, float* y, int64_t N, int64_t K,
                int64_t n0, int64_t n1) {
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  auto load = [&](const int8_t* p) {  // 32 codes made unsigned: q + 128
-    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), flip);
-  };
   int64_t n = n0;
   for (; n + 2 <= n1; n += 2) {
     const int8_t* w0 = q + n * K;
@@ -141,23 +144,22 @@ void int8_rows(const Int8Act* act, const int8_t* q, const uint16_t* scale, float
     __m256 acc0[MT], acc1[MT];
     for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
     for (int64_t c = 0; c < K / CHUNK; ++c) {
-      __m256i a0 = load(w0 + c * CHUNK), b0 = load(w0 + c * CHUNK + 32);
-      __m256i a1 = load(w1 + c * CHUNK), b1 = load(w1 + c * CHUNK + 32);
+      __m256i a[4], b[4];
+      for (int j = 0; j < 4; ++j) {
+        a[j] = widen(w0 + c * CHUNK + 16 * j);
+        b[j] = widen(w1 + c * CHUNK + 16 * j);
+      }
       for (int m = 0; m < MT; ++m) {
-        const int8_t* xq = act[m].q.data() + c * CHUNK;
-        __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-        __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
-        __m256 sx = _mm256_set1_ps(act[m].sx[c]);
-        __m256i s0 = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a0, xa), b0, xb);
-        __m256i s1 = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a1, xa), b1, xb);
-        acc0[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), sx, acc0[m]);
-        acc1[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), sx, acc1[m]);
+        const int16_t* xq = act[m].q.data() + c * CHUNK;
+        const __m256 sx = _mm256_set1_ps(act[m].sx[c]);
+        acc0[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(a, xq)), sx, acc0[m]);
+        acc1[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(b, xq)), sx, acc1[m]);
       }
     }
     const float sw0 = bf16_to_float(scale[n]), sw1 = bf16_to_float(scale[n + 1]);
     for (int m = 0; m < MT; ++m) {
-      y[m * N + n] = sw0 * (hsum(acc0[m]) - act[m].corr);
-      y[m * N + n + 1] = sw1 * (hsum(acc1[m]) - act[m].corr);
+      y[m * N + n] = sw0 * hsum(acc0[m]);
+      y[m * N + n + 1] = sw1 * hsum(acc1[m]);
     }
   }
   for (; n < n1; ++n) {  // an odd last row
@@ -165,16 +167,14 @@ void int8_rows(const Int8Act* act, const int8_t* q, const uint16_t* scale, float
     __m256 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t c = 0; c < K / CHUNK; ++c) {
-      __m256i a = load(w + c * CHUNK), b = load(w + c * CHUNK + 32);
-      for (int m = 0; m < MT; ++m) {
-        const int8_t* xq = act[m].q.data() + c * CHUNK;
-        __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
-        s = _mm256_dpbusd_epi32(s, b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(act[m].sx[c]), acc[m]);
-      }
+      __m256i a[4];
+      for (int j = 0; j < 4; ++j) a[j] = widen(w + c * CHUNK + 16 * j);
+      for (int m = 0; m < MT; ++m)
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(a, act[m].q.data() + c * CHUNK)),
+                                 _mm256_set1_ps(act[m].sx[c]), acc[m]);
     }
     const float sw = bf16_to_float(scale[n]);
-    for (int m = 0; m < MT; ++m) y[m * N + n] = sw * (hsum(acc[m]) - act[m].corr);
+    for (int m = 0; m < MT; ++m) y[m * N + n] = sw * hsum(acc[m]);
   }
 }
 

@@ -9,9 +9,11 @@
 What they compute (gemv.cpp says how): x [M, K] @ W^T for int8 W = q * scale[n] (q int8 [N, K],
 scale bf16 [N]) and int4 W = (codes - 8) * scale + zero per group of g inputs, the codes in
 nanoseek's on-disk int4 layout (uint8 [N, K/2], column 2j in the low nibble and 2j+1 in the high
-one; scale and zero = wmin + 8 * scale bf16 [N, K/g]). The activation rows are quantized to int8 in blocks of 64 (int8) or 32 (int4)
-inputs, one scale per block, and the products run as AVX-512 VNNI integer dot products, split
-over output rows on torch's intra-op threads. K must be a multiple of 64.
+one; scale and zero = wmin + 8 * scale bf16 [N, K/g]). The activation rows are quantized, one
+scale per block of inputs: to int16 in blocks of 64 for int8 weights (its rounding is below bf16's),
+to int8 in blocks of 32 for int4 weights (~0.5% per product, beside int4's own ~8%). The products
+run as AVX-512 VNNI integer dot products, split over output rows on torch's intra-op threads. K
+must be a multiple of 64.
 
 The extension is compiled with torch.utils.cpp_extension (g++ -O3 -march=native, ninja) into
 ~/.cache/nanoseek/extensions/ (or $NANOSEEK_EXT_DIR) the first time a quantized product asks for
