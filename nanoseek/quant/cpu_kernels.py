@@ -139,21 +139,33 @@ def shape_ok(in_features: int) -> bool:
     return in_features % K_MULTIPLE == 0
 
 
+def _usable(x: torch.Tensor, in_features: int):
+    """The extension if it can run this product (CPU tensor, K a multiple of 64, not disabled), else None.
+    The per-call path of the products: a few dictionary and environment lookups."""
+    if x.device.type != "cpu" or in_features % K_MULTIPLE:
+        return None
+    ext = _state.get("ext", False)
+    if ext is False:  # not tried yet (or disabled when last asked)
+        return kernels()
+    if ext is None or os.environ.get(ENV_DISABLE, "") not in ("", "0"):
+        return None
+    return ext
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float32).contiguous()
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
 
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """x [M, K] @ (q int8 [N, K] * scale bf16 [N])^T -> fp32 [M, N]; None if the extension cannot
     run it (not built, not a CPU tensor, K not a multiple of 64): the caller falls back."""
-    ext = kernels() if x.device.type == "cpu" and shape_ok(q.shape[1]) else None
-    return None if ext is None else ext.int8_gemm(_rows(x), q.contiguous(), scale.contiguous())
+    ext = _usable(x, q.shape[1])
+    return None if ext is None else ext.int8_gemm(_rows(x), q, scale)
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor | None:
     """x [M, K] @ W^T for int4 W = (codes - 8) * scale + zero, codes in nanoseek's layout (packed uint8
     [N, K/2]), scale/zero bf16 [N, K/g] -> fp32 [M, N]; None if the extension cannot run it (the
-    caller falls back)."""
-    ext = kernels() if x.device.type == "cpu" and shape_ok(2 * packed.shape[1]) else None
-    return None if ext is None else ext.int4_gemm(_rows(x), packed.contiguous(), scale.contiguous(),
-                                                  zero.contiguous())
+    caller falls back). The weights must be contiguous (the modules' buffers and their [e] slices are)."""
+    ext = _usable(x, 2 * packed.shape[1])
+    return None if ext is None else ext.int4_gemm(_rows(x), packed, scale, zero)
