@@ -11,11 +11,11 @@ The int4 code layout (two codes per byte) and the group sizes are here because t
 dictate them; formats.py quantizes into that layout.
 
 Weights stay quantized in memory. On a CPU with AVX-512 VNNI the products are nanoseek's own
-kernels (``cpu_kernels``: csrc/gemv.cpp, built on the first product; activations quantized to int8
-in blocks of 32-64 inputs, integer dot products, split over output rows on torch's threads) for up
-to EXT_MAX_ROWS rows of x (decode, small batches; int4 always, see below). Otherwise, and wherever
-the extension is disabled (NANOSEEK_NO_EXT=1) or cannot be built, they are torch's own weight-only
-CPU kernels: ``torch._weight_int8pack_mm`` (int8 codes, one bf16 scale per output channel) and
+kernels (``cpu_kernels``: csrc/gemv.cpp, built on the first product; activations quantized in blocks,
+integer dot products, split over output rows on torch's threads), at any number of rows (measured
+on a 2816 x 2048 weight, one thread: as fast as torch's kernels or faster from 1 to 512 rows).
+Wherever the extension is disabled (NANOSEEK_NO_EXT=1) or cannot be built, they are torch's own
+weight-only CPU kernels: ``torch._weight_int8pack_mm`` (int8 codes, one bf16 scale per output channel) and
 ``torch._weight_int4pack_mm_for_cpu`` (int4 codes in groups, pre-packed by
 ``torch._convert_weight_to_int4pack_for_cpu``). Those take bf16 activations only (an fp32 input is
 refused or, for int8, runs ~7x slower on an AVX-512 CPU), so each product casts its input to bf16
@@ -52,7 +52,6 @@ from . import cpu_kernels
 KERNEL_DTYPE = torch.bfloat16
 INT4_TILE = 16  # the int4 CPU kernel packs output rows in tiles of 16
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel (and nanoseek's) accepts
-EXT_MAX_ROWS = 32  # int8: rows of x up to which nanoseek's kernel runs (torch's beyond; see BENCHMARKS.md)
 
 
 # ----------------------------------------------------------------------------- int4 codes
@@ -82,9 +81,9 @@ def int4_unpack(packed: torch.Tensor) -> torch.Tensor:
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ W^T with W = q [N, K] * scale [N] (bf16) -> [M, N]: fp32 from nanoseek's kernel
-    (CPU, M <= EXT_MAX_ROWS), bf16 from torch's (CPU), x's dtype elsewhere."""
+    (CPU), bf16 from torch's (CPU, where the extension cannot run), x's dtype elsewhere."""
     if x.device.type == "cpu":
-        y = cpu_kernels.int8_mm(x, q, scale) if x.shape[0] <= EXT_MAX_ROWS else None
+        y = cpu_kernels.int8_mm(x, q, scale)
         if y is not None:
             return y
         if q.shape[1] % 16:  # torch's bf16 kernel reads K in blocks of 16 and crashes on a remainder: fp32 path
