@@ -11,6 +11,7 @@ That bound is what these tests check, element by element. Tests that need the ex
 where it cannot be built.
 """
 
+import os
 import subprocess
 import sys
 
@@ -162,6 +163,32 @@ def test_native_int4_modules_convert_to_torch_layout_when_the_extension_goes(ext
     assert experts.layout == "torch" and routed.shape == (3, D)
     for got, want in zip(experts.expert_weights(1), before[1]):
         assert float((got - want).norm() / want.norm()) < 0.01
+
+
+def test_a_failed_build_falls_back_to_torch_kernels_and_says_so_once(tmp_path):
+    """In a fresh process whose build directory cannot be made: a native int4 module converts itself
+    to torch's layout on its first product, products keep working, one warning in the log."""
+    code = ("import logging, os, torch; logging.basicConfig(level=logging.WARNING)\n"
+            "from nanoseek.quant import cpu_kernels\n"
+            "from nanoseek.quant.formats import int4_quantize, int8_quantize\n"
+            "from nanoseek.quant.modules import Int4Linear, Int8Linear\n"
+            "w = torch.randn(16, 128)\n"
+            "lin4, lin8 = Int4Linear(128, 16, group_size=64), Int8Linear(128, 16)\n"
+            "first = lin4.layout\n"
+            "lin4.set_quantized(*int4_quantize(w, 64)); lin8.set_quantized(*int8_quantize(w))\n"
+            "x = torch.randn(2, 128)\n"
+            "ok = all(float((m(x) - x @ w.T).norm() / (x @ w.T).norm()) < 0.2 for _ in range(3) for m in (lin4, lin8))\n"
+            "print(first, lin4.layout, ok, cpu_kernels.kernels() is None, cpu_kernels.enabled())\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**os.environ, "NANOSEEK_EXT_DIR": str(blocker / "sub")}  # mkdir under a file fails
+    env.pop(cpu_kernels.ENV_DISABLE, None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first = "native" if cpu_kernels.enabled() else "torch"
+    assert out.stdout.split() == [first, "torch", "True", "True", "False"]
+    if first == "native":
+        assert out.stderr.count("nanoseek CPU kernels not used") == 1 and "build failed" in out.stderr
 
 
 def test_importing_nanoseek_builds_nothing():

@@ -45,7 +45,7 @@ K_MULTIPLE = 64  # the kernels step over inputs 64 at a time
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "gemv.cpp"
 
 _lock = threading.Lock()
-_state: dict = {}  # "ext": the loaded module or None once tried; "cpu": cached CPU check
+_state: dict = {}  # "ext": the loaded module, or None once it failed; "cpu": why the CPU cannot (None: it can)
 
 
 def _cpu_flags() -> tuple[str, set[str]]:
@@ -65,10 +65,12 @@ def _cpu_flags() -> tuple[str, set[str]]:
     return name, flags
 
 
+def _disabled() -> bool:
+    return os.environ.get(ENV_DISABLE, "") not in ("", "0")
+
+
 def _why_not() -> str | None:
-    """Why the extension cannot be used here (without building it), or None if it can be tried."""
-    if os.environ.get(ENV_DISABLE, "") not in ("", "0"):
-        return f"{ENV_DISABLE} is set"
+    """Why this machine cannot run the extension (checked once, without building it), or None."""
     if "cpu" not in _state:
         name, flags = _cpu_flags()
         missing = [f for f in REQUIRED_FLAGS if f not in flags]
@@ -85,36 +87,36 @@ def _why_not() -> str | None:
 
 
 def enabled() -> bool:
-    """True if the extension may be used here: not disabled, an x86-64 CPU with AVX-512 VNNI, a
-    compiler. Builds nothing; ``kernels()`` can still fail (then it returns None)."""
-    if _why_not() is not None:
-        return False
-    return _state.get("ext", True) is not None
+    """True if the extension may be used here: not disabled (NANOSEEK_NO_EXT), an x86-64 CPU with
+    AVX-512 VNNI, a compiler, no failed build yet. Builds nothing; ``kernels()`` can still fail."""
+    return not _disabled() and _why_not() is None and _state.get("ext", True) is not None
 
 
 def kernels():
     """The built extension module, building it on the first call; None where it cannot be used
-    (the reason is logged once)."""
-    if "ext" in _state:
-        return _state["ext"] if _why_not() is None else None
-    with _lock:
-        if "ext" in _state:
-            return _state["ext"]
-        reason = _why_not()
-        ext = None
-        if reason is None:
-            try:
-                ext = _build()
-                if not ext.available():
-                    reason, ext = "the built extension found no AVX-512 VNNI", None
-            except Exception as e:  # a failed build must never stop the model: torch's kernels remain
-                reason = f"the build failed ({type(e).__name__}: {e}; build directory {_build_dir()})"
-        if reason is not None:
-            log.warning("nanoseek CPU kernels not used, torch's weight-only kernels instead: %s", reason)
-        # a reason that may change (the environment variable) is not cached as a failure
-        if ext is not None or os.environ.get(ENV_DISABLE, "") in ("", "0"):
-            _state["ext"] = ext
-        return ext
+    (disabled by NANOSEEK_NO_EXT, or a reason logged once: the CPU, no compiler, a failed build)."""
+    if _disabled():
+        return None
+    if "ext" not in _state:
+        with _lock:
+            if "ext" not in _state:
+                _state["ext"] = _load()
+    return _state["ext"]
+
+
+def _load():
+    """Build (or find built) and import the extension; None, logged, where that fails."""
+    reason, ext = _why_not(), None
+    if reason is None:
+        try:
+            ext = _build()
+            if not ext.available():
+                reason, ext = "the built extension found no AVX-512 VNNI", None
+        except Exception as e:  # a failed build must never stop the model: torch's kernels remain
+            reason = f"the build failed ({type(e).__name__}: {e}; build directory {_build_dir()})"
+    if reason is not None:
+        log.warning("nanoseek CPU kernels not used, torch's weight-only kernels instead: %s", reason)
+    return ext
 
 
 def _build():
@@ -142,14 +144,10 @@ def shape_ok(in_features: int) -> bool:
 def _usable(x: torch.Tensor, in_features: int):
     """The extension if it can run this product (CPU tensor, K a multiple of 64, not disabled), else None.
     The per-call path of the products: a few dictionary and environment lookups."""
-    if x.device.type != "cpu" or in_features % K_MULTIPLE:
+    if x.device.type != "cpu" or in_features % K_MULTIPLE or _disabled():
         return None
     ext = _state.get("ext", False)
-    if ext is False:  # not tried yet (or disabled when last asked)
-        return kernels()
-    if ext is None or os.environ.get(ENV_DISABLE, "") not in ("", "0"):
-        return None
-    return ext
+    return kernels() if ext is False else ext
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
