@@ -14,6 +14,7 @@ from nanoseek.inference import Engine
 from nanoseek.model import Experts, Gate, Linear, RMSNorm
 from nanoseek.quant import quantize_model
 from nanoseek.quant.formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize, swap_modules
+from nanoseek.quant import cpu_kernels
 from nanoseek.quant.modules import Int4Experts, Int4Linear, Int8Experts, Int8Linear
 
 
@@ -53,15 +54,21 @@ def test_int8_linear_matches_dequantized_reference(bias):
     assert m(x.bfloat16()).dtype == torch.bfloat16  # output keeps the input's dtype
 
 
+@pytest.mark.parametrize("layout", ["native", "torch"])
 @pytest.mark.parametrize("out_features,group", [(80, 64), (96, 128), (24, 32)])
-def test_int4_linear_matches_dequantized_reference(out_features, group):
+def test_int4_linear_matches_dequantized_reference(out_features, group, layout, monkeypatch):
+    if layout == "torch":
+        monkeypatch.setenv(cpu_kernels.ENV_DISABLE, "1")
+    elif not cpu_kernels.enabled():
+        pytest.skip("nanoseek's CPU kernels cannot run here")
     lin = nn.Linear(256, out_features, bias=False)
     packed, scale, wmin = int4_quantize(lin.weight.detach(), group)
     m = Int4Linear(256, out_features, group)
     m.set_quantized(packed, scale, wmin)
     w_ref = int4_dequantize(packed, scale, wmin)
-    # the kernel layout (rows padded to 16, zero = wmin + 8 scale in bf16) decodes back to the codes
-    assert m.qweight.shape[0] % 16 == 0 and m.dequantize().shape == (out_features, 256)
+    assert m.layout == layout and m.dequantize().shape == (out_features, 256)
+    # torch's layout (rows padded to 16, zero = wmin + 8 scale in bf16) decodes back to the codes too
+    assert layout == "native" or m.qweight.shape[0] % 16 == 0
     assert rel(m.dequantize(), w_ref) < 0.01
     x = torch.randn(5, 256)
     with torch.no_grad():
