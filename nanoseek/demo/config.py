@@ -35,6 +35,11 @@ class DemoConfig:
     max_new_tokens: int = 160
     # R1-Zero: GRPO from the pretrained base with the accuracy + format reward
     r1_zero_steps: int = 60
+    # R1-Zero's base: the pretrained model pretrained further on a corpus where this share of the
+    # documents states the result in one line, without the worked steps (data.loaders.load_data), so
+    # it mostly answers short and RL has longer, more accurate reasoning to find
+    r1_zero_direct_fraction: float = 0.75
+    r1_zero_base_steps: int = 150
     r1_zero_lr: float = 3e-5
     # evaluation on the held-out split (greedy pass@1)
     eval_examples: int = 200
@@ -61,7 +66,7 @@ class DemoConfig:
     def quick(cls, **changes) -> "DemoConfig":
         return dataclasses.replace(cls(
             pretrain_examples=2000, pretrain_steps=30, batch_size=8, sft_examples=200, sft_steps=6, grpo_steps=2,
-            r1_zero_steps=2, grpo_prompts=2, grpo_group=4, max_new_tokens=96, eval_examples=8,
+            r1_zero_steps=2, r1_zero_base_steps=4, grpo_prompts=2, grpo_group=4, max_new_tokens=96, eval_examples=8,
             student_pretrain_steps=10, distill_prompts=8, distill_steps=4, bench_prompts=1, bench_tokens=24,
             bench_repeats=2, samples=2, vl_steps=4, vl_train_examples=40, vl_eval_examples=8),
             **changes)
@@ -71,5 +76,8 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.task={self.task!r}: expected one of {', '.join(TASKS)}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name != "seed" and v <= 0:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name != "seed" and v <= 0 \
+                    and f.name != "r1_zero_direct_fraction":
                 raise ValueError(f"DemoConfig.{f.name}={v}: must be positive")
+        if not 0.0 <= self.r1_zero_direct_fraction <= 1.0:
+            raise ValueError(f"DemoConfig.r1_zero_direct_fraction={self.r1_zero_direct_fraction}: must be in [0, 1]")

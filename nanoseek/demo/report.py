@@ -359,11 +359,26 @@ def _section_r1_zero(out: Path, state: dict, figs: Path) -> list[str]:
               f"format reward {fmt(r['reward/format_first'], '{:.2f}')} -> {fmt(r['reward/format_last'], '{:.2f}')}. "
               f"Held-out pass@1 at R1's settings: {_sampled_gain(r)}; greedy after: {_pct(r['eval']['pass@1'])}.",
               ""]
+    base = _result(state, "r1_zero_base")
+    if base:
+        lines += [f"The base (`r1_zero_base/`): `pretrain/` pretrained {base['steps']} steps further on a corpus where "
+                  f"{_pct(base['direct_fraction'])} of the documents state the result in one line (`417 + 85 = 502` "
+                  "inside `<think>`) and the rest show the worked column-by-column steps. It mostly answers in one "
+                  f"short line (greedy: {base['eval']['mean_response_tokens']:.0f} tokens, pass@1 "
+                  f"{_pct(base['eval']['pass@1'])}), which a model this small gets wrong on most problems, but it "
+                  "knows the longer worked form and samples it now and then.", ""]
     first, last = r["response_length_first"], r["response_length_last"]
-    if first and last and last < 1.1 * first:
-        lines += ["The response length did not grow here as it does in R1-Zero: this base was pretrained on worked "
-                  "solutions whose length is set by the problem (a fixed set of worked steps), so there is no longer "
-                  "reasoning for RL to find within the budget; R1-Zero's base had never been shown how to reason.", ""]
+    acc_first, acc_last = r["accuracy_first"], r["accuracy_last"]
+    if first and last and acc_first is not None and acc_last is not None:
+        if last >= 1.1 * first and acc_last > acc_first:
+            lines += [f"Accuracy and response length rose together ({_pct(acc_first)} -> {_pct(acc_last)}, "
+                      f"{first:.0f} -> {last:.0f} tokens), the effect of R1-Zero's Figure 3: the accuracy reward "
+                      "favours the samples that worked the problem out step by step, so RL shifts the policy from "
+                      "one-line answers to the longer worked form, which it only rarely chose before.", ""]
+        else:
+            lines += [f"The response length did not grow together with accuracy here ({first:.0f} -> {last:.0f} "
+                      f"tokens, accuracy {_pct(acc_first)} -> {_pct(acc_last)}): within this budget RL did not move "
+                      "the base toward longer worked answers.", ""]
     lines += [_img(plot_r1_zero([x for x in read_metrics(metrics) if "reward_mean" in x], figs / "r1_zero.png"), out),
               f"Paper: {PAPER['r1_zero']}", ""]
     return lines
