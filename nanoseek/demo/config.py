@@ -31,7 +31,9 @@ class DemoConfig:
     grpo_lr: float = 3e-5  # bench_rl: 1e-4 and above stay flat or collapse on the tiny model
     grpo_prompts: int = 8  # prompts per step
     grpo_group: int = 8  # samples per prompt (G)
-    grpo_eval_samples: int = 1  # k: held-out samples per problem at R1's settings, start and end of GRPO
+    grpo_eval_samples: int = 4  # k: held-out samples per problem at R1's settings, start and end of GRPO
+    grpo_dynamic_sampling: bool = True  # DAPO: drop groups with equal rewards, roll out fresh prompts instead
+    grpo_max_resample_rounds: int = 4  # dynamic sampling's bound on extra rounds per step
     max_new_tokens: int = 160
     # R1-Zero: GRPO from the pretrained base with the accuracy + format reward
     r1_zero_steps: int = 60
@@ -66,7 +68,7 @@ class DemoConfig:
     def quick(cls, **changes) -> "DemoConfig":
         return dataclasses.replace(cls(
             pretrain_examples=2000, pretrain_steps=30, batch_size=8, sft_examples=200, sft_steps=6, grpo_steps=2,
-            r1_zero_steps=2, r1_zero_base_steps=4, grpo_prompts=2, grpo_group=4, max_new_tokens=96, eval_examples=8,
+            r1_zero_steps=2, r1_zero_base_steps=4, grpo_prompts=2, grpo_max_resample_rounds=1, grpo_group=4, max_new_tokens=96, eval_examples=8,
             student_pretrain_steps=10, distill_prompts=8, distill_steps=4, bench_prompts=1, bench_tokens=24,
             bench_repeats=2, samples=2, vl_steps=4, vl_train_examples=40, vl_eval_examples=8),
             **changes)

@@ -324,7 +324,12 @@ def _section_accuracy(out: Path, state: dict, figs: Path) -> list[str]:
         lines += [f"GRPO: {g['steps']} steps in {g['train_s']:.0f}s; mean reward {g['reward_first']:.3f} -> "
                   f"{g['reward_last']:.3f}; held-out pass@1 sampled at R1's settings (temperature 0.6, top-p "
                   f"0.95), start -> end of GRPO: {_sampled_gain(g)}.", ""]
-        if g.get("no_signal_groups") is not None:
+        if g.get("zero_signal_rate") is not None:
+            lines += [f"Dynamic sampling (DAPO): on average {_pct(g['zero_signal_rate'])} of the groups sampled scored "
+                      "the same on every sample (all right or all wrong: zero advantage) and were dropped; each step "
+                      f"rolled out {g['resample_rounds']:.2f} extra rounds of fresh prompts on average to fill its "
+                      "batch with groups that carry signal.", ""]
+        elif g.get("no_signal_groups") is not None:
             lines += [f"On average {_pct(g['no_signal_groups'])} of a step's groups scored the same on every sample "
                       "(all right or all wrong): their advantages are zero, so only the rest teach anything.", ""]
     lines += [_img(fig_accuracy(state, figs / "accuracy.png"), out),

@@ -208,12 +208,21 @@ def _grpo(ctx: Context, name: str, start: str, steps: int, max_minutes: float | 
             "reward_first": trained[0]["reward_mean"] if trained else None,
             "reward_last": trained[-1]["reward_mean"] if trained else None,
             "no_signal_groups": statistics.mean(r["no_signal_groups"] for r in trained) if trained else None,
+            "zero_signal_rate": _mean_of(trained, "dynamic/zero_signal_rate"),
+            "resample_rounds": _mean_of(trained, "dynamic/rounds"),
             "eval": evaluate_dir(ctx, name, layout=layout)}
+
+
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return statistics.mean(values) if values else None
 
 
 def stage_grpo(ctx: Context) -> dict:
     """GRPO (DeepSeekMath, DeepSeek-R1) from the SFT model: the accuracy reward, group-normalised."""
-    return _grpo(ctx, "grpo", "sft", ctx.cfg.grpo_steps)
+    cfg = ctx.cfg
+    return _grpo(ctx, "grpo", "sft", cfg.grpo_steps, dynamic_sampling=cfg.grpo_dynamic_sampling,
+                 max_resample_rounds=cfg.grpo_max_resample_rounds)
 
 
 def _window_mean(rows: list[dict], key: str, first: bool, n: int = 5) -> float | None:
