@@ -329,6 +329,11 @@ def _section_accuracy(out: Path, state: dict, figs: Path) -> list[str]:
                       "the same on every sample (all right or all wrong: zero advantage) and were dropped; each step "
                       f"rolled out {g['resample_rounds']:.2f} extra rounds of fresh prompts on average to fill its "
                       "batch with groups that carry signal.", ""]
+            lines += ["Where the gain comes from: a group teaches only when its samples disagree, so the problems that "
+                      "move pass@1 are those the SFT model solves sometimes; dynamic sampling spends every step on "
+                      "them instead of on problems it always or never solves, and more steps add more of those "
+                      "updates. BENCHMARKS.md (GRPO inside the demo) has the search behind these settings and what "
+                      "limits the gain at this model size.", ""]
         elif g.get("no_signal_groups") is not None:
             lines += [f"On average {_pct(g['no_signal_groups'])} of a step's groups scored the same on every sample "
                       "(all right or all wrong): their advantages are zero, so only the rest teach anything.", ""]

@@ -219,10 +219,11 @@ def _mean_of(rows: list[dict], key: str) -> float | None:
 
 
 def stage_grpo(ctx: Context) -> dict:
-    """GRPO (DeepSeekMath, DeepSeek-R1) from the SFT model: the accuracy reward, group-normalised."""
+    """GRPO (DeepSeekMath, DeepSeek-R1) from the SFT model: the accuracy reward, group-normalised, with
+    DAPO's dynamic sampling (only groups whose samples disagree are trained on) and no KL reference."""
     cfg = ctx.cfg
     return _grpo(ctx, "grpo", "sft", cfg.grpo_steps, dynamic_sampling=cfg.grpo_dynamic_sampling,
-                 max_resample_rounds=cfg.grpo_max_resample_rounds)
+                 max_resample_rounds=cfg.grpo_max_resample_rounds, beta=cfg.grpo_beta)
 
 
 def _window_mean(rows: list[dict], key: str, first: bool, n: int = 5) -> float | None:
