@@ -236,9 +236,13 @@ def test_dynamic_sampling_trains_on_groups_with_signal_from_further_rounds(ckpt,
     assert row["grad_norm"] > 0
 
 
-def test_dynamic_sampling_is_refused_under_several_processes(ckpt, tmp_path):
+def test_dynamic_sampling_is_refused_under_several_processes_and_without_more_prompts(ckpt, tmp_path):
     from nanoseek.rl.grpo import grpo
     from nanoseek.train.distributed import DistEnv
     cfg = GRPOConfig(model=str(ckpt), out=str(tmp_path / "run"), dynamic_sampling=True, prompts_per_step=2)
     with pytest.raises(ValueError, match="one process only"):
         grpo(cfg, env=DistEnv(rank=0, world_size=2))
+    model, tok, cfg = _setup(ckpt, tmp_path, dynamic_sampling=True)
+    with pytest.raises(ValueError, match="more_examples"):  # grpo_step without a source of further prompts
+        grpo_step(model, None, Engine(model, tok), build_adamw(model, cfg.lr, 0.0), tok,
+                  get_task("arithmetic").examples("train", 1, seed=1), [("index", _index, 1.0)], cfg, 0)

@@ -87,9 +87,9 @@ from .lora import add_lora, merge_and_unload, merged
 from .losses import (IMPORTANCE_SAMPLING, LOSS_TYPES, SCALE_REWARDS, bnpo_loss, dapo_loss, dr_grpo_loss, grpo_loss,
                      mask_truncated, token_entropy, token_logprobs)
 from .rewards import parse_rewards
-from .sampling import Scored, dynamic_sampling
 from .rollouts import (Rollout, engine_logprobs, logprob_mismatch, policy_logprobs, row_seeds, sample_groups,
                        score_rollout, sequence_batch)
+from .sampling import Scored, dynamic_sampling
 
 # A signal above its threshold gets a warning: the run is probably learning nothing.
 WARN_AT = {"no_signal_groups": 0.8, "truncation_rate": 0.3, "unparseable_rate": 0.5}
@@ -346,6 +346,8 @@ def grpo_step(model: nn.Module, ref_model: nn.Module | None, engine: Engine, opt
 
     batch, dynamic = scored(examples[mine], mine.start), {}
     if cfg.dynamic_sampling:
+        if more_examples is None:
+            raise ValueError("dynamic sampling needs more_examples(round): the prompts of each extra round")
         batch, dynamic = dynamic_sampling(batch, lambda r: scored(more_examples(r), 0, r), len(examples),
                                           cfg.max_resample_rounds)
     rollout, local_reward, reward_means, counts = batch.rollout, batch.rewards, batch.means, batch.counts
