@@ -329,17 +329,31 @@ def _section_accuracy(out: Path, state: dict, figs: Path) -> list[str]:
                       "the same on every sample (all right or all wrong: zero advantage) and were dropped; each step "
                       f"rolled out {g['resample_rounds']:.2f} extra rounds of fresh prompts on average to fill its "
                       "batch with groups that carry signal.", ""]
-            lines += ["Where the gain comes from: a group teaches only when its samples disagree, so the problems that "
-                      "move pass@1 are those the SFT model solves sometimes; dynamic sampling spends every step on "
-                      "them instead of on problems it always or never solves, and more steps add more of those "
-                      "updates. BENCHMARKS.md (GRPO inside the demo) has the search behind these settings and what "
-                      "limits the gain at this model size.", ""]
+            lines += [_gain_reading(g), ""]
         elif g.get("no_signal_groups") is not None:
             lines += [f"On average {_pct(g['no_signal_groups'])} of a step's groups scored the same on every sample "
                       "(all right or all wrong): their advantages are zero, so only the rest teach anything.", ""]
     lines += [_img(fig_accuracy(state, figs / "accuracy.png"), out),
               _img(fig_grpo(out, figs / "grpo.png"), out), f"Paper: {PAPER['grpo']}", ""]
     return lines
+
+
+def _gain_reading(g: dict) -> str:
+    """What the measured gain says, by its size against its standard error (two of them: a real change)."""
+    a, b = g.get("sampled_pass@1_start"), g.get("sampled_pass@1_end")
+    sa, sb = g.get("sampled_stderr_start"), g.get("sampled_stderr_end")
+    if None in (a, b, sa, sb):
+        return "The gain has no standard error here (no sampled evaluation), so it cannot be read against noise."
+    se = (sa ** 2 + sb ** 2) ** 0.5
+    if b - a > 2 * se:
+        return ("Where the gain comes from: a group teaches only when its samples disagree, so the problems that move "
+                "pass@1 are those the SFT model solves sometimes; dynamic sampling spends every step on them instead "
+                "of on problems it always or never solves.")
+    return (f"This change is within two standard errors ({200 * se:.1f} points) of zero: every trained group carried "
+            "signal, but at this model size that signal did not turn into held-out accuracy within the budget. "
+            "BENCHMARKS.md (GRPO inside the demo, dynamic sampling) measures where a change sits by problem kind: "
+            "RL polished some kinds while others got worse, and products stay out of reach (the model almost never "
+            "samples a correct one, so their groups rarely hold anything to learn from).")
 
 
 def _sampled_gain(g: dict) -> str:
