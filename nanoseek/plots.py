@@ -4,6 +4,7 @@
     plot_curves(rows, "runs/tiny/curves.png")
     plot_expert_load(loads, ["1", "2", "3 (MTP)"], "runs/tiny/expert_load.png")   # loads [L, E]
     plot_r1_zero(read_metrics("runs/demo/r1_zero/metrics.jsonl"), "runs/demo/r1_zero/r1_zero.png")
+    plot_grpo(read_metrics("runs/grpo/metrics.jsonl"), "runs/grpo/grpo.png")     # every GRPO run's panels
     save_png(fig, "runs/tiny/other.png")             # any matplotlib Figure: how every PNG is written
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global
@@ -118,4 +119,25 @@ def plot_r1_zero(rows: list[dict], path: str | os.PathLike, window: int = 5) -> 
             ax.legend(fontsize="small")
         ax.set_title(f"R1-Zero (GRPO from the base): {title}", fontsize="medium")
         ax.set_xlabel("GRPO step")
+    return save_png(fig, path)
+
+
+def plot_grpo(rows: list[dict], path: str | Path) -> Path:
+    """Reward and held-out pass@1, response length, KL, clip fraction and entropy, signal rates, tokens/s."""
+    fig = Figure(figsize=(13, 7), layout="constrained")
+    axes = fig.subplots(2, 3).flatten()
+    panels = [("reward and accuracy", ["reward_mean", "accuracy", "eval/pass@1"]),
+              ("response length (tokens)", ["response_length"]), ("KL to reference (k3)", ["kl"]),
+              ("clip fraction, entropy", ["clip_fraction", "entropy"]),
+              ("signal", ["no_signal_groups", "dynamic/zero_signal_rate", "truncation_rate", "unparseable_rate"]),
+              ("rollout tokens/s", ["rollout_tokens_per_s"])]
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=key, marker="o" if key.startswith("eval/") else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize="small")
     return save_png(fig, path)

@@ -132,8 +132,9 @@ def test_report_figures_come_from_the_run(demo):
 
 
 def test_r1_zero_stage_writes_its_plot_and_its_numbers(demo):
-    """GRPO from the pretrained base in the text layout with accuracy + format: its numbers are its own
-    metrics' first and last steps, its plot is written beside them, and the report quotes both."""
+    """GRPO from the R1-Zero base (pretrain/ pretrained further, mostly on one-line answers) in the text
+    layout with accuracy + format: its numbers are its own metrics' first and last steps, its plot is
+    written beside them, and the report quotes both, with the base's corpus."""
     import statistics
 
     from nanoseek.plots import read_metrics
@@ -150,11 +151,18 @@ def test_r1_zero_stage_writes_its_plot_and_its_numbers(demo):
     assert (f"mean response length {r['response_length_first']:.1f} -> {r['response_length_last']:.1f} tokens"
             in text)
     assert f"greedy after: {100 * r['eval']['pass@1']:.1f}%" in text
+    base = demo["after"]["stages"]["r1_zero_base"]["result"]  # the base it starts from, and its corpus
+    assert base["steps"] == DemoConfig.quick().r1_zero_base_steps and base["eval"]["layout"] == "text"
+    assert f"{100 * base['direct_fraction']:.1f}% of the documents state the result in one line" in text
+    assert f"greedy: {base['eval']['mean_response_tokens']:.0f} tokens" in text
     g = demo["after"]["stages"]["grpo"]["result"]  # the RL stage's gain is shown with its interval
     assert f"{100 * g['sampled_pass@1_start']:.1f}% ± {100 * g['sampled_stderr_start']:.1f} -> " in text
     grpo_rows = [x for x in read_metrics(out / "grpo" / "metrics.jsonl") if "reward_mean" in x]
     assert g["no_signal_groups"] == statistics.mean(x["no_signal_groups"] for x in grpo_rows)
-    assert f"On average {100 * g['no_signal_groups']:.1f}% of a step's groups" in text
+    # the demo's GRPO drops no-signal groups (dynamic sampling) and says how many, from its own metrics
+    assert g["zero_signal_rate"] == statistics.mean(x["dynamic/zero_signal_rate"] for x in grpo_rows)
+    assert f"on average {100 * g['zero_signal_rate']:.1f}% of the groups sampled" in text
+    assert f"rolled out {g['resample_rounds']:.2f} extra rounds" in text
 
 
 def test_samples_show_reasoning_and_next_commands(demo, capsys):

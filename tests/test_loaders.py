@@ -89,3 +89,22 @@ def test_load_data_task_or_paths(tmp_path):
     assert load_data([tmp_path / "b.txt"]) == ["B"]
     with pytest.raises(ValueError, match="neither a built-in task"):
         load_data("arithmetik")
+
+
+def test_direct_fraction_mixes_one_line_answers_into_a_task_corpus(tmp_path):
+    from nanoseek.data import get_task
+    examples = get_task("arithmetic").examples("train", 400, seed=2)
+    worked = load_data("arithmetic", n=400, seed=2)
+    assert worked == [ex.text() for ex in examples]
+    mixed = load_data("arithmetic", n=400, seed=2, direct_fraction=0.75)
+    direct = [m == ex.text(direct=True) for m, ex in zip(mixed, examples)]
+    assert all(d or m == ex.text() for d, m, ex in zip(direct, mixed, examples))
+    assert 0.68 < sum(direct) / len(direct) < 0.82  # a seeded draw per document
+    assert mixed == load_data("arithmetic", n=400, seed=2, direct_fraction=0.75)  # deterministic
+    assert all(m == ex.text(direct=True) for m, ex in zip(load_data("arithmetic", n=400, seed=2, direct_fraction=1.0),
+                                                          examples))
+    (tmp_path / "a.txt").write_text("A")
+    for bad in (dict(spec="arithmetic", direct_fraction=1.5), dict(spec="arithmetic", direct_fraction=0.5, chat=True),
+                dict(spec=str(tmp_path / "a.txt"), direct_fraction=0.5)):
+        with pytest.raises(ValueError, match="direct_fraction"):
+            load_data(**bad)

@@ -194,3 +194,55 @@ def test_prompt_layouts_leave_think_open(ckpt, tmp_path):
         rollout = sample_groups(Engine(model, tok), tok, examples, 2, 3, 1.0, None, seed=0, layout=layout)
         assert rollout.prompt_texts[0].startswith(start) and rollout.prompt_texts[0].endswith("<think>\n")
     assert GRPOConfig(model=str(ckpt), out="o").layout == "chat"  # no training state: a chat checkpoint
+
+
+def _index(prompts, completions, **columns):
+    """A reward that differs within every group (the completion's place in it): every group has signal."""
+    return [float(g) for g in range(len(completions))]
+
+
+def test_dynamic_sampling_changes_nothing_when_every_group_has_signal(ckpt, tmp_path):
+    """Off, a step never draws extra prompts and logs no dynamic/ counts; on, with signal in every
+    group of the first round, it draws none either and the update is the very same."""
+    examples = get_task("arithmetic").examples("train", 2, seed=7)
+    after = {}
+    for dynamic in (False, True):
+        model, tok, cfg = _setup(ckpt, tmp_path, dynamic_sampling=dynamic, logprob_check_every=0)
+        drawn = []
+        row, rollout = grpo_step(model, None, Engine(model, tok), build_adamw(model, cfg.lr, 0.0), tok, examples,
+                                 [("index", _index, 1.0)], cfg, 0, more_examples=lambda r: drawn.append(r) or [])
+        assert drawn == [] and row["grad_norm"] > 0 and rollout.examples == examples
+        assert ("dynamic/groups_kept" in row) == dynamic and row.get("dynamic/groups_dropped", 0) == 0
+        after[dynamic] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(after[False], after[True]))
+
+
+def test_dynamic_sampling_trains_on_groups_with_signal_from_further_rounds(ckpt, tmp_path):
+    first = get_task("arithmetic").examples("train", 2, seed=8)
+    fresh = get_task("arithmetic").examples("train", 4, seed=9)
+    flat = {ex.prompt for ex in first} | {fresh[0].prompt}
+
+    def reward(prompts, completions, **columns):  # no signal for the first round's prompts and fresh[0]
+        return [1.0 if any(p in q for p in flat) else float(i % 3) for i, q in enumerate(prompts)]
+
+    model, tok, cfg = _setup(ckpt, tmp_path, dynamic_sampling=True, max_resample_rounds=3, logprob_check_every=0)
+    rounds = {1: fresh[:2], 2: fresh[2:]}
+    drawn = []
+    row, rollout = grpo_step(model, None, Engine(model, tok), build_adamw(model, cfg.lr, 0.0), tok, first,
+                             [("r", reward, 1.0)], cfg, 0, more_examples=lambda r: drawn.append(r) or rounds[r])
+    assert drawn == [1, 2] and rollout.examples == [fresh[1], fresh[2]]
+    assert len(rollout.completions) == 2 * cfg.group_size and row["no_signal_groups"] == 0.0
+    assert (row["dynamic/groups_sampled"], row["dynamic/groups_dropped"], row["dynamic/groups_kept"]) == (6, 3, 2)
+    assert row["grad_norm"] > 0
+
+
+def test_dynamic_sampling_is_refused_under_several_processes_and_without_more_prompts(ckpt, tmp_path):
+    from nanoseek.rl.grpo import grpo
+    from nanoseek.train.distributed import DistEnv
+    cfg = GRPOConfig(model=str(ckpt), out=str(tmp_path / "run"), dynamic_sampling=True, prompts_per_step=2)
+    with pytest.raises(ValueError, match="one process only"):
+        grpo(cfg, env=DistEnv(rank=0, world_size=2))
+    model, tok, cfg = _setup(ckpt, tmp_path, dynamic_sampling=True)
+    with pytest.raises(ValueError, match="more_examples"):  # grpo_step without a source of further prompts
+        grpo_step(model, None, Engine(model, tok), build_adamw(model, cfg.lr, 0.0), tok,
+                  get_task("arithmetic").examples("train", 1, seed=1), [("index", _index, 1.0)], cfg, 0)

@@ -102,6 +102,16 @@ def test_example_formats():
     assert ex.text() == f"{ex.prompt}\n<think>\n{ex.reasoning}\n</think>\n\n<answer>{ex.answer}</answer>"
 
 
+def test_direct_text_keeps_only_the_line_that_states_the_result():
+    for name in ("arithmetic", "countdown"):
+        ex = get_task(name).examples("train", 1, seed=5)[0]
+        last = ex.reasoning.splitlines()[-1]
+        assert ex.direct_reasoning() == last and "\n" in ex.reasoning
+        assert ex.text(direct=True) == f"{ex.prompt}\n<think>\n{last}\n</think>\n\n<answer>{ex.answer}</answer>"
+    ex = get_task("arithmetic").examples("train", 1, seed=6)[0]
+    assert ex.direct_reasoning() == f"{ex.meta['a']} {ex.meta['op']} {ex.meta['b']} = {ex.meta['result']}"
+
+
 def test_mixed_has_both_tasks_and_dispatches_check():
     exs = get_task("mixed").examples("train", 100)
     assert {e.meta["task"] for e in exs} == {"arithmetic", "countdown"}

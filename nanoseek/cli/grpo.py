@@ -2,7 +2,8 @@
 
     nanoseek grpo --model runs/sft --dataset arithmetic --out runs/grpo                # R1: SFT, then RL
     nanoseek grpo --model runs/pretrain --dataset countdown --out runs/zero            # R1-Zero: RL from a base
-    nanoseek grpo --model runs/sft --dataset arithmetic --out runs/grpo --loss-type dapo --beta 0 --eps-high 0.28
+    nanoseek grpo --model runs/sft --dataset arithmetic --out runs/grpo --loss-type dapo --beta 0 --eps-high 0.28 \
+        --dynamic-sampling                        # DAPO: only groups whose rewards differ are trained on
     nanoseek grpo --model runs/sft --dataset math.parquet --prompt-column problem --answer-column solution \
         --reward math format=0.1 --importance-sampling sequence --lora-rank 16 --bf16 --out runs/gspo
     torchrun --nproc_per_node 2 -m nanoseek grpo --model runs/sft --dataset arithmetic --out runs/grpo-2p

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -166,13 +167,28 @@ def load_documents(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> li
 
 
 def load_data(spec: str | os.PathLike | Sequence[str | os.PathLike], n: int = 1000, split: str = "train",
-              seed: int = 0, chat: bool = False) -> list[Document]:
+              seed: int = 0, chat: bool = False, direct_fraction: float = 0.0) -> list[Document]:
     """Documents from a built-in task name (n generated examples of `split`, as plain text, or as
-    conversations when chat=True) or from file paths (what the files hold; n, split, seed and chat
-    do not apply). A comma-separated string is a list of paths."""
+    conversations when chat=True) or from file paths (what the files hold; n, split, seed, chat and
+    direct_fraction do not apply). A comma-separated string is a list of paths.
+
+    direct_fraction (plain-text task documents only): this share of the documents, drawn with the
+    seed, states the result directly (Example.text(direct=True): the worked steps left out), the rest
+    keep the worked solution. A base pretrained on such a mix mostly answers in one line, short and
+    often wrong on hard problems, but can write the worked form: an R1-Zero base with longer, more
+    accurate reasoning to discover by RL."""
+    if not 0.0 <= direct_fraction <= 1.0:
+        raise ValueError(f"direct_fraction={direct_fraction}: must be in [0, 1]")
     if isinstance(spec, str) and spec in TASKS:
         examples = get_task(spec).examples(split, n, seed)
-        return [ex.messages() if chat else ex.text() for ex in examples]
+        if chat and direct_fraction:
+            raise ValueError("direct_fraction applies to plain-text documents, not to chat=True")
+        if chat:
+            return [ex.messages() for ex in examples]
+        rng = random.Random(f"direct/{split}/{seed}")
+        return [ex.text(direct=rng.random() < direct_fraction) for ex in examples]
+    if direct_fraction:
+        raise ValueError("direct_fraction applies to built-in tasks only, not to files")
     if isinstance(spec, str):
         spec = [s.strip() for s in spec.split(",") if s.strip()]
         missing = [s for s in spec if not Path(s).exists()]

@@ -41,11 +41,18 @@ class Example:
                 {"role": "assistant", "content": f"<answer>{self.answer}</answer>",
                  "reasoning_content": self.reasoning}]
 
-    def text(self) -> str:
+    def text(self, direct: bool = False) -> str:
         """A pretraining document in the chat's answer layout, so pretraining already teaches it:
-        ``{prompt}\\n<think>\\n{reasoning}\\n</think>\\n\\n<answer>{answer}</answer>``."""
-        return (f"{self.prompt}\n{THINK_START}\n{self.reasoning}\n{THINK_END}\n\n"
+        ``{prompt}\\n<think>\\n{reasoning}\\n</think>\\n\\n<answer>{answer}</answer>``. direct=True
+        keeps only the reasoning's last line, which states the result (e.g. "417 + 85 = 502"): the
+        answer written straight down, without the worked steps (see `direct_reasoning`)."""
+        reasoning = self.direct_reasoning() if direct else self.reasoning
+        return (f"{self.prompt}\n{THINK_START}\n{reasoning}\n{THINK_END}\n\n"
                 f"<answer>{self.answer}</answer>")
+
+    def direct_reasoning(self) -> str:
+        """The one-line "reasoning" of a direct answer: the worked reasoning's last line."""
+        return self.reasoning.rsplit("\n", 1)[-1]
 
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)

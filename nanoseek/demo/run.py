@@ -3,7 +3,7 @@
 
     run_demo("runs/demo", DemoConfig.full())     # again after an interruption: finished stages are kept
 
-Stages (stages.py): tokenizer -> pretrain -> sft -> grpo -> r1_zero -> evaluate -> student -> distill ->
+Stages (stages.py): tokenizer -> pretrain -> sft -> grpo -> r1_zero_base -> r1_zero -> evaluate -> student -> distill ->
 student_grpo -> quantize -> inference -> samples -> vision, then report.md (report.py). Each stage writes its
 folder under --out and returns a small JSON result; the runner stores it in DIR/state.json
 (atomically) the moment the stage ends, so an interrupted demo resumes at the first stage that did

@@ -5,7 +5,8 @@ functions; nothing here trains, samples or quantizes by itself. Folders under th
 
     init/ student_init/   untrained teacher and student with the demo's tokenizer
     pretrain/ sft/ grpo/  the teacher after each training stage (Hugging Face checkpoints)
-    r1_zero/              GRPO straight from pretrain/ (R1-Zero), with r1_zero.png
+    r1_zero_base/         pretrain/ pretrained further, mostly on one-line answers (R1-Zero's base)
+    r1_zero/              GRPO straight from r1_zero_base/ (R1-Zero), with r1_zero.png
     student/              the student's short pretraining (its base for both recipes)
     student_distill/ student_grpo/   the student distilled from the teacher / trained by GRPO alone
     int8/                 the final teacher quantized to int8 (when nanoseek.quant can save one)
@@ -132,14 +133,16 @@ def stage_tokenizer(ctx: Context) -> dict:
             "student": _new_model(student_config(), tok, cfg.seed + 1, ctx.dir("student_init"))}
 
 
-def _pretrain(ctx: Context, name: str, start: str, steps: int) -> dict:
-    """nanoseek.train.pretrain from the checkpoint `start`, resuming a run cut short in DIR/name."""
+def _pretrain(ctx: Context, name: str, start: str, steps: int, direct_fraction: float = 0.0) -> dict:
+    """nanoseek.train.pretrain from the checkpoint `start`, resuming a run cut short in DIR/name;
+    direct_fraction: the share of one-line answers in the corpus (data.loaders.load_data)."""
     from ..train.pretrain import PretrainConfig, pretrain
 
     out = ctx.dir(name)
     resume = (out / TRAIN_STATE).exists()
     pretrain(PretrainConfig(out=str(out), data=ctx.cfg.task, model=None if resume else str(ctx.dir(start)),
                             seq_len=ctx.cfg.seq_len, num_examples=ctx.cfg.pretrain_examples, resume=resume,
+                            direct_fraction=direct_fraction,
                             train=ctx.train_config(steps)))
     return training_summary(out)
 
@@ -175,9 +178,9 @@ def stage_sft(ctx: Context) -> dict:
 
 
 def _grpo(ctx: Context, name: str, start: str, steps: int, max_minutes: float | None = None,
-          reward: tuple[str, ...] = ("accuracy",), layout: str = "chat", lr: float | None = None) -> dict:
+          reward: tuple[str, ...] = ("accuracy",), layout: str = "chat", lr: float | None = None, **settings) -> dict:
     """nanoseek.rl.grpo from DIR/start, resuming a run cut short; the held-out pass@1 at R1's sampling
-    settings at its start and end, each with its standard error.
+    settings at its start and end, each with its standard error. settings: further GRPOConfig fields.
 
     After SFT the accuracy reward alone: with a 0.1 format bonus, groups whose answers are all wrong
     differ only by the bonus, and the group-std normalisation blows those differences up to full-size
@@ -192,7 +195,7 @@ def _grpo(ctx: Context, name: str, start: str, steps: int, max_minutes: float | 
                     lr=lr or cfg.grpo_lr, reward=list(reward), eval_every=0, eval_size=cfg.eval_examples,
                     eval_samples=cfg.grpo_eval_samples, sample_every=max(1, steps // 4),
                     checkpoint_every=max(1, steps // 4), max_minutes=max_minutes, seed=cfg.seed,
-                    resume=(out / TRAIN_STATE).exists()))
+                    resume=(out / TRAIN_STATE).exists(), **settings))
     rows = read_metrics(out / "metrics.jsonl")
     trained = [r for r in rows if "reward_mean" in r]
     evals = [r for r in rows if "eval/pass@1" in r]
@@ -205,12 +208,22 @@ def _grpo(ctx: Context, name: str, start: str, steps: int, max_minutes: float | 
             "reward_first": trained[0]["reward_mean"] if trained else None,
             "reward_last": trained[-1]["reward_mean"] if trained else None,
             "no_signal_groups": statistics.mean(r["no_signal_groups"] for r in trained) if trained else None,
+            "zero_signal_rate": _mean_of(trained, "dynamic/zero_signal_rate"),
+            "resample_rounds": _mean_of(trained, "dynamic/rounds"),
             "eval": evaluate_dir(ctx, name, layout=layout)}
 
 
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return statistics.mean(values) if values else None
+
+
 def stage_grpo(ctx: Context) -> dict:
-    """GRPO (DeepSeekMath, DeepSeek-R1) from the SFT model: the accuracy reward, group-normalised."""
-    return _grpo(ctx, "grpo", "sft", ctx.cfg.grpo_steps)
+    """GRPO (DeepSeekMath, DeepSeek-R1) from the SFT model: the accuracy reward, group-normalised, with
+    DAPO's dynamic sampling (only groups whose samples disagree are trained on) and no KL reference."""
+    cfg = ctx.cfg
+    return _grpo(ctx, "grpo", "sft", cfg.grpo_steps, dynamic_sampling=cfg.grpo_dynamic_sampling,
+                 max_resample_rounds=cfg.grpo_max_resample_rounds, beta=cfg.grpo_beta)
 
 
 def _window_mean(rows: list[dict], key: str, first: bool, n: int = 5) -> float | None:
@@ -220,11 +233,22 @@ def _window_mean(rows: list[dict], key: str, first: bool, n: int = 5) -> float |
     return statistics.mean(values) if values else None
 
 
+def stage_r1_zero_base(ctx: Context) -> dict:
+    """R1-Zero's base: the pretrained model pretrained further on a corpus where most documents state the
+    result in one line (r1_zero_direct_fraction), the rest the worked steps. It mostly answers short and
+    wrong, yet knows the longer worked form: the situation in which R1-Zero's reasoning grew under RL."""
+    cfg = ctx.cfg
+    result = _pretrain(ctx, "r1_zero_base", "pretrain", cfg.r1_zero_base_steps, cfg.r1_zero_direct_fraction)
+    result["direct_fraction"] = cfg.r1_zero_direct_fraction
+    result["eval"] = evaluate_dir(ctx, "r1_zero_base", layout="text")
+    return result
+
+
 def stage_r1_zero(ctx: Context) -> dict:
-    """DeepSeek-R1-Zero in miniature: GRPO straight from the pretrained base (no SFT), prompts in the
+    """DeepSeek-R1-Zero in miniature: GRPO straight from a base (r1_zero_base; no SFT), prompts in the
     pretraining text layout, the accuracy + format reward; accuracy and mean response length over steps."""
     from ..plots import plot_r1_zero
-    result = _grpo(ctx, "r1_zero", "pretrain", ctx.cfg.r1_zero_steps, reward=("accuracy", "format=0.1"),
+    result = _grpo(ctx, "r1_zero", "r1_zero_base", ctx.cfg.r1_zero_steps, reward=("accuracy", "format=0.1"),
                    layout="text", lr=ctx.cfg.r1_zero_lr)
     rows = [r for r in read_metrics(ctx.dir("r1_zero") / "metrics.jsonl") if "reward_mean" in r]
     plot_r1_zero(rows, ctx.dir("r1_zero") / "r1_zero.png")
@@ -399,7 +423,8 @@ STAGES = [
     Stage("pretrain", "tiny DeepSeek-V3-style model: MLA + MoE + MTP, aux-loss-free balancing", stage_pretrain),
     Stage("sft", "supervised fine-tuning with <think> reasoning", stage_sft),
     Stage("grpo", "GRPO with rule-based rewards", stage_grpo),
-    Stage("r1_zero", "R1-Zero: GRPO straight from the pretrained base", stage_r1_zero),
+    Stage("r1_zero_base", "R1-Zero's base: further pretraining, mostly on one-line answers", stage_r1_zero_base),
+    Stage("r1_zero", "R1-Zero: GRPO straight from the base", stage_r1_zero),
     Stage("evaluate", "held-out pass@1 before and after GRPO", stage_evaluate),
     Stage("student", "pretrain a smaller student", stage_student),
     Stage("distill", "distill the teacher's reasoning into the student", stage_distill),

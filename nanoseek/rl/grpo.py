@@ -40,8 +40,9 @@ the policy that is refreshed after every optimizer step, gathered one parameter 
 weights are held once more, whole, on every process (the frozen KL reference is whole too), while
 gradients and AdamW state, three times the weights, stay sharded.
 
-Simplifications, stated plainly: every prompt of a step has the same G; no dynamic sampling
-(DAPO drops no-signal groups; here they are counted and contribute zero advantage); MoE balancing
+Simplifications, stated plainly: every prompt of a step has the same G; dynamic sampling (DAPO's
+--dynamic-sampling, sampling.py) runs in one process only; without it no-signal groups are counted
+and contribute zero advantage; MoE balancing
 biases stay as the input model left them (no aux-loss-free update during RL); the MTP module is
 not trained by RL; mu > 1 re-uses the whole batch for each of its optimizer steps; a LoRA run
 saves only its merged checkpoint at the end (it cannot resume).
@@ -69,7 +70,7 @@ from ..data.records import is_builtin, train_and_held_out
 from ..data.tasks import TASKS
 from ..hf.io import load_pretrained, load_with_tokenizer
 from ..inference import Engine
-from ..plots import read_metrics, save_png
+from ..plots import plot_grpo, read_metrics
 from ..tokenizer import Tokenizer
 from ..train.batches import RowSampler
 from ..train.distributed import (DistEnv, all_gather_cat, all_gather_objects, all_reduce_sum, barrier,
@@ -88,6 +89,7 @@ from .losses import (IMPORTANCE_SAMPLING, LOSS_TYPES, SCALE_REWARDS, bnpo_loss, 
 from .rewards import parse_rewards
 from .rollouts import (Rollout, engine_logprobs, logprob_mismatch, policy_logprobs, row_seeds, sample_groups,
                        score_rollout, sequence_batch)
+from .sampling import Scored, dynamic_sampling
 
 # A signal above its threshold gets a warning: the run is probably learning nothing.
 WARN_AT = {"no_signal_groups": 0.8, "truncation_rate": 0.3, "unparseable_rate": 0.5}
@@ -131,6 +133,11 @@ class GRPOConfig(Parallelism):
     importance_sampling: str = opt("token", "importance ratio per token (GRPO) or per sequence (GSPO)",
                                    choices=tuple(IMPORTANCE_SAMPLING))
     mask_truncated_completions: bool = opt(False, "leave completions cut by --max-new-tokens out of the loss (DAPO)")
+    dynamic_sampling: bool = opt(False, "DAPO's dynamic sampling: drop groups whose rewards are all equal (no "
+                                        "signal) and roll out fresh prompts until --prompts-per-step groups have "
+                                        "signal, at most --max-resample-rounds extra rounds (one process only)")
+    max_resample_rounds: int = opt(4, "dynamic sampling: extra rounds of --prompts-per-step prompts a step may "
+                                      "draw; then it trains on the groups with signal it has")
     steps: int = opt(100, "GRPO steps (each samples a fresh batch)")
     prompts_per_step: int = opt(8, "prompts per step")
     group_size: int = opt(8, "G: completions sampled per prompt")
@@ -206,7 +213,7 @@ class GRPOConfig(Parallelism):
         if not self.lr > 0:
             bad("lr", "must be positive")
         for name in ("beta", "eps_low", "weight_decay", "grad_clip", "warmup_steps", "eval_every",
-                     "sample_every", "checkpoint_every", "logprob_check_every"):
+                     "sample_every", "checkpoint_every", "logprob_check_every", "max_resample_rounds"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if self.eps_high is not None and self.eps_high < 0:
@@ -306,11 +313,12 @@ def policy_update(model: nn.Module, optimizer, batch: tuple, advantages: torch.T
     return {k: _global_sum(v, env) if k in ("loss", "entropy", "clip_fraction", "kl") else v for k, v in sums.items()}
 
 
-def _rollout(engine, tokenizer, examples, cfg: GRPOConfig, step: int, first_index: int) -> Rollout:
+def _rollout(engine, tokenizer, examples, cfg: GRPOConfig, step: int, first_index: int, round: int = 0) -> Rollout:
     """This process's completions, on the live (adapter-merged) weights; with seed_per_prompt every
     completion has a seed of its own (step, prompt's index in the whole batch, row), so the result does
-    not depend on how prompts are split across processes, and they still decode as one batch."""
-    seed = cfg.seed * 1_000_003 + step
+    not depend on how prompts are split across processes, and they still decode as one batch. round:
+    dynamic sampling's extra rounds of the step, each with seeds of its own."""
+    seed = cfg.seed * 1_000_003 + step + round * 1_000_000_007
     G = cfg.group_size
     seeds = row_seeds(seed, first_index, len(examples), G) if cfg.seed_per_prompt else None
     with merged(engine.model):
@@ -321,17 +329,28 @@ def _rollout(engine, tokenizer, examples, cfg: GRPOConfig, step: int, first_inde
 def grpo_step(model: nn.Module, ref_model: nn.Module | None, engine: Engine, optimizer, tokenizer: Tokenizer,
               examples: list, rewards: list, cfg: GRPOConfig, step: int, env: DistEnv = DistEnv(),
               algo: Algorithm | None = None, forward: nn.Module | None = None,
-              meshes: Meshes | None = None) -> tuple[dict, Rollout]:
+              meshes: Meshes | None = None, more_examples=None) -> tuple[dict, Rollout]:
     """Sample, score, update: one GRPO step (0-based `step`) over `examples`, the step's prompts of
     every process; this process rolls out its contiguous share. Returns (metrics row, its rollout).
     Several processes: `forward`/`meshes` from parallelize, and an engine over a full copy of the
-    policy, refreshed here after the update."""
+    policy, refreshed here after the update. cfg.dynamic_sampling (one process): more_examples(r)
+    gives the prompts of extra round r (sampling.dynamic_sampling)."""
     G, algo = cfg.group_size, algo or Algorithm.from_config(cfg)
     forward = forward or model
     mine = share(len(examples), env)
     model.eval()
-    rollout = _rollout(engine, tokenizer, examples[mine], cfg, step, mine.start)
-    local_reward, reward_means, counts = score_rollout(rollout, rewards, G, cfg.max_new_tokens)
+
+    def scored(exs: list, first_index: int, round: int = 0) -> Scored:
+        ro = _rollout(engine, tokenizer, exs, cfg, step, first_index, round)
+        return Scored(ro, *score_rollout(ro, rewards, G, cfg.max_new_tokens))
+
+    batch, dynamic = scored(examples[mine], mine.start), {}
+    if cfg.dynamic_sampling:
+        if more_examples is None:
+            raise ValueError("dynamic sampling needs more_examples(round): the prompts of each extra round")
+        batch, dynamic = dynamic_sampling(batch, lambda r: scored(more_examples(r), 0, r), len(examples),
+                                          cfg.max_resample_rounds)
+    rollout, local_reward, reward_means, counts = batch.rollout, batch.rewards, batch.means, batch.counts
     reward_means = global_means(reward_means, counts, env)
     reward = all_gather_cat(local_reward, env)  # group statistics (and the batch std) over every prompt of the step
     advantages = algo.advantages(reward)[mine].flatten()
@@ -360,13 +379,9 @@ def grpo_step(model: nn.Module, ref_model: nn.Module | None, engine: Engine, opt
         copy_full_weights(model, engine.model, meshes.experts if meshes else None)
     update_s = time.perf_counter() - t0
 
-    n = reward.numel()
-    lengths = [len(c) for c in rollout.completions]
     row = {"step": step + 1, "reward_mean": float(reward.mean()), "reward_std": float(reward.std()),
-           **reward_means, "response_length": _global_sum(sum(lengths), env) / n,
-           "no_signal_groups": float((reward.max(-1).values == reward.min(-1).values).float().mean()),
-           "truncation_rate": _global_sum(sum(r == "length" for r in rollout.finish_reasons), env) / n,
-           **stats, **mismatch, "lr": lr, "rollout_tokens": rollout.new_tokens, "rollout_s": rollout.seconds,
+           **reward_means, "no_signal_groups": float((reward.max(-1).values == reward.min(-1).values).float().mean()),
+           **dynamic, **stats, **mismatch, "lr": lr, "rollout_tokens": rollout.new_tokens, "rollout_s": rollout.seconds,
            "rollout_tokens_per_s": rollout.new_tokens / max(rollout.seconds, 1e-9), "update_s": update_s}
     return row, rollout
 
@@ -475,6 +490,9 @@ def _run(cfg: GRPOConfig, env: DistEnv) -> Path:
     """The loop of `grpo` (long: it reads top to bottom, logging and budgets included)."""
     if cfg.prompts_per_step % env.world_size:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide among {env.world_size} processes")
+    if cfg.dynamic_sampling and env.world_size > 1:
+        raise ValueError("--dynamic-sampling runs in one process only: ranks would keep different numbers of "
+                         "groups, and FSDP needs the same forward/backward count on every rank")
     out = Path(cfg.out)
     policy, ref_model, tokenizer, optimizer = _prepare(cfg, env)
     model = policy.model
@@ -504,8 +522,9 @@ def _run(cfg: GRPOConfig, env: DistEnv) -> Path:
     step = start
     for step in range(start, cfg.steps):
         examples = [train_set[int(i)] for i in order.rows(step)]
+        more = lambda r, s=step: [train_set[int(i)] for i in order.rows(s + r * cfg.steps)]  # unseen batches
         row, rollout = grpo_step(model, ref_model, engine, optimizer, tokenizer, examples, rewards, cfg, step, env,
-                                 algo, policy.forward, policy.meshes)
+                                 algo, policy.forward, policy.meshes, more)
         row["elapsed_s"] = time.perf_counter() - t_start - held_out.seconds  # training time: evaluation not counted
         row["cpu_s"] = time.process_time() - cpu_start - held_out.cpu_seconds
         out_of_time = (cfg.max_minutes is not None and row["elapsed_s"] > 60 * cfg.max_minutes) or \
@@ -565,26 +584,3 @@ def _write_samples(path: Path, step: int, rollout: Rollout, group_size: int, per
         p = i // group_size
         append_jsonl(path, {"step": step, "prompt": rollout.examples[p].prompt, "answer": rollout.examples[p].answer,
                        "completion": rollout.texts[i], "finish_reason": rollout.finish_reasons[i]})
-
-
-def plot_grpo(rows: list[dict], path: str | Path) -> Path:
-    """Reward and held-out pass@1, response length, KL, clip fraction and entropy, signal rates, tokens/s."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(13, 7), layout="constrained")
-    axes = fig.subplots(2, 3).flatten()
-    panels = [("reward and accuracy", ["reward_mean", "accuracy", "eval/pass@1"]),
-              ("response length (tokens)", ["response_length"]), ("KL to reference (k3)", ["kl"]),
-              ("clip fraction, entropy", ["clip_fraction", "entropy"]),
-              ("signal", ["no_signal_groups", "truncation_rate", "unparseable_rate"]),
-              ("rollout tokens/s", ["rollout_tokens_per_s"])]
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=key, marker="o" if key.startswith("eval/") else None)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if len(keys) > 1:
-            ax.legend(fontsize="small")
-    return save_png(fig, path)

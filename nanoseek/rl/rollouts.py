@@ -67,7 +67,7 @@ def sample_groups(engine: Engine, tokenizer: Tokenizer, examples: list, group_si
 def score_rollout(rollout: Rollout, rewards: list, group_size: int, max_new_tokens: int
                   ) -> tuple[torch.Tensor, dict, dict]:
     """(total rewards [P, G], logged means: reward/<name> over the completions it applied to,
-    accuracy, unparseable_rate, and how many completions each mean is over, so that processes can
+    accuracy, unparseable_rate, response_length, truncation_rate, and how many completions each mean is over, so that processes can
     combine theirs). Every reward sees the batch at once with the dataset's columns."""
     n = len(rollout.texts)
     group = [i // group_size for i in range(n)]
@@ -90,7 +90,9 @@ def score_rollout(rollout: Rollout, rewards: list, group_size: int, max_new_toke
             correct = None
     means["accuracy"] = sum(correct) / n if correct is not None else None
     means["unparseable_rate"] = sum(extract_answer(t) is None for t in rollout.texts) / n
-    counts.update(accuracy=n if correct is not None else 0, unparseable_rate=n)
+    means["response_length"] = sum(len(c) for c in rollout.completions) / n
+    means["truncation_rate"] = sum(r == "length" for r in rollout.finish_reasons) / n
+    counts.update(accuracy=n if correct is not None else 0, unparseable_rate=n, response_length=n, truncation_rate=n)
     return total.view(-1, group_size), means, counts
 
 

@@ -38,6 +38,9 @@ class PretrainConfig:
     model: str | None = opt(None, "continue from this checkpoint folder instead of a fresh preset model")
     seq_len: int = opt(256, "tokens per packed row")
     num_examples: int = opt(20000, "built-in tasks: training problems to generate")
+    direct_fraction: float = opt(0.0, "built-in tasks: share of documents that state the result in one line "
+                                      "instead of the worked steps (an R1-Zero base: mostly short answers, "
+                                      "the worked form still known; see data.loaders.load_data)")
     vocab_size: int | None = opt(None, "vocabulary of the tokenizer trained on the data (default: the preset's)")
     resume: bool = opt(False, "continue the run in --out from its last checkpoint, exactly")
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -49,6 +52,8 @@ class PretrainConfig:
             raise ValueError(f"PretrainConfig.seq_len={self.seq_len}: must be at least 2")
         if self.num_examples < 1:
             raise ValueError(f"PretrainConfig.num_examples={self.num_examples}: must be positive")
+        if not 0.0 <= self.direct_fraction <= 1.0:
+            raise ValueError(f"PretrainConfig.direct_fraction={self.direct_fraction}: must be in [0, 1]")
         if self.model is not None and not Path(self.model).is_dir():
             raise FileNotFoundError(f"PretrainConfig.model={self.model!r}: checkpoint folder not found")
         if self.preset is not None:
@@ -101,7 +106,8 @@ def pretrain(cfg: PretrainConfig, env: DistEnv | None = None) -> Path:
     out = Path(cfg.out)
     if not cfg.resume:
         refuse_existing_run(out)  # before the data is loaded: fail fast
-    docs = load_data(cfg.data, n=cfg.num_examples, split="train", seed=cfg.train.seed)
+    docs = load_data(cfg.data, n=cfg.num_examples, split="train", seed=cfg.train.seed,
+                     direct_fraction=cfg.direct_fraction)
     tokenizer = build_tokenizer(cfg, docs, env)
     model = build_model(cfg, tokenizer)
     if cfg.seq_len > model.config.max_position_embeddings:
@@ -109,5 +115,6 @@ def pretrain(cfg: PretrainConfig, env: DistEnv | None = None) -> Path:
                          f"{model.config.max_position_embeddings}")
     rows = pack(docs, tokenizer, cfg.seq_len, verbose=env.is_main)
     meta = {"source": {"data": cfg.data, "preset": None if cfg.model else cfg.preset, "model": cfg.model,
-                       "seq_len": cfg.seq_len, "num_examples": cfg.num_examples}}
+                       "seq_len": cfg.seq_len, "num_examples": cfg.num_examples,
+                       "direct_fraction": cfg.direct_fraction}}
     return train(model, rows, cfg.train, out, tokenizer, stage="pretrain", meta=meta, resume=cfg.resume, env=env)
