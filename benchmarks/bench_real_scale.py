@@ -1,21 +1,42 @@
-"""DeepSeek-V2-Lite at its real size on this machine: quantize on load, decode, serve, beside llama.cpp.
+"""DeepSeek-V2-Lite at its real size on this machine: quantize on load, decode, serve, MTP, beside llama.cpp.
 
-    python benchmarks/bench_real_scale.py                           # the whole run (~31 GB of shards, written once)
-    python benchmarks/bench_real_scale.py --layers 4                # V2-Lite's widths, 4 layers: a quick check
-    python benchmarks/bench_real_scale.py --skip-llama-cpp --formats int4
+    python benchmarks/bench_real_scale.py --prepare-only            # shards, GGUFs, MTP variant (long, untimed)
+    python benchmarks/bench_real_scale.py                           # every step (checkpoints reused)
+    python benchmarks/bench_real_scale.py --layers 2 --steps decode serve mtp   # V2-Lite's widths, 2 layers
+    python benchmarks/bench_real_scale.py --steps decode llama-cpp --formats int4
 
 The checkpoint is V2-Lite's published config (the `deepseek-v2-lite` preset: 15.7B parameters, 27
 layers, 64 routed experts top-6 + 2 shared, MLA with kv_lora_rank 512) with random bf16 weights,
-written as shards the way the real checkpoint is laid out, once, into --cache (reruns reuse it).
-Each step runs in its own process, so peak RSS is that step's alone:
+written as shards the way the real checkpoint is laid out, once, into --cache (reruns reuse it, and
+everything derived from it). Each nanoseek and llama.cpp step runs in its own process, so peak RSS
+is that step's alone; the same random prompt ids (seed 0) go to both libraries:
 
-1. quantize on load to int4 and int8 (``load_pretrained(quantize=)``): seconds and peak RSS (the
-   target is under 20 GB on this 24 GB machine);
-2. batch-1 greedy decode at contexts 128 and 4,096: ms/token (median step).
-Not built yet (the issue's other two steps): `nanoseek serve` on these weights (RSS at start, 8
-concurrent streams with 2k-token prompts) and llama.cpp on the same weights (its converter from the
-llama-cpp-python source distribution to Q8_0, then Q4_0; ``llama_cpp_side.py`` has both for the
-small config); --skip-llama-cpp is accepted for when it is.
+1. decode: quantize on load to int4 and int8 (``load_pretrained(quantize=, group_size=64)``; 64 as
+   the dense FFN's 10,944 inputs are not a multiple of 128): seconds and peak RSS; then batch-1
+   greedy decode at contexts 128 and 4,096: ms/token (median step).
+2. llama-cpp: the same checkpoint through llama.cpp's own converter (from the llama-cpp-python
+   source distribution, ``llama_cpp_side.py``) straight to Q8_0 (`--outtype q8_0`: an f32 GGUF
+   would be 63 GB, more than the disk holds beside the shards), and Q4_0 requantized from that Q8_0
+   by llama.cpp's quantizer (allow_requantize; as `llama-quantize` does for Q4_0, the output head is
+   Q6_K). Both GGUFs are kept beside the checkpoint (`<checkpoint>-gguf`, written as .partial and
+   renamed). Decode at the same contexts with the weights read into memory (no mmap), printed beside
+   nanoseek's int8 / int4 with the speed ratio, and each one's fraction of the bandwidth limit:
+   active weight bytes per token (attention, dense first layer, shared experts, 6 of 64 routed
+   experts, gate, head, one embedding row; each library's own stored bytes) / read bandwidth
+   measured in its process (bench_decode's ``memory_bandwidth``). Targets: int4 >= 1.0x Q4_0 and
+   int8 >= 1.0x Q8_0 tokens/s, >= 60% of the bandwidth limit.
+3. serve: `nanoseek serve --quantize int4 --group-size 64` as a subprocess; its RSS once /health
+   answers against the target (quantized weights + --serve-kv + 1 GiB; the prefix cache off), then
+   --streams (8) concurrent streamed /v1/completions of --serve-prompt (2,048) random token ids and
+   --serve-tokens new tokens each: time to first token per stream, aggregate tokens/s, the median
+   gap between a stream's tokens, tokens/s while all streams decode, and the server's peak RSS.
+4. mtp: a variant with one MTP module (`<checkpoint>-mtp`: links to the shards plus one shard of
+   the MTP layer, ~1.2 GB, not a copy of the 29 GB). At int4 and int8 and each --mtp-contexts
+   (default 128), the cost of a plain decode step (forward + head) against a speculative step: the
+   main model on [last, draft] (2 tokens: with top-6 routing they may read up to twice the routed
+   experts) + the MTP module's draft forward and head. Random weights accept no drafts, so the
+   speed-up is predicted at --acceptance a: (1 + a) x plain / (verify + draft), and again with the
+   draft on 2 tokens after an accepted one.
 Figures go into BENCHMARKS.md with the command.
 """
 
@@ -260,7 +281,7 @@ def step_mtp(a: dict) -> dict:
         return timed(phase[0] + "_head", logits, hidden)
     engine.forward, engine.mtp_forward, engine.logits = forward_timed, mtp_timed, logits_timed
     out = {}
-    for ctx, prompt in prompt_ids(engine.config.vocab_size, a["contexts"]).items():
+    for ctx, prompt in prompt_ids(engine.config.vocab_size, a["mtp_contexts"]).items():
         for mode in (None, "mtp"):
             times.clear()
             stamps = []
@@ -402,7 +423,7 @@ def report_mtp(args: argparse.Namespace, path: Path) -> None:
     they predict at the given acceptance rates."""
     for fmt in args.formats:
         r = child("step_mtp", args, path=str(path), format=fmt)
-        for c in args.contexts:
+        for c in args.mtp_contexts:
             plain = r[f"plain_{c}"] + r[f"plain_head_{c}"]
             verify = r[f"verify_{c}"] + r[f"verify_head_{c}"]
             mtp1, mtp2 = r[f"mtp_{c}"] + r[f"mtp_head_{c}"], r[f"mtp_on_2_{c}"] + r[f"mtp_head_{c}"]
@@ -447,6 +468,9 @@ def main(argv=None) -> int:
     ap.add_argument("--serve-kv", default="1GB", help="serve: --kv-cache-memory (the RSS bound counts it)")
     ap.add_argument("--serve-batched-tokens", type=int, default=512, help="serve: --max-num-batched-tokens")
     ap.add_argument("--serve-format", default="int4", choices=["int4", "int8"], help="serve: --quantize")
+    ap.add_argument("--mtp-contexts", type=int, nargs="+", default=[128],
+                    help="mtp: prompt lengths (each a prefill per mode and format: 4,096 adds minutes; at long "
+                         "context the 2 verify tokens share one read of the cache, so 128 is the harder case)")
     ap.add_argument("--acceptance", type=float, nargs="+", default=[0.94, 0.85, 0.90],
                     help="mtp: acceptance rates to predict the speed-up at (0.94: the demo's trained model in "
                          "BENCHMARKS.md; 0.85-0.90: DeepSeek-V3's report)")
