@@ -436,7 +436,8 @@ def report_mtp(args: argparse.Namespace, path: Path) -> None:
                 simple = (1 + a) * plain / (verify + mtp1)
                 step = verify + (1 - a) * mtp1 + a * mtp2  # the module reads 2 tokens after an accepted draft
                 print(f"  acceptance {a:.0%}: predicted speed-up {simple:.2f}x ((1+a) x plain / (verify + draft)); "
-                      f"{(1 + a) * plain / step:.2f}x with the draft on 2 tokens after an accepted one", flush=True)
+                      f"{(1 + a) * plain / step:.2f}x with the draft on 2 tokens after an accepted one; "
+                      f"{(1 + a) * r[f'plain_step_{c}'] / whole:.2f}x from the whole steps", flush=True)
 
 
 # ----------------------------------------------------------------------------- the run
