@@ -143,6 +143,16 @@ def test_generate_quantized_on_load_runs_and_stays_close(ckpt, capsys):
     assert code == code8 == 0 and int8.startswith("12+30=") and len(int8) > len("12+30=")
 
 
+def test_generate_int4_on_load_takes_the_group_size(ckpt, capsys, monkeypatch):
+    import nanoseek.hf.io as io
+    seen, load = [], io.load_pretrained
+    monkeypatch.setattr(io, "load_pretrained", lambda *a, **kw: seen.append(kw["group_size"]) or load(*a, **kw))
+    base = ["generate", "--model", ckpt, "--prompt", "12+30=", "--max-new-tokens", "4", "--quantize", "int4"]
+    assert run_cli(base + ["--group-size", "32"], capsys)[0] == 0
+    assert run_cli(base, capsys)[0] == 0
+    assert seen == [32, 128]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_generate_on_cuda_gives_the_cpu_greedy_tokens(ckpt, capsys):
     base = ["generate", "--model", ckpt, "--prompt", "12+30=", "--max-new-tokens", "12", "--dtype", "float32"]

@@ -55,10 +55,13 @@ def add_inference_flags(p) -> None:
                    help="compute dtype (auto: bf16 on CUDA, the checkpoint's own on a CPU)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="quantize the weights as the shards load (peak memory: the quantized model + one tensor)")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="--quantize int4: inputs per scale group (32, 64, 128, 256; every quantized matrix's "
+                        "inputs must divide into it, e.g. 64 for DeepSeek-V2-Lite's 10,944-wide FFN)")
 
 
 def load_engine(args, **kw) -> Engine:
     """The Engine an inference command's --model/--device/--dtype/--quantize ask for."""
     device = resolve_device(args.device)
     return Engine.from_pretrained(args.model, dtype=inference_dtype(device, args.dtype), device=device,
-                                  quantize=args.quantize, **kw)
+                                  quantize=args.quantize, group_size=args.group_size, **kw)

@@ -55,13 +55,15 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                        quantize: str | None = None, compile: bool = False, prefix_cache_bytes: int = 0) -> "Engine":
+                        quantize: str | None = None, compile: bool = False, prefix_cache_bytes: int = 0,
+                        group_size: int = 128) -> "Engine":
         """An Engine over the checkpoint at `path` with the tokenizer saved next to it, on `device`,
-        optionally quantized to int8/int4 as it loads (``load_pretrained``'s quantize)."""
+        optionally quantized to int8/int4 as it loads (``load_pretrained``'s quantize and group_size)."""
         from ..hf.io import load_with_tokenizer
         from ..hf.vl import is_vl_checkpoint, load_image_processor, load_vl_with_tokenizer
         if not is_vl_checkpoint(path):
-            model, tokenizer = load_with_tokenizer(path, dtype=dtype, device=device, quantize=quantize)
+            model, tokenizer = load_with_tokenizer(path, dtype=dtype, device=device, quantize=quantize,
+                                                   group_size=group_size)
             return cls(model, tokenizer, compile=compile, prefix_cache_bytes=prefix_cache_bytes)
         if quantize is not None:
             raise ValueError(f"{path}: a DeepSeek-VL checkpoint does not load quantized")
