@@ -5,6 +5,7 @@
         ext = cpu_kernels.kernels()            # the built extension, or None (logged once)
         y = cpu_kernels.int8_mm(x, q, scale)   # fp32 [M, N]; None when the extension is unusable
         y = cpu_kernels.int4_mm(x, packed, scale, zero)
+        y = cpu_kernels.int8_mm_experts(h, q, scale, ids)   # [E, N, K] stacked: row i uses expert ids[i]
 
 What they compute (gemv.cpp says how): x [M, K] @ W^T for int8 W = q * scale[n] (q int8 [N, K],
 scale bf16 [N]) and int4 W = (codes - 8) * scale + zero per group of g inputs, the codes in
@@ -35,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_DISABLE", "REQUIRED_FLAGS", "K_MULTIPLE", "enabled", "kernels", "int8_mm", "int4_mm", "shape_ok"]
+__all__ = ["ENV_DISABLE", "REQUIRED_FLAGS", "K_MULTIPLE", "enabled", "kernels", "int8_mm", "int4_mm", "int8_mm_experts",
+           "int4_mm_experts", "shape_ok"]
 
 log = logging.getLogger(__name__)
 
@@ -167,3 +169,18 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: to
     caller falls back). The weights must be contiguous (the modules' buffers and their [e] slices are)."""
     ext = _usable(x, 2 * packed.shape[1])
     return None if ext is None else ext.int4_gemm(_rows(x), packed, scale, zero)
+
+
+def int8_mm_experts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+    """Chosen experts at once: row i of the fp32 [n, N] result is x[i] (or x[0] if x has one row) @
+    W[ids[i]]^T for stacked int8 W (q [E, N, K], scale bf16 [E, N]); None if the extension cannot run it."""
+    ext = _usable(x, q.shape[-1])
+    return None if ext is None else ext.int8_gemm_experts(_rows(x), q, scale, ids)
+
+
+def int4_mm_experts(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    ids: torch.Tensor) -> torch.Tensor | None:
+    """As ``int8_mm_experts`` for stacked int4 W in the native layout (packed [E, N, K/2], scale/zero
+    bf16 [E, N, K/g])."""
+    ext = _usable(x, 2 * packed.shape[-1])
+    return None if ext is None else ext.int4_gemm_experts(_rows(x), packed, scale, zero, ids)

@@ -265,6 +265,10 @@ class QuantExperts(nn.Module):
     limit: float | None = None  # DeepSeek-V4's SwiGLU clip, copied from the model's Experts
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:  # decoding one token: all its experts in two kernel calls where a kernel can
+            y = self._one_token(x, weights, indices)
+            if y is not None:
+                return y
         y = torch.zeros_like(x)
         gates = weights.flatten().unsqueeze(-1)  # [N*K, 1] fp32, pair j = (token j // K, its k-th expert)
         for e, tok, pairs in group_by_expert(indices, self.n_experts):
@@ -275,6 +279,26 @@ class QuantExperts(nn.Module):
             else:
                 y.index_add_(0, tok, self._down(h, e).to(x.dtype))
         return y
+
+    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+        """One token's output through all its chosen experts (indices [1, K]) with two batched products
+        (``_gate_up_all`` / ``_down_all``: row i uses expert indices[0, i]), or None where the
+        subclass has no such kernel here (then ``forward`` loops over the experts)."""
+        if not (cpu_kernels.shape_ok(self.dim) and cpu_kernels.shape_ok(self.inter_dim)):
+            return None
+        ids = indices[0]
+        gate_up = self._gate_up_all(x, ids)
+        if gate_up is None:
+            return None
+        gate, up = gate_up.split(self.inter_dim, dim=-1)
+        h = swiglu(gate, up, self.limit) * weights[0].unsqueeze(-1)  # [K, I], each row by its routing weight
+        return self._down_all(h, ids).sum(0, keepdim=True).to(x.dtype)
+
+    def _gate_up_all(self, x, ids):
+        return None
+
+    def _down_all(self, h, ids):
+        raise NotImplementedError
 
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert e's (gate [I, D], up [I, D], down [D, I]) dequantized to fp32 (tests, inspection)."""
@@ -312,6 +336,12 @@ class Int8Experts(QuantExperts):
 
     def _down(self, h, e):
         return int8_mm(h, self.down_proj[e], self.down_scale[e])
+
+    def _gate_up_all(self, x, ids):
+        return cpu_kernels.int8_mm_experts(x, self.gate_up_proj, self.gate_up_scale, ids)
+
+    def _down_all(self, h, ids):
+        return cpu_kernels.int8_mm_experts(h, self.down_proj, self.down_scale, ids)
 
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         gate_up = self.gate_up_proj[e].float() * self.gate_up_scale[e].float()[:, None]
@@ -383,6 +413,14 @@ class Int4Experts(QuantExperts):
         if y is None:
             self.use_torch_layout()
         return y
+
+    def _gate_up_all(self, x, ids):
+        if self.layout != "native":
+            return None
+        return cpu_kernels.int4_mm_experts(x, self.gate_up_proj, self.gate_up_scale, self.gate_up_zero, ids)
+
+    def _down_all(self, h, ids):
+        return cpu_kernels.int4_mm_experts(h, self.down_proj, self.down_scale, self.down_zero, ids)
 
     def _gate_up(self, h, e):
         if self.layout == "native" and (y := self._native(h, e, "gate_up")) is not None:
