@@ -15,8 +15,8 @@ kernels (``cpu_kernels``: csrc/gemv.cpp, built on the first product; activations
 integer dot products, split over output rows on torch's threads), at any number of rows (measured
 on a 2816 x 2048 weight, one thread: as fast as torch's kernels or faster from 1 to 512 rows).
 Wherever the extension is disabled (NANOSEEK_NO_EXT=1) or cannot be built, they are torch's own
-weight-only CPU kernels: ``torch._weight_int8pack_mm`` (int8 codes, one bf16 scale per output channel) and
-``torch._weight_int4pack_mm_for_cpu`` (int4 codes in groups, pre-packed by
+weight-only CPU kernels: ``torch._weight_int8pack_mm`` (int8 codes, one bf16 scale per output
+channel) and ``torch._weight_int4pack_mm_for_cpu`` (int4 codes in groups, pre-packed by
 ``torch._convert_weight_to_int4pack_for_cpu``). Those take bf16 activations only (an fp32 input is
 refused or, for int8, runs ~7x slower on an AVX-512 CPU), so each product casts its input to bf16
 and its output back to the input's dtype: the rest of the model keeps its dtype. Off the CPU
@@ -27,17 +27,18 @@ int4 layouts: a module built where the extension may run (``cpu_kernels.enabled(
 nothing) holds the codes in nanoseek's on-disk layout (``layout == "native"``: uint8 [N, K/2], low
 nibble = even column) with scale and zero = wmin + 8 * scale in bf16 [N, K/g] (W = (codes - 8) *
 scale + zero: the centred zero loses less to bf16 than wmin would), which the extension reads
-directly at any number of rows. Elsewhere it holds torch's packed layout (``layout == "torch"``, ``int4_kernel_layout``). If
-the extension then fails to build, a native module converts itself to torch's layout on its first
-product (once) and runs torch's kernel from then on. ``dequantize()`` / ``expert_weights()`` read
-either layout.
+directly at any number of rows. Elsewhere it holds torch's packed layout (``layout == "torch"``,
+``int4_kernel_layout``). If the extension then fails to build, a native module converts itself to
+torch's layout on its first product (once) and runs torch's kernel from then on.
+``dequantize()`` / ``expert_weights()`` read either layout.
 
 Routed experts: ``model.Experts`` stacks its weights [E, out, in]; ``Int8Experts``/``Int4Experts``
 keep the same stacking, with gate_proj and up_proj fused into one [E, 2I, D] matrix (per-row scales
 make the fusion exact), so each chosen expert costs two kernel calls over only the tokens routed
-to it. ``kv_b_proj`` stays high-precision by default: the absorbed MLA decode reads its dense
-``weight`` ([H, dn+dv, R] view); quantized linears also expose ``weight`` (dequantized on every
-read), so quantizing it works but costs a dequantization per decode step.
+to it; one decoding token runs all its experts in two batched calls where nanoseek's kernels run.
+``kv_b_proj`` stays high-precision by default: the absorbed MLA decode reads its dense ``weight``
+([H, dn+dv, R] view); quantized linears also expose ``weight`` (dequantized on every read), so
+quantizing it works but costs a dequantization per decode step.
 """
 
 from __future__ import annotations
@@ -187,8 +188,8 @@ class Int8Linear(QuantLinear):
 class Int4Linear(QuantLinear):
     """y = x W^T with W = q * scale + wmin per group of g inputs, q in 0..15. Layout ``native``
     (nanoseek's kernel): qweight uint8 [N, K/2] as on disk, scale and zero = wmin + 8 * scale bf16
-    [N, K/g]. Layout
-    ``torch`` (``int4_kernel_layout``): qweight uint8 [N', K/2], scales_and_zeros bf16 [K/g, N', 2]."""
+    [N, K/g]. Layout ``torch`` (``int4_kernel_layout``): qweight uint8 [N', K/2], scales_and_zeros
+    bf16 [K/g, N', 2]."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
                  name: str = "weight"):
