@@ -153,6 +153,16 @@ def test_one_token_runs_its_experts_in_two_batched_products(ext, method):
     assert torch.allclose(one[0], batch[0], rtol=1e-4, atol=1e-6)
 
 
+def test_an_input_that_wants_a_gradient_is_left_to_torch(ext):
+    """The kernels have no backward: such a product goes to torch's kernel, whose missing derivative
+    is an error, instead of silently cutting the graph."""
+    x, w = data(2, 16, 64)
+    q, scale = int8_quantize(w)
+    assert cpu_kernels.int8_mm(x.requires_grad_(), q, scale.bfloat16()) is None
+    with torch.no_grad():
+        assert cpu_kernels.int8_mm(x, q, scale.bfloat16()) is not None
+
+
 def test_disabled_extension_falls_back_to_torch_kernels(monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV_DISABLE, "1")
     assert not cpu_kernels.enabled() and cpu_kernels.kernels() is None

@@ -144,9 +144,11 @@ def shape_ok(in_features: int) -> bool:
 
 
 def _usable(x: torch.Tensor, in_features: int):
-    """The extension if it can run this product (CPU tensor, K a multiple of 64, not disabled), else None.
-    The per-call path of the products: a few dictionary and environment lookups."""
-    if x.device.type != "cpu" or in_features % K_MULTIPLE or _disabled():
+    """The extension if it can run this product (CPU tensor, K a multiple of 64, not disabled, no
+    gradient wanted: the kernels have no backward, and torch's say so), else None. The per-call
+    path of the products: a few attribute, dictionary and environment lookups."""
+    if (x.device.type != "cpu" or in_features % K_MULTIPLE or _disabled()
+            or (x.requires_grad and torch.is_grad_enabled())):
         return None
     ext = _state.get("ext", False)
     return kernels() if ext is False else ext
