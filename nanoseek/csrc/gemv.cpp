@@ -31,7 +31,8 @@
 //   once, from the stacked [E, N, K] weights and the experts' ids: one parallel region over all their
 //   rows, reading only the chosen experts' weights.
 //
-// Work is split over output rows n with at::parallel_for (torch's intra-op threads); inside a
+// Work is split over output rows n with at::parallel_for (torch's intra-op threads; built with -fopenmp,
+// without which ATen's OpenMP parallel_for runs on one thread); inside a
 // thread, rows go in blocks of ROW_BLOCK so that with more than M_TILE rows of x a block's weights
 // are re-read from cache, not memory. K must be a multiple of 64 (callers check).
 

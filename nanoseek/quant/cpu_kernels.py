@@ -127,8 +127,9 @@ def _build():
     build_dir = _build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     log.info("building nanoseek CPU kernels in %s (once)", build_dir)
+    # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loop runs on one thread
     return load(name=build_dir.name, sources=[str(SOURCE)], build_directory=str(build_dir),
-                extra_cflags=["-O3", "-march=native"], verbose=False)
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def _build_dir() -> Path:
