@@ -94,9 +94,14 @@ def _route(N, E=8, K=2, seed=0):
     return torch.rand(N, K, generator=g), indices
 
 
+@pytest.mark.parametrize("kernels", ["nanoseek", "torch"])
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("N", [1, 3, 40])  # decode (grouped in Python) and prefill (sorted) paths
-def test_quant_experts_match_dequantized_reference(method, N):
+def test_quant_experts_match_dequantized_reference(method, N, kernels, monkeypatch):
+    if kernels == "torch":
+        monkeypatch.setenv(cpu_kernels.ENV_DISABLE, "1")
+    elif cpu_kernels.kernels() is None:
+        pytest.skip("nanoseek's CPU kernels cannot run here")
     ex = _experts()
     E, I, D = ex.gate_proj.shape
     deq = Experts(E, D, I)

@@ -27,7 +27,12 @@
 //   quantized sum (so the activation rounding meets the centred codes c - 8, not c, whose mean
 //   of ~7.5 would double the error) and its exact fp32 sum (zero * sum x).
 //
-// Work is split over output rows n with at::parallel_for (torch's intra-op threads); inside a
+// int8_gemm_experts / int4_gemm_experts: the same products for a token's chosen routed experts at
+//   once, from the stacked [E, N, K] weights and the experts' ids: one parallel region over all their
+//   rows, reading only the chosen experts' weights.
+//
+// Work is split over output rows n with at::parallel_for (torch's intra-op threads; built with -fopenmp,
+// without which ATen's OpenMP parallel_for runs on one thread); inside a
 // thread, rows go in blocks of ROW_BLOCK so that with more than M_TILE rows of x a block's weights
 // are re-read from cache, not memory. K must be a multiple of 64 (callers check).
 
@@ -394,6 +399,86 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, t
   return y;
 }
 
+// ---------------------------------------------------------------------------- chosen experts
+
+// y [n_e, N] = x_i @ W[ids[i]]^T for stacked weights W [E, N, K] and the n_e chosen experts, one
+// parallel region over all their rows; x has one row (shared) or n_e rows. rows(act, i, n0, n1)
+// computes rows n0..n1 of output i.
+template <typename F>
+void for_expert_rows(int64_t n_e, int64_t N, int64_t K, F rows) {
+  int64_t grain = std::max<int64_t>(ROW_BLOCK, (64 << 10) / std::max<int64_t>(K, 1));
+  at::parallel_for(0, n_e * N, grain, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t i = begin / N, n0 = begin % N, n1 = std::min(N, n0 + (end - begin));
+      rows(i, n0, n1);
+      begin += n1 - n0;
+    }
+  });
+}
+
+void check_experts(const torch::Tensor& x, const torch::Tensor& ids, int64_t E) {
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kInt64 && ids.is_contiguous(), "ids must be int64 [n_e]");
+  TORCH_CHECK(x.size(0) == 1 || x.size(0) == ids.size(0), "x must have 1 row or one per chosen expert");
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids.size(0); ++i) TORCH_CHECK(id[i] >= 0 && id[i] < E, "expert id ", id[i], " out of range");
+}
+
+torch::Tensor int8_gemm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor ids, int64_t pf) {
+  TORCH_CHECK(available(), "this CPU (or this build) has no AVX-512 VNNI");
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kInt8 && q.is_contiguous(), "q must be contiguous int8 [E, N, K]");
+  TORCH_CHECK(scale.scalar_type() == torch::kBFloat16 && scale.is_contiguous() && scale.dim() == 2 &&
+              scale.size(0) == q.size(0) && scale.size(1) == q.size(1), "scale must be contiguous bf16 [E, N]");
+  const int64_t E = q.size(0), N = q.size(1), K = q.size(2), n_e = ids.size(0);
+  check_x(x, K);
+  check_experts(x, ids, E);
+  auto y = torch::empty({n_e, N}, x.options());
+#ifdef NANOSEEK_VNNI
+  std::vector<Int8Act> act(x.size(0));
+  for (int64_t m = 0; m < x.size(0); ++m) quantize_int8_act(x.data_ptr<float>() + m * K, K, act[m]);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  for_expert_rows(n_e, N, K, [&](int64_t i, int64_t n0, int64_t n1) {
+    int8_rows<1>(act.data() + (act.size() == 1 ? 0 : i), qp + id[i] * N * K, sp + id[i] * N, yp + i * N, N, K, n0, n1, pf);
+  });
+#endif
+  return y;
+}
+
+torch::Tensor int4_gemm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor zero,
+                                torch::Tensor ids, int64_t pf) {
+  TORCH_CHECK(available(), "this CPU (or this build) has no AVX-512 VNNI");
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kUInt8 && q.is_contiguous(), "q must be contiguous uint8 [E, N, K/2]");
+  const int64_t E = q.size(0), N = q.size(1), K = 2 * q.size(2), n_e = ids.size(0);
+  TORCH_CHECK(scale.dim() == 3 && scale.size(0) == E && scale.size(1) == N && scale.scalar_type() == torch::kBFloat16 &&
+              scale.is_contiguous(), "scale must be contiguous bf16 [E, N, G]");
+  TORCH_CHECK(zero.sizes() == scale.sizes() && zero.scalar_type() == torch::kBFloat16 && zero.is_contiguous(),
+              "zero must be contiguous bf16 [E, N, G], as scale");
+  const int64_t G = scale.size(2);
+  TORCH_CHECK(G > 0 && K % G == 0, "K = ", K, " does not split into ", G, " groups");
+  const int64_t g = K / G;
+  TORCH_CHECK(g == 32 || g == 64 || g == 128 || g == 256, "group size ", g, " is not 32, 64, 128 or 256");
+  check_x(x, K);
+  check_experts(x, ids, E);
+  auto y = torch::empty({n_e, N}, x.options());
+#ifdef NANOSEEK_VNNI
+  std::vector<Int4Act> act(x.size(0));
+  for (int64_t m = 0; m < x.size(0); ++m) quantize_int4_act(x.data_ptr<float>() + m * K, K, g, act[m]);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(zero.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  for_expert_rows(n_e, N, K, [&](int64_t i, int64_t n0, int64_t n1) {
+    const int64_t e = id[i];
+    int4_rows<1>(act.data() + (act.size() == 1 ? 0 : i), qp + e * N * (K / 2), sp + e * N * G, mp + e * N * G,
+                 yp + i * N, N, K, g, n0, n1, pf);
+  });
+#endif
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "True if this build and this CPU have AVX-512 VNNI");
   m.def("int8_gemm", &int8_gemm, "y fp32 [M, N] = x fp32 [M, K] @ (q int8 [N, K] * scale bf16 [N])^T",
@@ -402,4 +487,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y fp32 [M, N] = x fp32 [M, K] @ W^T, W = (codes - 8) * scale + zero per group; codes uint8 "
         "[N, K/2] (low nibble = even column), scale/zero bf16 [N, K/g]",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("zero"), py::arg("prefetch") = PREFETCH_BYTES);
+  m.def("int8_gemm_experts", &int8_gemm_experts,
+        "y fp32 [n_e, N]: row i = x[i] (or x[0]) @ W[ids[i]]^T for stacked int8 W (q [E, N, K], scale [E, N])",
+        py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("ids"), py::arg("prefetch") = PREFETCH_BYTES);
+  m.def("int4_gemm_experts", &int4_gemm_experts,
+        "y fp32 [n_e, N]: row i = x[i] (or x[0]) @ W[ids[i]]^T for stacked int4 W (q [E, N, K/2], scale/zero [E, N, G])",
+        py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("zero"), py::arg("ids"),
+        py::arg("prefetch") = PREFETCH_BYTES);
 }

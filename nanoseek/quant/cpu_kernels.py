@@ -5,6 +5,7 @@
         ext = cpu_kernels.kernels()            # the built extension, or None (logged once)
         y = cpu_kernels.int8_mm(x, q, scale)   # fp32 [M, N]; None when the extension is unusable
         y = cpu_kernels.int4_mm(x, packed, scale, zero)
+        y = cpu_kernels.int8_mm_experts(h, q, scale, ids)   # [E, N, K] stacked: row i uses expert ids[i]
 
 What they compute (gemv.cpp says how): x [M, K] @ W^T for int8 W = q * scale[n] (q int8 [N, K],
 scale bf16 [N]) and int4 W = (codes - 8) * scale + zero per group of g inputs, the codes in
@@ -35,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_DISABLE", "REQUIRED_FLAGS", "K_MULTIPLE", "enabled", "kernels", "int8_mm", "int4_mm", "shape_ok"]
+__all__ = ["ENV_DISABLE", "REQUIRED_FLAGS", "K_MULTIPLE", "enabled", "kernels", "int8_mm", "int4_mm", "int8_mm_experts",
+           "int4_mm_experts", "shape_ok"]
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +127,9 @@ def _build():
     build_dir = _build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     log.info("building nanoseek CPU kernels in %s (once)", build_dir)
+    # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loop runs on one thread
     return load(name=build_dir.name, sources=[str(SOURCE)], build_directory=str(build_dir),
-                extra_cflags=["-O3", "-march=native"], verbose=False)
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def _build_dir() -> Path:
@@ -142,9 +145,11 @@ def shape_ok(in_features: int) -> bool:
 
 
 def _usable(x: torch.Tensor, in_features: int):
-    """The extension if it can run this product (CPU tensor, K a multiple of 64, not disabled), else None.
-    The per-call path of the products: a few dictionary and environment lookups."""
-    if x.device.type != "cpu" or in_features % K_MULTIPLE or _disabled():
+    """The extension if it can run this product (CPU tensor, K a multiple of 64, not disabled, no
+    gradient wanted: the kernels have no backward, and torch's say so), else None. The per-call
+    path of the products: a few attribute, dictionary and environment lookups."""
+    if (x.device.type != "cpu" or in_features % K_MULTIPLE or _disabled()
+            or (x.requires_grad and torch.is_grad_enabled())):
         return None
     ext = _state.get("ext", False)
     return kernels() if ext is False else ext
@@ -167,3 +172,18 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: to
     caller falls back). The weights must be contiguous (the modules' buffers and their [e] slices are)."""
     ext = _usable(x, 2 * packed.shape[1])
     return None if ext is None else ext.int4_gemm(_rows(x), packed, scale, zero)
+
+
+def int8_mm_experts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+    """Chosen experts at once: row i of the fp32 [n, N] result is x[i] (or x[0] if x has one row) @
+    W[ids[i]]^T for stacked int8 W (q [E, N, K], scale bf16 [E, N]); None if the extension cannot run it."""
+    ext = _usable(x, q.shape[-1])
+    return None if ext is None else ext.int8_gemm_experts(_rows(x), q, scale, ids)
+
+
+def int4_mm_experts(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    ids: torch.Tensor) -> torch.Tensor | None:
+    """As ``int8_mm_experts`` for stacked int4 W in the native layout (packed [E, N, K/2], scale/zero
+    bf16 [E, N, K/g])."""
+    ext = _usable(x, 2 * packed.shape[-1])
+    return None if ext is None else ext.int4_gemm_experts(_rows(x), packed, scale, zero, ids)

@@ -15,8 +15,8 @@ kernels (``cpu_kernels``: csrc/gemv.cpp, built on the first product; activations
 integer dot products, split over output rows on torch's threads), at any number of rows (measured
 on a 2816 x 2048 weight, one thread: as fast as torch's kernels or faster from 1 to 512 rows).
 Wherever the extension is disabled (NANOSEEK_NO_EXT=1) or cannot be built, they are torch's own
-weight-only CPU kernels: ``torch._weight_int8pack_mm`` (int8 codes, one bf16 scale per output channel) and
-``torch._weight_int4pack_mm_for_cpu`` (int4 codes in groups, pre-packed by
+weight-only CPU kernels: ``torch._weight_int8pack_mm`` (int8 codes, one bf16 scale per output
+channel) and ``torch._weight_int4pack_mm_for_cpu`` (int4 codes in groups, pre-packed by
 ``torch._convert_weight_to_int4pack_for_cpu``). Those take bf16 activations only (an fp32 input is
 refused or, for int8, runs ~7x slower on an AVX-512 CPU), so each product casts its input to bf16
 and its output back to the input's dtype: the rest of the model keeps its dtype. Off the CPU
@@ -27,17 +27,18 @@ int4 layouts: a module built where the extension may run (``cpu_kernels.enabled(
 nothing) holds the codes in nanoseek's on-disk layout (``layout == "native"``: uint8 [N, K/2], low
 nibble = even column) with scale and zero = wmin + 8 * scale in bf16 [N, K/g] (W = (codes - 8) *
 scale + zero: the centred zero loses less to bf16 than wmin would), which the extension reads
-directly at any number of rows. Elsewhere it holds torch's packed layout (``layout == "torch"``, ``int4_kernel_layout``). If
-the extension then fails to build, a native module converts itself to torch's layout on its first
-product (once) and runs torch's kernel from then on. ``dequantize()`` / ``expert_weights()`` read
-either layout.
+directly at any number of rows. Elsewhere it holds torch's packed layout (``layout == "torch"``,
+``int4_kernel_layout``). If the extension then fails to build, a native module converts itself to
+torch's layout on its first product (once) and runs torch's kernel from then on.
+``dequantize()`` / ``expert_weights()`` read either layout.
 
 Routed experts: ``model.Experts`` stacks its weights [E, out, in]; ``Int8Experts``/``Int4Experts``
 keep the same stacking, with gate_proj and up_proj fused into one [E, 2I, D] matrix (per-row scales
 make the fusion exact), so each chosen expert costs two kernel calls over only the tokens routed
-to it. ``kv_b_proj`` stays high-precision by default: the absorbed MLA decode reads its dense
-``weight`` ([H, dn+dv, R] view); quantized linears also expose ``weight`` (dequantized on every
-read), so quantizing it works but costs a dequantization per decode step.
+to it; one decoding token runs all its experts in two batched calls where nanoseek's kernels run.
+``kv_b_proj`` stays high-precision by default: the absorbed MLA decode reads its dense ``weight``
+([H, dn+dv, R] view); quantized linears also expose ``weight`` (dequantized on every read), so
+quantizing it works but costs a dequantization per decode step.
 """
 
 from __future__ import annotations
@@ -187,8 +188,8 @@ class Int8Linear(QuantLinear):
 class Int4Linear(QuantLinear):
     """y = x W^T with W = q * scale + wmin per group of g inputs, q in 0..15. Layout ``native``
     (nanoseek's kernel): qweight uint8 [N, K/2] as on disk, scale and zero = wmin + 8 * scale bf16
-    [N, K/g]. Layout
-    ``torch`` (``int4_kernel_layout``): qweight uint8 [N', K/2], scales_and_zeros bf16 [K/g, N', 2]."""
+    [N, K/g]. Layout ``torch`` (``int4_kernel_layout``): qweight uint8 [N', K/2], scales_and_zeros
+    bf16 [K/g, N', 2]."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
                  name: str = "weight"):
@@ -265,6 +266,10 @@ class QuantExperts(nn.Module):
     limit: float | None = None  # DeepSeek-V4's SwiGLU clip, copied from the model's Experts
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:  # decoding one token: all its experts in two kernel calls where a kernel can
+            y = self._one_token(x, weights, indices)
+            if y is not None:
+                return y
         y = torch.zeros_like(x)
         gates = weights.flatten().unsqueeze(-1)  # [N*K, 1] fp32, pair j = (token j // K, its k-th expert)
         for e, tok, pairs in group_by_expert(indices, self.n_experts):
@@ -275,6 +280,26 @@ class QuantExperts(nn.Module):
             else:
                 y.index_add_(0, tok, self._down(h, e).to(x.dtype))
         return y
+
+    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+        """One token's output through all its chosen experts (indices [1, K]) with two batched products
+        (``_gate_up_all`` / ``_down_all``: row i uses expert indices[0, i]), or None where the
+        subclass has no such kernel here (then ``forward`` loops over the experts)."""
+        if not (cpu_kernels.shape_ok(self.dim) and cpu_kernels.shape_ok(self.inter_dim)):
+            return None
+        ids = indices[0]
+        gate_up = self._gate_up_all(x, ids)
+        if gate_up is None:
+            return None
+        gate, up = gate_up.split(self.inter_dim, dim=-1)
+        h = swiglu(gate, up, self.limit) * weights[0].unsqueeze(-1)  # [K, I], each row by its routing weight
+        return self._down_all(h, ids).sum(0, keepdim=True).to(x.dtype)
+
+    def _gate_up_all(self, x, ids):
+        return None
+
+    def _down_all(self, h, ids):
+        raise NotImplementedError
 
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert e's (gate [I, D], up [I, D], down [D, I]) dequantized to fp32 (tests, inspection)."""
@@ -312,6 +337,12 @@ class Int8Experts(QuantExperts):
 
     def _down(self, h, e):
         return int8_mm(h, self.down_proj[e], self.down_scale[e])
+
+    def _gate_up_all(self, x, ids):
+        return cpu_kernels.int8_mm_experts(x, self.gate_up_proj, self.gate_up_scale, ids)
+
+    def _down_all(self, h, ids):
+        return cpu_kernels.int8_mm_experts(h, self.down_proj, self.down_scale, ids)
 
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         gate_up = self.gate_up_proj[e].float() * self.gate_up_scale[e].float()[:, None]
@@ -383,6 +414,14 @@ class Int4Experts(QuantExperts):
         if y is None:
             self.use_torch_layout()
         return y
+
+    def _gate_up_all(self, x, ids):
+        if self.layout != "native":
+            return None
+        return cpu_kernels.int4_mm_experts(x, self.gate_up_proj, self.gate_up_scale, self.gate_up_zero, ids)
+
+    def _down_all(self, h, ids):
+        return cpu_kernels.int4_mm_experts(h, self.down_proj, self.down_scale, self.down_zero, ids)
 
     def _gate_up(self, h, e):
         if self.layout == "native" and (y := self._native(h, e, "gate_up")) is not None:
