@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 ENV_DISABLE = "NANOSEEK_NO_EXT"
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma")
 K_MULTIPLE = 64  # the kernels step over inputs 64 at a time
+# -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loop runs on one thread
+CFLAGS, LDFLAGS = ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "gemv.cpp"
 
 _lock = threading.Lock()
@@ -127,14 +129,14 @@ def _build():
     build_dir = _build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     log.info("building nanoseek CPU kernels in %s (once)", build_dir)
-    # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loop runs on one thread
     return load(name=build_dir.name, sources=[str(SOURCE)], build_directory=str(build_dir),
-                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=False)
 
 
 def _build_dir() -> Path:
-    """One build per source version and CPU model (-march=native code must not meet another CPU)."""
-    src_hash = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:8]
+    """One build per source version, compiler flags and CPU model (-march=native code must not
+    meet another CPU)."""
+    src_hash = hashlib.sha1(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:8]
     root = Path(os.environ.get("NANOSEEK_EXT_DIR", Path.home() / ".cache" / "nanoseek" / "extensions"))
     return root / f"nanoseek_gemv_{src_hash}_{_state.get('cpu_id', 'cpu')}"
 
