@@ -77,6 +77,41 @@ def run(engine: Engine, budget: int | None, chunk_cost: float | None, prompt_tok
                 longest=max(during) if during else float("nan"), ttft=ttft, gaps=len(during))
 
 
+def step_costs(engine: Engine, context: int, chunks: list[int], repeats: int = 30) -> None:
+    """One decode row (context 64) alone, then with a prefill chunk of each size at `context`:
+    the step's time as one ragged forward and as two forwards (lower-quartile ms of `repeats`)."""
+    cfg, cache = engine.config, engine.new_cache(2, context + max(chunks) + 1)
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(3, 900, (1, n), generator=gen)
+
+    def timed(f):
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 4] * 1e3
+    with torch.inference_mode():
+        engine.forward(ids(64), torch.arange(64)[None], cache.view(0, 1), absorb=False)
+        for a in range(0, context, 1024):
+            n = min(1024, context - a)
+            engine.forward(ids(n), torch.arange(a, a + n)[None], cache.view(1, 2), absorb=False)
+        row, pos = ids(1), torch.tensor([[64]])
+        alone = timed(lambda: engine.forward(row, pos, cache.view(0, 1), absorb=True))
+        for k in chunks:
+            chunk, at = ids(k), torch.arange(context, context + k)[None]
+            absorb = k * (cfg.kv_lora_rank - cfg.qk_nope_head_dim) < cfg.kv_lora_rank * (
+                cfg.qk_nope_head_dim + cfg.v_head_dim)  # the batch's rule for a chunk after a prefix
+            ragged = timed(lambda: engine.forward_ragged([(row, pos, cache.view(0, 1), True),
+                                                          (chunk, at, cache.view(1, 2), absorb)]))
+            two = timed(lambda: (engine.forward(row, pos, cache.view(0, 1), absorb=True),
+                                 engine.forward(chunk, at, cache.view(1, 2), absorb=absorb)))
+            print(f"chunk {k:4d} at {context:,}: decode alone {alone:.2f} ms, ragged {ragged:.2f} ms "
+                  f"({ragged / alone:.2f}x), two forwards {two:.2f} ms ({two / alone:.2f}x)", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompt-tokens", type=int, default=16384, help="the joining prompt's length")
@@ -87,11 +122,17 @@ def main(argv=None) -> int:
     ap.add_argument("--idle-steps", type=int, default=30, help="tokens streamed before the long prompt arrives")
     ap.add_argument("--separate", action="store_true",
                     help="also run each chunked setting with the chunk in its own forward (no ragged forward)")
+    ap.add_argument("--step-costs", type=int, nargs="*", default=None, metavar="TOKENS",
+                    help="instead: time one decode step alone and with a chunk of each size at --prompt-tokens "
+                         "of context (ragged vs two forwards)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = build_engine(4 * args.prompt_tokens + 64)  # the streaming request outlasts the prefill
+    if args.step_costs is not None:
+        step_costs(engine, args.prompt_tokens, args.step_costs or [4, 16, 64, 256])
+        return 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {engine.model.num_params() / 1e6:.1f}M "
           f"params, a {args.prompt_tokens:,}-token prompt joins a streaming request")
     print(f"{'chunks':>26}{'idle gap ms':>13}{'median during':>15}{'longest during':>16}{'longest/idle':>14}"
