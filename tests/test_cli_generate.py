@@ -47,10 +47,12 @@ def test_generate_prints_the_engines_greedy_continuation(ckpt, capsys):
 
 def test_generate_speculative_and_batch_match_plain(ckpt, capsys):
     base = ["generate", "--model", ckpt, "--max-new-tokens", "10", "--prompt", "7*6=", "--prompt", "the"]
-    _, plain, _ = run_cli(base, capsys)
+    _, plain, plain_err = run_cli(base + ["--speculative", "off", "--stats"], capsys)
     _, spec, err = run_cli(base + ["--speculative", "mtp", "--stats"], capsys)
-    assert plain == spec and plain.count("--- [") == 2
-    assert "MTP acceptance" in err and "tokens/forward" in err
+    _, auto, auto_err = run_cli(base + ["--stats"], capsys)  # the default: mtp, as the model has an MTP module
+    assert plain == spec == auto and plain.count("--- [") == 2
+    assert "MTP acceptance" in err and "tokens/forward" in err and "MTP acceptance" in auto_err
+    assert "MTP acceptance" not in plain_err
     _, alone, _ = run_cli(["generate", "--model", ckpt, "--max-new-tokens", "10", "--prompt", "the"], capsys)
     assert plain.splitlines()[-1] == "--- [1] " + alone.rstrip("\n")
 
@@ -159,3 +161,16 @@ def test_generate_on_cuda_gives_the_cpu_greedy_tokens(ckpt, capsys):
     _, cpu, _ = run_cli(base, capsys)
     _, cuda, _ = run_cli(base + ["--device", "cuda"], capsys)
     assert cuda == cpu
+
+
+def test_speculative_auto_drafts_only_with_an_mtp_module():
+    import argparse
+
+    from nanoseek.cli.flags import speculative_mode
+    from nanoseek.config import ModelConfig
+    from nanoseek.model import Transformer
+    with_mtp = Engine(Transformer(ModelConfig.preset("tiny").replace(num_nextn_predict_layers=1)))
+    without = Engine(Transformer(ModelConfig.preset("tiny").replace(num_nextn_predict_layers=0)))
+    mode = lambda flag, engine: speculative_mode(argparse.Namespace(speculative=flag), engine)  # noqa: E731
+    assert mode("auto", with_mtp) == "mtp" and mode("auto", without) is None
+    assert mode("off", with_mtp) is None and mode("mtp", with_mtp) == "mtp"

@@ -109,7 +109,7 @@ def test_mtp_speculative_server_streams_plain_greedy_and_top_k_filters(server, c
             kw = dict(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
             streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
             assert streamed == client.completions.create(**kw).choices[0].text == want
-            for extra in ([], ["--speculative", "mtp"]):
+            for extra in (["--speculative", "off"], [], ["--speculative", "mtp"]):  # [] = auto: mtp here
                 argv = ["generate", "--model", server["path"], "--prompt", prompt, "--max-new-tokens", "12"]
                 assert cli.main(argv + extra) == 0 and capsys.readouterr().out == prompt + want + "\n"
         assert sched.stats["drafted"] > 0 and sched.stats["accepted"] >= 0

@@ -19,7 +19,7 @@ import time
 
 from ..chat import TextStream, chat_prompt, held_suffix
 from ..inference import Engine
-from .flags import add_inference_flags, load_engine
+from .flags import add_inference_flags, add_speculative_flag, load_engine, speculative_mode
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -62,9 +62,9 @@ class ReplyPrinter:
         self.out.flush()
 
 
-def sampling_args(args) -> dict:
+def sampling_args(args, engine: Engine) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                speculative=args.speculative)
+                speculative=speculative_mode(args, engine))
 
 
 def print_stats(engine: Engine, elapsed: float, out=None) -> None:
@@ -109,9 +109,9 @@ def run_generate(args) -> int:
         bos = [tok.bos_id] if tok.bos_id is not None else []
         prompts = [bos + slots + tok.encode(p) for p in args.prompt]
     if images:
-        sampling = dict(sampling_args(args), images=[images] * len(prompts))
+        sampling = dict(sampling_args(args, engine), images=[images] * len(prompts))
     else:
-        sampling = sampling_args(args)
+        sampling = sampling_args(args, engine)
     t0 = time.perf_counter()
     if len(prompts) == 1:  # one prompt: print as it is made
         stream = TextStream(tok)
@@ -187,7 +187,7 @@ def run_chat(args) -> int:
         printer.begin()
         t0 = time.perf_counter()
         shown = [images] if images else None
-        for new in engine.stream([ids], min(args.max_new_tokens, context - len(ids)), **sampling_args(args),
+        for new in engine.stream([ids], min(args.max_new_tokens, context - len(ids)), **sampling_args(args, engine),
                                  images=shown):
             printer.feed(stream.push(new[0]))
         printer.feed(stream.flush())
@@ -205,11 +205,7 @@ def _common_flags(p) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--speculative", choices=["mtp"], default=None,
-                   help="mtp: the MTP module drafts a token that the model verifies (same output when greedy). "
-                        "Off by default: at DeepSeek-V2-Lite's widths on a CPU (int4, bench_real_scale's 4-layer "
-                        "cut) a verify step costs 1.6x a plain one and the whole speculative step 2.2x, so even "
-                        "94%% acceptance predicts at most ~1.05x")
+    add_speculative_flag(p)
     add_inference_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="run the decode step through torch.compile (the first request pays the compilation)")

@@ -1,7 +1,7 @@
 """`nanoseek serve`: an OpenAI-compatible API server with continuous batching and a web chat page.
 
     nanoseek serve --model runs/sft                                  # http://127.0.0.1:8000
-    nanoseek serve --model runs/sft --speculative mtp                # MTP drafts, same greedy output
+    nanoseek serve --model runs/sft --speculative off                # no MTP drafts (auto: when the model has an MTP module)
     NANOSEEK_API_KEY=sk-... nanoseek serve --model runs/sft --host 0.0.0.0 \\
         --ssl-certfile cert.pem --ssl-keyfile key.pem
 
@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ..hf.io import parse_size
-from .flags import add_inference_flags, load_engine
+from .flags import add_inference_flags, add_speculative_flag, load_engine, speculative_mode
 
 
 def run(args) -> int:
@@ -33,7 +33,7 @@ def run(args) -> int:
     budget = kv_cache_budget(args.kv_cache_memory, engine.device)
     scheduler = Scheduler(engine, max_batch=args.max_batch, queue_size=args.queue_size,
                           prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), block=args.page_size,
-                          context=args.context, speculative=args.speculative, kv_cache_bytes=budget,
+                          context=args.context, speculative=speculative_mode(args, engine), kv_cache_bytes=budget,
                           max_batched_tokens=args.max_num_batched_tokens,
                           chunk_cost=args.prefill_chunk_cost).start()
     print(f"nanoseek serve: KV cache {budget / 2**30:.2f} GiB = {scheduler.batch.cache.capacity:,} tokens "
@@ -101,11 +101,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill-chunk-cost", type=float, default=None,
                    help="size prefill chunks by time instead: each adds about this many decode steps to the "
                         "streaming requests' token gaps (measured; smoother streams, slower time to first token)")
-    p.add_argument("--speculative", choices=["mtp"], default=None,
-                   help="mtp: the MTP module drafts a token that the model verifies (same output when greedy). "
-                        "Off by default: at DeepSeek-V2-Lite's widths on a CPU (int4, bench_real_scale's 4-layer "
-                        "cut) a verify step costs 1.6x a plain one and the whole speculative step 2.2x, so even "
-                        "94%% acceptance predicts at most ~1.05x")
+    add_speculative_flag(p)
     p.add_argument("--prefix-cache-mb", type=float, default=256, help="memory for cached prompt latents (0: off)")
     add_inference_flags(p)
     p.add_argument("--log-requests", action="store_true",
