@@ -12,9 +12,9 @@ shared pages) and, without a token budget, prefills at once: the prompts right-p
 expanded-MLA forward, each row's first token sampled. With a budget (chunked prefill) ``step``
 decodes the running rows and prefills waiting rows with what is left (whole prompts together, or a
 chunk of the first one alone) in one ragged forward, so a long prompt never stalls the rows that
-are streaming and the weights are read once for both. Decoding is one absorbed-MLA forward for every running row, or with MTP one
-forward that verifies each row's draft and makes the next token, followed by the MTP module's
-forward that drafts again.
+are streaming and the weights are read once for both. Decoding is one absorbed-MLA forward for
+every running row, or with MTP one forward that verifies each row's draft and makes the next
+token, followed by the MTP module's forward that drafts again.
 
 A paged cache can run out of pages: the batch first evicts prefix-cache blocks, then preempts the
 row admitted last (its pages go back; ``take_preempted`` hands it to the caller, who admits it
@@ -376,13 +376,11 @@ class Batch:
         prefill of `take`. The weights are read once for both, so a streaming row's gap grows only
         by the chunk's own compute: ~(1 + chunk_cost)x its idle gap."""
         rows = self.rows[:self.running]
-        part = self._prefill_part(take)
+        part = self._prefill_part(take)  # never None: a twin is taken only with the row it shares
         ids, positions = self._decode_inputs(rows)
-        parts = [(ids, positions, self.cache.view(0, len(rows)), True)]
-        if part is not None:
-            parts.append((part["ids"], part["positions"], part["cache"], part["absorb"]))
         try:
-            hidden = self.engine.forward_ragged(parts)
+            hidden = self.engine.forward_ragged([(ids, positions, self.cache.view(0, len(rows)), True),
+                                                 (part["ids"], part["positions"], part["cache"], part["absorb"])])
         except Exception as e:  # the shared forward failed: its decode rows and prefill rows end
             _fail(self.rows, list(range(len(rows))) + [i for i, _ in take], "forward", e)
             self._count_decode(len(rows))
@@ -392,16 +390,14 @@ class Batch:
         except Exception as e:
             _fail(self.rows, list(range(len(rows))), "decode", e)
         self._count_decode(len(rows))
-        if part is not None:
-            try:
-                self._prefilled(take, part, hidden[1])
-            except Exception as e:
-                _fail(self.rows, [i for i, _ in take], "prefill", e)
+        try:
+            self._prefilled(take, part, hidden[1])
+        except Exception as e:
+            _fail(self.rows, [i for i, _ in take], "prefill", e)
         seconds, fixed = time.perf_counter() - t0, self._seconds["decode_step"]
         self.stats["decode_s"] += min(seconds, fixed)
         self.stats["prefill_s"] += max(seconds - fixed, 0.0)
-        if part is not None:
-            self._average("prefill_token", max(seconds - fixed, 1e-6) / sum(n for _, n in part["real"]))
+        self._average("prefill_token", max(seconds - fixed, 1e-6) / sum(n for _, n in part["real"]))
 
     def _average(self, what: str, seconds: float) -> None:
         old = self._seconds[what]
