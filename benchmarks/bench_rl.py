@@ -24,7 +24,9 @@ Writes results.json and RESULTS_rl.md (a table with the command and machine) int
 nanoseek[bench]`) from one cold start (without the MTP module, so transformers loads the checkpoint
 whole): the same prompts in the same order, nanoseek's accuracy reward, G, prompts per step, budget,
 lr, beta, eps, AdamW betas, temperature 1, mu = 1, the grpo loss with group-scaled advantages,
---steps steps each, the same torch threads, one after the other in this process. Both trained models
+--steps steps each, the same torch threads, one after the other in this process. Each side batches
+its update its own way (TRL: one batch of P x G padded to the longest; nanoseek: micro-batches of 16
+rows of like length, nanoseek.rl.rollouts.length_batches): the same gradient. Both trained models
 are evaluated by nanoseek's held-out pass@1 (R1's settings, the same examples and seeds); reports
 seconds per step, rollout tokens/s and the ratios, into VS_TRL.md and vs_trl.json.
 """
@@ -131,7 +133,7 @@ def versus_trl(args, out: Path, results: dict) -> dict:
     if not done(nano):
         grpo(GRPOConfig(model=str(sft), out=str(nano), dataset=args.task, steps=args.steps, prompts_per_step=P,
                         group_size=G, max_new_tokens=args.max_new_tokens, lr=args.grpo_lr, beta=args.beta,
-                        eps_low=0.2, temperature=1.0, reward=["accuracy"], micro_batch_size=P * G, eval_every=0,
+                        eps_low=0.2, temperature=1.0, reward=["accuracy"], micro_batch_size=16, eval_every=0,
                         eval_size=args.eval_size, eval_samples=args.eval_samples, sample_every=0,
                         num_train=num_train, seed=args.seed, progress=False))
     rows, before, after, _ = grpo_log(nano)

@@ -3,6 +3,7 @@ engine/trainer log-prob check, a sandboxed reward that never returns does not st
 the `nanoseek grpo` command end to end (metrics, samples, plot, checkpoint, resume)."""
 
 import copy
+import dataclasses
 import json
 import textwrap
 
@@ -16,6 +17,7 @@ from nanoseek.data.tasks import get_task
 from nanoseek.inference import Engine
 from nanoseek.rl.grpo import (Algorithm, GRPOConfig, engine_logprobs, grpo_step, policy_logprobs, policy_update,
                               sample_groups, sequence_batch)
+from nanoseek.rl.rollouts import length_batches
 from nanoseek.rl.sandbox import run_python
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.optim import build_adamw
@@ -69,6 +71,37 @@ def test_sequence_batch_masks_exactly_the_completion():
     assert ids.tolist()[0] == [5, 6, 7, 1] and targets.tolist()[0] == [6, 7, 1, 2]
     assert mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
 
+    # rows longest first in micro-batches, each cut after its longest row's last completion token
+    assert [(rows.tolist(), n) for rows, n in length_batches(mask, 2)] == [([0, 1], 4), ([2, 3], 3)]
+    assert [(rows.tolist(), n) for rows, n in length_batches(mask, 3, keep_order=True)] == [([0, 1, 2], 4), ([3], 1)]
+
+
+def test_length_batches_leave_logprobs_and_the_update_unchanged(ckpt, tmp_path):
+    """Sorting rows by length and cutting each micro-batch's padding is only a saving: the log-probs on
+    completion tokens and the update equal one micro-batch over the whole padded batch."""
+    model, tok, cfg = _setup(ckpt, tmp_path, max_new_tokens=12, beta=0.04, mu=2)
+    examples = get_task("arithmetic").examples("train", 3, seed=8)
+    rollout = sample_groups(Engine(model, tok), tok, examples, cfg.group_size, cfg.max_new_tokens, 1.0, None, seed=9)
+    completions = [c[:2 + i % 9] for i, c in enumerate(rollout.completions)]  # lengths 2..10
+    batch = sequence_batch(rollout.prompts, completions, cfg.group_size, tok.pad_id)
+    mask = batch[2]
+    assert len({n for _, n in length_batches(mask, 3)}) > 2
+    whole = policy_logprobs(model, *batch, 1.0, len(mask))
+    cut = policy_logprobs(model, *batch, 1.0, 3)
+    assert torch.allclose(whole[mask], cut[mask], atol=1e-5)
+    advantages = torch.linspace(-1.0, 1.0, len(mask))
+    algo = Algorithm.from_config(cfg)
+    updated = []
+    for micro in (len(mask), 3):
+        m = copy.deepcopy(model)
+        step_cfg = dataclasses.replace(cfg, micro_batch_size=micro)
+        # plain SGD: AdamW's first step turns a gradient's rounding noise into a full-size step
+        policy_update(m, torch.optim.SGD(m.parameters(), lr=cfg.lr), batch, advantages, whole, whole, step_cfg,
+                      cfg.lr, algo)
+        updated.append([q.detach() for q in m.parameters()])
+    assert max(float((a - b).abs().max()) for a, b in zip(*updated)) < 1e-6
+    assert max(float((a - b).abs().max()) for a, b in zip(updated[0], model.parameters())) > 1e-4  # it trained
+
 
 def _forever(prompts, completions, **columns):
     """A reward whose code never ends: the sandbox kills it and it scores 0."""
@@ -121,7 +154,7 @@ def test_the_logprob_check_and_mu_one_leave_the_update_unchanged(ckpt, tmp_path)
     advantages = torch.linspace(-1.0, 1.0, len(rollout.completions))
     algo = Algorithm.from_config(cfg)
     updated = []
-    for old in (None, policy_logprobs(model, batch[0], batch[1], 1.0, cfg.micro_batch_size)):
+    for old in (None, policy_logprobs(model, *batch, 1.0, cfg.micro_batch_size)):
         m = copy.deepcopy(model)
         stats = policy_update(m, build_adamw(m, cfg.lr, 0.0), batch, advantages, old, None, cfg, cfg.lr, algo)
         assert stats["grad_norm"] > 0

@@ -87,8 +87,8 @@ from .lora import add_lora, merge_and_unload, merged
 from .losses import (IMPORTANCE_SAMPLING, LOSS_TYPES, SCALE_REWARDS, bnpo_loss, dapo_loss, dr_grpo_loss, grpo_loss,
                      mask_truncated, token_entropy, token_logprobs)
 from .rewards import parse_rewards
-from .rollouts import (Rollout, engine_logprobs, logprob_mismatch, policy_logprobs, row_seeds, sample_groups,
-                       score_rollout, sequence_batch)
+from .rollouts import (Rollout, engine_logprobs, length_batches, logprob_mismatch, policy_logprobs, row_seeds,
+                       sample_groups, score_rollout, sequence_batch)
 from .sampling import Scored, dynamic_sampling
 
 # A signal above its threshold gets a warning: the run is probably learning nothing.
@@ -285,26 +285,28 @@ def policy_update(model: nn.Module, optimizer, batch: tuple, advantages: torch.T
     model.train()
     sums = collections.defaultdict(float)
     clip = None if meshes is None else functools.partial(clip_grad_norm, meshes=meshes)
-    starts = range(0, len(input_ids), cfg.micro_batch_size)
+    # rows of like length together, each micro-batch cut to its longest row (bnpo's per-micro-batch
+    # mean depends on which rows share one, so it keeps the given order)
+    micro_batches = length_batches(mask, cfg.micro_batch_size, keep_order=algo.loss is bnpo_loss)
     for _ in range(cfg.mu):
-        for a in starts:
-            sl = slice(a, a + cfg.micro_batch_size)
+        for i, (rows, n) in enumerate(micro_batches):
             if isinstance(forward, FSDPModule):  # reduce gradients after the last micro-batch only
-                forward.set_requires_gradient_sync(a == starts[-1])
+                forward.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with algo.precision():
-                logits = forward(input_ids[sl])
-            logp = token_logprobs(logits, targets[sl], cfg.temperature)
-            ref = ref_logp[sl] if ref_logp is not None else None
-            old = old_logp[sl] if old_logp is not None else None
-            loss, stats = algo.loss(logp, old, advantages[sl], mask[sl], ref, **kw)
+                logits = forward(input_ids[rows, :n])
+            logp = token_logprobs(logits, targets[rows, :n], cfg.temperature)
+            ref = ref_logp[rows, :n] if ref_logp is not None else None
+            old = old_logp[rows, :n] if old_logp is not None else None
+            m = mask[rows, :n]
+            loss, stats = algo.loss(logp, old, advantages[rows], m, ref, **kw)
             # Each process's loss is its share of the global one; FSDP averages gradients over processes.
             (loss * env.world_size).backward()
-            share = float(mask[sl].sum()) / max(total_tokens, 1.0) / cfg.mu  # token-weighted means
+            share = float(m.sum()) / max(total_tokens, 1.0) / cfg.mu  # token-weighted means
             sums["loss"] += float(loss.detach()) / cfg.mu
             for k, v in stats.items():
                 sums[k] += v * share
             with torch.no_grad():
-                sums["entropy"] += float((token_entropy(logits, cfg.temperature) * mask[sl]).sum()) \
+                sums["entropy"] += float((token_entropy(logits, cfg.temperature) * m).sum()) \
                     / max(total_tokens, 1.0) / cfg.mu
         sums["grad_norm"] += optimizer_step(model, optimizer, lr, cfg.grad_clip, where="GRPO", clip=clip) / cfg.mu
     for moe in model.moe_layers():  # routing kept for balancing holds the last graph alive; RL does not use it
@@ -360,14 +362,14 @@ def grpo_step(model: nn.Module, ref_model: nn.Module | None, engine: Engine, opt
     input_ids, targets, mask = sequence_batch(rollout.prompts, rollout.completions, G, pad)
     if cfg.mask_truncated_completions:
         mask = mask_truncated(mask, rollout.finish_reasons)
-    old_logp = None if cfg.mu == 1 else policy_logprobs(forward, input_ids, targets, cfg.temperature,
+    old_logp = None if cfg.mu == 1 else policy_logprobs(forward, input_ids, targets, mask, cfg.temperature,
                                                         cfg.micro_batch_size, algo.precision)
     ref_logp = None if ref_model is None else \
-        policy_logprobs(ref_model, input_ids, targets, cfg.temperature, cfg.micro_batch_size, algo.precision)
+        policy_logprobs(ref_model, input_ids, targets, mask, cfg.temperature, cfg.micro_batch_size, algo.precision)
     mismatch = {}
     if cfg.logprob_check_every and step % cfg.logprob_check_every == 0:
         trainer_logp = old_logp if old_logp is not None else policy_logprobs(
-            forward, input_ids, targets, cfg.temperature, cfg.micro_batch_size, algo.precision)
+            forward, input_ids, targets, mask, cfg.temperature, cfg.micro_batch_size, algo.precision)
         with merged(engine.model):
             mismatch = logprob_mismatch(trainer_logp, mask, engine_logprobs(
                 engine, [rollout.prompts[i // G] for i in range(len(rollout.completions))], rollout.completions,

@@ -4,7 +4,7 @@ inference engine, score them with the reward functions, and lay them out for the
     rollout = sample_groups(engine, tokenizer, examples, G, max_new_tokens, temperature, top_p, seed)
     total, means, counts = score_rollout(rollout, rewards, G, max_new_tokens)   # total [P, G]
     input_ids, targets, mask = sequence_batch(rollout.prompts, rollout.completions, G, pad_id)
-    logp = policy_logprobs(model, input_ids, targets, temperature, micro_batch_size)
+    logp = policy_logprobs(model, input_ids, targets, mask, temperature, micro_batch_size)
 """
 
 from __future__ import annotations
@@ -114,17 +114,32 @@ def sequence_batch(prompts: list[list[int]], completions: list[list[int]], group
     return ids[:, :-1], ids[:, 1:], mask[:, 1:]
 
 
+def length_batches(mask: torch.Tensor, micro_batch_size: int, keep_order: bool = False
+                   ) -> list[tuple[torch.Tensor, int]]:
+    """Micro-batches of a right-padded batch: (row indices, columns they need), longest rows first.
+
+    A row needs the columns up to its last completion token (mask [N, T]); the forward is causal, so
+    dropping the columns after that changes none of its log-probabilities. Sorting by length puts rows
+    of like length together, so each micro-batch computes little padding: the rows of a GRPO step
+    differ in length by up to the whole generation budget. keep_order: slice the rows in their given
+    order (for a loss that depends on which rows share a micro-batch), only trimming columns."""
+    ends = torch.where(mask.any(1), mask.shape[1] - mask.flip(1).int().argmax(1), 1)
+    order = torch.arange(len(ends)) if keep_order else torch.argsort(ends, descending=True, stable=True)
+    return [(rows, int(ends[rows].max())) for rows in order.split(micro_batch_size)]
+
+
 @torch.no_grad()
-def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, temperature: float,
-                    micro_batch_size: int, precision=contextlib.nullcontext) -> torch.Tensor:
-    """log pi(target) at every position [N, T] with the model's training forward, no gradient;
-    `precision` a context for the forward (bf16 autocast)."""
-    out = []
-    for a in range(0, len(input_ids), micro_batch_size):
+def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                    temperature: float, micro_batch_size: int, precision=contextlib.nullcontext) -> torch.Tensor:
+    """log pi(target) at every position [N, T] with the model's training forward, no gradient (0 past
+    each row's last completion token: see length_batches); `precision` a context for the forward
+    (bf16 autocast)."""
+    out = torch.zeros(targets.shape, dtype=torch.float32)
+    for rows, n in length_batches(mask, micro_batch_size):
         with precision():
-            logits = model(input_ids[a:a + micro_batch_size])
-        out.append(token_logprobs(logits, targets[a:a + micro_batch_size], temperature))
-    return torch.cat(out)
+            logits = model(input_ids[rows, :n])
+        out[rows, :n] = token_logprobs(logits, targets[rows, :n], temperature).float()
+    return out
 
 
 @torch.inference_mode()
