@@ -157,6 +157,9 @@ def test_r1_zero_stage_writes_its_plot_and_its_numbers(demo):
     assert f"greedy: {base['eval']['mean_response_tokens']:.0f} tokens" in text
     g = demo["after"]["stages"]["grpo"]["result"]  # the RL stage's gain is shown with its interval
     assert f"{100 * g['sampled_pass@1_start']:.1f}% ± {100 * g['sampled_stderr_start']:.1f} -> " in text
+    gain = 100 * (g["sampled_pass@1_end"] - g["sampled_pass@1_start"])
+    se = 100 * (g["sampled_stderr_start"] ** 2 + g["sampled_stderr_end"] ** 2) ** 0.5
+    assert f"95% interval [{gain - 1.96 * se:+.1f}, {gain + 1.96 * se:+.1f}]" in text
     grpo_rows = [x for x in read_metrics(out / "grpo" / "metrics.jsonl") if "reward_mean" in x]
     assert g["no_signal_groups"] == statistics.mean(x["no_signal_groups"] for x in grpo_rows)
     # the demo's GRPO drops no-signal groups (dynamic sampling) and says how many, from its own metrics

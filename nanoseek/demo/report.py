@@ -348,7 +348,10 @@ def _gain_reading(g: dict) -> str:
     if b - a > 2 * se:
         return ("Where the gain comes from: a group teaches only when its samples disagree, so the problems that move "
                 "pass@1 are those the SFT model solves sometimes; dynamic sampling spends every step on them instead "
-                "of on problems it always or never solves.")
+                "of on problems it always or never solves. The SFT stage is a short cold start (as DeepSeek-R1's), "
+                "which leaves many such problems; after a long SFT on this corpus of perfect worked solutions, "
+                "imitation has already taken the model about as far as GRPO can, and GRPO adds little "
+                "(BENCHMARKS.md, \"The demo's RL gain\").")
     return (f"This change is within two standard errors ({200 * se:.1f} points) of zero: every trained group carried "
             "signal, but at this model size that signal did not turn into held-out accuracy within the budget. "
             "BENCHMARKS.md (GRPO inside the demo, dynamic sampling) measures where a change sits by problem kind: "
@@ -364,8 +367,10 @@ def _sampled_gain(g: dict) -> str:
     if a is None or b is None or sa is None or sb is None:
         return f"{_pct(a)} -> {_pct(b)}"
     se = 100 * (sa ** 2 + sb ** 2) ** 0.5
+    gain = 100 * (b - a)
     return (f"{_pct(a)} ± {100 * sa:.1f} -> {_pct(b)} ± {100 * sb:.1f} "
-            f"(**{100 * (b - a):+.1f} ± {se:.1f} points**, ±1 standard error)")
+            f"(**{gain:+.1f} ± {se:.1f} points**, ±1 standard error; 95% interval "
+            f"[{gain - 1.96 * se:+.1f}, {gain + 1.96 * se:+.1f}])")
 
 
 def _section_r1_zero(out: Path, state: dict, figs: Path) -> list[str]:
