@@ -1,6 +1,6 @@
 """`nanoseek demo`: the whole DeepSeek recipe on the built-in corpus, one stage after another.
 
-    nanoseek demo                      # about 20 minutes on 2 CPU cores
+    nanoseek demo                      # about 14 minutes on 2 idle CPU cores
     nanoseek demo --quick --out /tmp/d # about 2 minutes: the same stages, far fewer steps
     nanoseek demo --out runs/demo      # run again after an interruption: finished stages are kept
 
