@@ -1,4 +1,5 @@
-"""The demo's sizes: DemoConfig, the full run (about 14 minutes on 2 idle cores, within a 20-minute budget) and the --quick one.
+"""The demo's sizes: DemoConfig, the full run (about 14 minutes on 2 idle cores, within a 20-minute
+budget) and the --quick one.
 
     cfg = DemoConfig.quick(task="countdown")       # or DemoConfig.full(); fields are the stages' sizes
 """
@@ -13,7 +14,8 @@ from ..data.tasks import TASKS
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of one demo run. `quick()` shrinks every stage; `full()` is the whole run (about 14 minutes on 2 idle cores)."""
+    """Sizes of one demo run. `quick()` shrinks every stage; `full()` is the whole run (about 14 minutes
+    on 2 idle cores)."""
 
     task: str = "arithmetic"  # built-in task (nanoseek.data.tasks): corpus, prompts and checker
     seed: int = 0
