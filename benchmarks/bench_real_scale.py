@@ -333,15 +333,13 @@ def step_serve(args: argparse.Namespace, path: Path, fmt: str, weight_bytes: int
     """`nanoseek serve` on the checkpoint in its own process: RSS once /health answers, then
     --streams concurrent streamed requests of --serve-prompt random token ids each."""
     import asyncio
-    import socket
     import tempfile
 
     import httpx
+    from bench_serve import free_port, wait_until_up
 
     from nanoseek.hf.io import parse_size
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     context = args.serve_prompt + args.serve_tokens + 16
     cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", str(path), "--port", str(port), "--quantize", fmt,
            "--group-size", "64", "--kv-cache-memory", args.serve_kv, "--context", str(context),
@@ -353,16 +351,7 @@ def step_serve(args: argparse.Namespace, path: Path, fmt: str, weight_bytes: int
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     try:
-        while True:
-            if server.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"nanoseek serve exited:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_until_up(base, server, timeout=3600, log=log, poll_s=1.0)  # a real-scale load takes minutes
         out["start_s"] = time.perf_counter() - t0
         out["rss_start"] = proc_status(server.pid)["VmRSS"]
         out["rss_bound"] = weight_bytes + parse_size(args.serve_kv, "--serve-kv") + (1 << 30)

@@ -172,18 +172,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_up(base: str, server: subprocess.Popen, timeout: float = 120) -> None:
+def wait_until_up(base: str, server: subprocess.Popen, timeout: float = 120, log=None, poll_s: float = 0.2) -> None:
+    """Until /health answers 200; the server's output (its stderr pipe, or the file `log` it writes
+    to) is in the error when it exits first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"nanoseek serve exited: {server.stderr.read()[-2000:]}")
+            if log is not None:
+                log.seek(0)
+            raise RuntimeError(f"nanoseek serve exited:\n{(log or server.stderr).read()[-3000:]}")
         try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
-    raise RuntimeError("nanoseek serve did not come up")
+        time.sleep(poll_s)
+    raise RuntimeError(f"nanoseek serve did not come up within {timeout:.0f}s")
 
 
 def machine(threads: int) -> str:
