@@ -325,6 +325,17 @@ void for_tiles(int64_t M, int64_t N, int64_t K, F rows) {
 
 #endif  // NANOSEEK_VNNI
 
+// The int4 group size: K split into as many groups as scale's last dimension; zero shaped as scale.
+int64_t int4_group_size(const torch::Tensor& scale, const torch::Tensor& zero, int64_t K) {
+  TORCH_CHECK(zero.sizes() == scale.sizes() && zero.scalar_type() == torch::kBFloat16 && zero.is_contiguous(),
+              "zero must be contiguous bf16, shaped as scale ", scale.sizes());
+  const int64_t G = scale.size(-1);
+  TORCH_CHECK(G > 0 && K % G == 0, "K = ", K, " does not split into ", G, " groups");
+  const int64_t g = K / G;
+  TORCH_CHECK(g == 32 || g == 64 || g == 128 || g == 256, "group size ", g, " is not 32, 64, 128 or 256");
+  return g;
+}
+
 void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous fp32 CPU matrix [M, K]");
@@ -370,12 +381,7 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, t
   const int64_t N = q.size(0), K = 2 * q.size(1), M = x.size(0);
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.scalar_type() == torch::kBFloat16 && scale.is_contiguous(),
               "scale must be contiguous bf16 [N, G]");
-  TORCH_CHECK(zero.sizes() == scale.sizes() && zero.scalar_type() == torch::kBFloat16 && zero.is_contiguous(),
-              "zero must be contiguous bf16 [N, G], as scale");
-  const int64_t G = scale.size(1);
-  TORCH_CHECK(G > 0 && K % G == 0, "K = ", K, " does not split into ", G, " groups");
-  const int64_t g = K / G;
-  TORCH_CHECK(g == 32 || g == 64 || g == 128 || g == 256, "group size ", g, " is not 32, 64, 128 or 256");
+  const int64_t g = int4_group_size(scale, zero, K), G = K / g;
   check_x(x, K);
   auto y = torch::empty({M, N}, x.options());
 #ifdef NANOSEEK_VNNI
@@ -453,12 +459,7 @@ torch::Tensor int4_gemm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor 
   const int64_t E = q.size(0), N = q.size(1), K = 2 * q.size(2), n_e = ids.size(0);
   TORCH_CHECK(scale.dim() == 3 && scale.size(0) == E && scale.size(1) == N && scale.scalar_type() == torch::kBFloat16 &&
               scale.is_contiguous(), "scale must be contiguous bf16 [E, N, G]");
-  TORCH_CHECK(zero.sizes() == scale.sizes() && zero.scalar_type() == torch::kBFloat16 && zero.is_contiguous(),
-              "zero must be contiguous bf16 [E, N, G], as scale");
-  const int64_t G = scale.size(2);
-  TORCH_CHECK(G > 0 && K % G == 0, "K = ", K, " does not split into ", G, " groups");
-  const int64_t g = K / G;
-  TORCH_CHECK(g == 32 || g == 64 || g == 128 || g == 256, "group size ", g, " is not 32, 64, 128 or 256");
+  const int64_t g = int4_group_size(scale, zero, K), G = K / g;
   check_x(x, K);
   check_experts(x, ids, E);
   auto y = torch::empty({n_e, N}, x.options());
