@@ -8,7 +8,7 @@ in blocks of 32 for int4), x_hat = round(x / sx) * sx with sx = max|x in block| 
 each output is off by at most sum_k sx_k / 2 * |w_k - c_k| (c = 0 for int8; c = the group's centre,
 zero = wmin + 8 * scale, for int4, whose codes meet the activation as c - 8), plus fp32 rounding.
 That bound is what these tests check, element by element. Tests that need the extension skip
-where it cannot be built.
+where the machine cannot build it (CPU, compiler) and fail where it can but the build fails.
 """
 
 import os
@@ -32,7 +32,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def ext(monkeypatch):
     monkeypatch.delenv(cpu_kernels.ENV_DISABLE, raising=False)
+    can_build = cpu_kernels.enabled()  # the CPU, a compiler and ninja, and no failed build yet: builds nothing
     if cpu_kernels.kernels() is None:
+        if can_build:  # a broken source must fail here, not skip every kernel test
+            pytest.fail("this machine can build nanoseek's CPU kernels, but the build failed (its log is above)")
         pytest.skip("nanoseek's CPU kernels cannot be built or run here")
 
 
