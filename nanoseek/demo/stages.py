@@ -207,7 +207,7 @@ def _grpo(ctx: Context, name: str, start: str, steps: int, max_minutes: float | 
             "sampled_stderr_end": evals[-1].get("eval/stderr") if evals else None,
             "reward_first": trained[0]["reward_mean"] if trained else None,
             "reward_last": trained[-1]["reward_mean"] if trained else None,
-            "no_signal_groups": statistics.mean(r["no_signal_groups"] for r in trained) if trained else None,
+            "no_signal_groups": _mean_of(trained, "no_signal_groups"),
             "zero_signal_rate": _mean_of(trained, "dynamic/zero_signal_rate"),
             "resample_rounds": _mean_of(trained, "dynamic/rounds"),
             "eval": evaluate_dir(ctx, name, layout=layout)}

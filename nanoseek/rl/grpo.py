@@ -89,7 +89,7 @@ from .losses import (IMPORTANCE_SAMPLING, LOSS_TYPES, SCALE_REWARDS, bnpo_loss, 
 from .rewards import parse_rewards
 from .rollouts import (Rollout, engine_logprobs, length_batches, logprob_mismatch, policy_logprobs, row_seeds,
                        sample_groups, score_rollout, sequence_batch)
-from .sampling import Scored, dynamic_sampling
+from .sampling import Scored, combine_means, dynamic_sampling, has_signal
 
 # A signal above its threshold gets a warning: the run is probably learning nothing.
 WARN_AT = {"no_signal_groups": 0.8, "truncation_rate": 0.3, "unparseable_rate": 0.5}
@@ -258,12 +258,7 @@ def global_means(means: dict, counts: dict, env: DistEnv) -> dict:
     no completion is None)."""
     if not env.distributed:
         return means
-    parts = all_gather_objects((means, counts), env)
-    out = {}
-    for key in means:
-        n = sum(c[key] for _, c in parts)
-        out[key] = sum(m[key] * c[key] for m, c in parts if c[key]) / n if n else None
-    return out
+    return combine_means(all_gather_objects((means, counts), env))[0]
 
 
 def policy_update(model: nn.Module, optimizer, batch: tuple, advantages: torch.Tensor, old_logp: torch.Tensor | None,
@@ -382,7 +377,7 @@ def grpo_step(model: nn.Module, ref_model: nn.Module | None, engine: Engine, opt
     update_s = time.perf_counter() - t0
 
     row = {"step": step + 1, "reward_mean": float(reward.mean()), "reward_std": float(reward.std()),
-           **reward_means, "no_signal_groups": float((reward.max(-1).values == reward.min(-1).values).float().mean()),
+           **reward_means, "no_signal_groups": float((~has_signal(reward)).float().mean()),
            **dynamic, **stats, **mismatch, "lr": lr, "rollout_tokens": rollout.new_tokens, "rollout_s": rollout.seconds,
            "rollout_tokens_per_s": rollout.new_tokens / max(rollout.seconds, 1e-9), "update_s": update_s}
     return row, rollout

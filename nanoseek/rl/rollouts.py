@@ -67,8 +67,9 @@ def sample_groups(engine: Engine, tokenizer: Tokenizer, examples: list, group_si
 def score_rollout(rollout: Rollout, rewards: list, group_size: int, max_new_tokens: int
                   ) -> tuple[torch.Tensor, dict, dict]:
     """(total rewards [P, G], logged means: reward/<name> over the completions it applied to,
-    accuracy, unparseable_rate, response_length, truncation_rate, and how many completions each mean is over, so that processes can
-    combine theirs). Every reward sees the batch at once with the dataset's columns."""
+    accuracy, unparseable_rate, response_length, truncation_rate, and how many completions each
+    mean is over, so that processes can combine theirs). Every reward sees the batch at once with
+    the dataset's columns."""
     n = len(rollout.texts)
     group = [i // group_size for i in range(n)]
     columns = {k: [v[g] for g in group] for k, v in reward_columns(rollout.examples).items()}
